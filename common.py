@@ -1,0 +1,349 @@
+"""Shared code for the course scripts: CIFAR-10 loading, transforms, image patching, metrics.
+
+Kept small and dependency-light on purpose: every script imports it, and a script copied into another
+repository needs only this file beside it. Training loops, devices and optimisers live in the scripts.
+"""
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the study guide's constants
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class DataError(Exception):
+    """Input data is missing or unusable; the message says what to do. Scripts print it and exit 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# CIFAR-10 into memory: uint8 [N,3,H,W] + int64 labels, from an ImageFolder tree or torchvision's folder
+
+@dataclass
+class ImageDataset:
+    train_x: torch.Tensor  # uint8 [N, 3, H, W]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list
+    source: str  # "imagefolder" or "torchvision"
+
+
+def load_cifar10(data_dir, download=True, image_size=32, log=print):
+    """CIFAR-10 from `data_dir`: an ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's
+    `cifar-10-batches-py` folder, downloaded there by torchvision when neither is present."""
+    root = Path(data_dir).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return _load_imagefolder_cached(root, image_size, log)
+    batches = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
+    if not batches.is_dir() and download:
+        _download_cifar10(root)
+    if not batches.is_dir():
+        raise DataError(_missing_data_message(root))
+    data = _load_torchvision_batches(batches)
+    if image_size != 32:
+        data.train_x, data.test_x = _resize(data.train_x, image_size), _resize(data.test_x, image_size)
+    return data
+
+
+def _missing_data_message(root):
+    return (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree "
+            f"(train/<class>/*, test/<class>/*) or at torchvision's folder holding cifar-10-batches-py "
+            f"(downloaded there automatically when online)")
+
+
+def _download_cifar10(root):
+    from torchvision.datasets import CIFAR10
+    try:
+        CIFAR10(root=str(root), train=True, download=True)
+    except Exception as e:  # offline, proxy, disk full...: all mean the same thing to the user
+        raise DataError(f"{_missing_data_message(root)}; the download failed: {type(e).__name__}: {e}") from None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles. Allow only what they hold (dicts, lists, bytes, numpy arrays) so
+    that a tampered file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _read_batch(path):
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: the torchvision CIFAR-10 folder is incomplete") from None
+    except Exception as e:
+        raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}); delete the folder to re-download") from None
+
+
+def _load_torchvision_batches(batches):
+    def split(names):
+        parts = [_read_batch(batches / n) for n in names]
+        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
+        y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = split(["test_batch"])
+    classes = list(_read_batch(batches / "batches.meta")["label_names"])
+    return ImageDataset(train_x, train_y, test_x, test_y, classes, "torchvision")
+
+
+def _list_imagefolder(root):
+    """{split: [(relative path, class index)]} and the sorted class names; errors if the splits disagree."""
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
+    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    if test_classes != classes:
+        missing = sorted(set(classes) ^ set(test_classes))
+        raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
+    files = {}
+    for split in ("train", "test"):
+        files[split] = [(f"{split}/{c}/{p.name}", k) for k, c in enumerate(classes)
+                        for p in sorted((root / split / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files[split]:
+            raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files, classes
+
+
+def _fingerprint(root, files, image_size):
+    h = hashlib.sha1(f"v1 {image_size}".encode())
+    for split in ("train", "test"):
+        for rel, k in files[split]:
+            st = os.stat(root / rel)
+            h.update(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_paths(root, image_size):
+    """Beside the data if that folder is writable, else under ~/.cache (e.g. a read-only shared copy)."""
+    name = f".decoded-{image_size}px.npz"
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-course"
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    return [root / name, user / f"{key}{name}"]
+
+
+def _load_imagefolder_cached(root, image_size, log):
+    files, classes = _list_imagefolder(root)
+    fingerprint = _fingerprint(root, files, image_size)
+    for path in _cache_paths(root, image_size):
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == fingerprint:
+                    return ImageDataset(*(torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")),
+                                        classes, "imagefolder")
+    arrays = {}
+    for split in ("train", "test"):
+        arrays[f"{split}_x"], arrays[f"{split}_y"] = _decode_split(root, files[split], image_size, log)
+    for path in _cache_paths(root, image_size):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, lambda f: np.savez(f, fingerprint=fingerprint, **arrays))
+            break
+        except OSError:
+            continue  # read-only data folder: try the user cache
+    return ImageDataset(*(torch.from_numpy(arrays[k]) for k in ("train_x", "train_y", "test_x", "test_y")),
+                        classes, "imagefolder")
+
+
+def _decode_one(path, image_size):
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (image_size, image_size):
+            im = im.resize((image_size, image_size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _decode_split(root, files, image_size, log):
+    """Decode every image (sequentially: tiny images decode faster than threads hand them around);
+    unreadable files are reported and skipped."""
+    def decode(item):
+        try:
+            return _decode_one(root / item[0], image_size)
+        except Exception as e:
+            return f"{item[0]} ({type(e).__name__})"
+
+    decoded = [decode(item) for item in files]
+    bad = [d for d in decoded if isinstance(d, str)]
+    if bad:
+        log(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    if not keep:
+        raise DataError(f"no readable images under {root}")
+    x = np.stack([decoded[i] for i in keep])
+    y = np.array([files[i][1] for i in keep], dtype=np.int64)
+    return x, y
+
+
+def _resize(x, size):
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def stratified_subset(labels, n, seed=0):
+    """Indices of a deterministic, class-balanced subset of size n (sorted); n=None keeps everything."""
+    if n is None or n == len(labels):
+        return torch.arange(len(labels))
+    if not 0 < n <= len(labels):
+        raise DataError(f"asked for a subset of {n} images but the split holds {len(labels)}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    per_class = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
+    picked = []
+    for c, k in zip(classes, per_class):
+        members = torch.nonzero(labels == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    picked = torch.cat(picked)
+    if len(picked) < n:  # some class is too small: top up from the rest, still deterministic
+        rest = torch.ones(len(labels), dtype=torch.bool)
+        rest[picked] = False
+        others = torch.nonzero(rest).flatten()
+        picked = torch.cat([picked, others[torch.randperm(len(others), generator=g)[:n - len(picked)]]])
+    return picked.sort().values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms: the guide's PIL pipelines, and the same augmentation as batched tensor ops on the device
+
+def train_transform(padding=4):
+    """The study guide's training pipeline for a PIL DataLoader."""
+    from torchvision import transforms as T
+    return T.Compose([T.RandomCrop(32, padding=padding), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+
+def test_transform():
+    from torchvision import transforms as T
+    return T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+
+def normalize(x, mean=CIFAR_MEAN, std=CIFAR_STD):
+    """uint8 [B,3,H,W] -> float [B,3,H,W], as ToTensor + Normalize."""
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float().div_(255) - mean) / std
+
+
+def random_crop_flip(x, padding=4, generator=None):
+    """RandomCrop(size, padding) + RandomHorizontalFlip on a whole batch: an independent crop offset and
+    flip per image, zero padding, done as one gather on x's device with no host synchronisation."""
+    B, C, H, W = x.shape
+    dev = x.device
+    padded = F.pad(x, (padding,) * 4)  # zeros, like torchvision's default fill
+    dy = torch.randint(0, 2 * padding + 1, (B, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (B, 1), device=dev, generator=generator)
+    flip = torch.rand(B, 1, device=dev, generator=generator) < 0.5
+    rows = dy + torch.arange(H, device=dev)  # (B, H)
+    cols = dx + torch.arange(W, device=dev)  # (B, W)
+    cols = torch.where(flip, cols.flip(1), cols)  # a flipped crop reads its columns backwards
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    c = torch.arange(C, device=dev).view(1, C, 1, 1)
+    return padded[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
+
+
+class TensorLoader:
+    """Batches from uint8 images held on the training device; training batches are shuffled and
+    augmented there, so the GPU never waits for a CPU pipeline. Shuffling depends only on (seed, epoch),
+    which makes a resumed run draw exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.device = torch.device(device)
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)  # train drops the ragged tail
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        n = len(self.labels)
+        if not self.train:
+            for i in range(0, n, self.batch_size):
+                yield normalize(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
+            return
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, device=self.device, generator=g)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield normalize(random_crop_flip(self.images[idx], generator=g)), self.labels[idx]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Patching
+
+def img_to_patch(x, patch_size, flatten_channels=True):
+    """[B, C, H, W] -> [B, num_patches, C*P*P] (or [B, num_patches, C, P, P]), patches in row-major
+    order, each flattened channel-major: exactly the study guide's function."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch_size, patch_size, W // patch_size, patch_size)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # [B, H', W', C, P, P]
+    x = x.flatten(1, 2)  # [B, H'*W', C, P, P]
+    if flatten_channels:
+        x = x.flatten(2, 4)  # [B, H'*W', C*P*P]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+def accuracy(preds, targets):
+    return (preds == targets).float().mean().item()
+
+
+def confusion_matrix(preds, targets, num_classes):
+    """[K, K] counts, rows = true class, columns = predicted class."""
+    idx = targets.long().cpu() * num_classes + preds.long().cpu()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_accuracy(cm):
+    return (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run outputs: written atomically, so an interrupted run never leaves a half-written file behind
+
+def _atomic_write(path, write):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(path, obj):
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def append_jsonl(path, obj):
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
