@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import pickle
+import resource
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +349,51 @@ def write_json(path, obj):
 def append_jsonl(path, obj):
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
+
+
+def load_checkpoint(path, script):
+    """A checkpoint of plain values (weights_only=True: nothing in it can run code), checked to come from
+    `script`. Raises DataError with a message meant for the user."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"--resume {path}: no such file") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"--resume {path}: not a checkpoint of plain values, refused ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise DataError(f"--resume {path}: written by {found!r}, not by {script}.py")
+    return ckpt
+
+
+def trim_metrics(path, epochs_done):
+    """Drop metric lines of epochs a checkpoint does not contain (the run died after logging them)."""
+    path = Path(path)
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= epochs_done]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
+
+
+def restore_rng(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device):
+    """The GPU's peak allocation on CUDA; the process's peak resident memory elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress_bar(total, desc, disable=False):
+    """A tqdm bar that stays quiet when stderr is not a terminal (logs, CI) or when asked to."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
+                disable=disable or not sys.stderr.isatty())

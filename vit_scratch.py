@@ -18,7 +18,6 @@ Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -29,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, TensorLoader, append_jsonl, confusion_matrix, img_to_patch, load_cifar10,
-                    per_class_accuracy, save_checkpoint, stratified_subset, write_json)
+from common import (DataError, TensorLoader, append_jsonl, confusion_matrix, img_to_patch, load_checkpoint,
+                    load_cifar10, peak_memory_mb, per_class_accuracy, progress_bar, restore_rng, rng_state,
+                    save_checkpoint, stratified_subset, trim_metrics, write_json)
 
 SCRIPT = "vit_scratch"
 # Flags that describe the machine rather than the experiment: on --resume they come from the command
@@ -272,20 +272,7 @@ def evaluate(model, loader, amp_dtype, tta=False):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: plain values only, written atomically, loaded with weights_only=True
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"--resume {path}: no such file")
-    except Exception as e:
-        fail(f"--resume {path}: not a loadable checkpoint of plain values ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
-        fail(f"--resume {path}: written by {found!r}, not by {SCRIPT}.py")
-    return ckpt
-
+# Resuming: the checkpoint (common.load_checkpoint) holds plain values and the flags of the run
 
 def resumed_args(ckpt, cli_args):
     """The experiment as the checkpoint recorded it, with this machine's runtime flags."""
@@ -294,24 +281,6 @@ def resumed_args(ckpt, cli_args):
         setattr(args, flag, getattr(cli_args, flag))
     args.out_dir = str(Path(cli_args.resume).parent)
     return args
-
-
-def rng_state(device):
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-
-
-def restore_rng(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trim_metrics(path, epochs_done):
-    """Drop metric lines of epochs the checkpoint does not contain (the run died after logging them)."""
-    import json
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= epochs_done]
-        path.write_text("".join(l + "\n" for l in lines))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,21 +298,12 @@ def load_data(args, log):
     return data, train_idx, test_idx
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
-
-
-def progress_bar(total, desc, args):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
-                disable=args.no_progress or not sys.stderr.isatty())
-
-
 def main(argv=None):
     cli = parse_args(argv)
-    ckpt = load_checkpoint(cli.resume) if cli.resume else None
+    try:
+        ckpt = load_checkpoint(cli.resume, SCRIPT) if cli.resume else None
+    except DataError as e:
+        fail(str(e))
     args = resumed_args(ckpt, cli) if ckpt else cli
     check_args(args)
     device = pick_device(args.device)
@@ -396,7 +356,7 @@ def fit(args, run, state):
         if state["step"] >= run["total_steps"]:
             break
         run["train_loader"].set_epoch(epoch)
-        with progress_bar(len(run["train_loader"]), f"epoch {epoch}/{args.epochs}", args) as bar:
+        with progress_bar(len(run["train_loader"]), f"epoch {epoch}/{args.epochs}", args.no_progress) as bar:
             t0 = time.perf_counter()
             loss, acc, seen, state["step"] = train_one_epoch(
                 trained, run["train_loader"], run["optimizer"], run["schedule"], run["scaler"], criterion,

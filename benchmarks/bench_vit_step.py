@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import vit_scratch  # noqa: E402
-from common import TensorLoader, load_cifar10, train_transform  # noqa: E402
+from common import TensorLoader, load_cifar10, progress_bar, train_transform  # noqa: E402
 from guide_vit import GuideVisionTransformer  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def bench_ours(images, labels, args, device):
     amp_dtype = vit_scratch.amp_dtype_for(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    bar = vit_scratch.progress_bar(0, "", argparse.Namespace(no_progress=True))
+    bar = progress_bar(0, "", disable=True)
 
     def run(steps, step=0):
         while steps > step:

@@ -147,3 +147,16 @@ def test_confusion_matrix_and_per_class_accuracy():
     assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
     assert per_class_accuracy(cm) == pytest.approx([0.5, 1.0, 2 / 3])
     assert common.accuracy(preds, targets) == pytest.approx(4 / 6)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"script": "vit_scratch", "payload": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match="not a checkpoint of plain values, refused"):
+        common.load_checkpoint(tmp_path / "evil.pt", "vit_scratch")
+    torch.save({"script": "vit_scratch", "w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(common.load_checkpoint(tmp_path / "ok.pt", "vit_scratch")["w"], torch.ones(2))
