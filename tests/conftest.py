@@ -17,3 +17,44 @@ def tiny_cifar(tmp_path_factory):
     dst = tmp_path_factory.mktemp("data") / "cifar10-tiny"
     shutil.copytree(TINY_CIFAR, dst, ignore=shutil.ignore_patterns(".decoded-*"))
     return dst
+
+
+def byte_level_alphabet():
+    """The 256 printable stand-ins GPT-2 and CLIP BPE use for bytes (printable bytes map to themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def clip_tokenizer(folder):
+    """A character-level CLIP tokenizer (no merges), written as vocab.json + merges.txt, built offline."""
+    import json
+    from transformers import CLIPTokenizer
+    chars = byte_level_alphabet()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random tiny CLIPModel + tokenizer + image processor saved like a hub checkpoint. The processor
+    resizes 32 -> 52 and center-crops 48, so both steps are exercised."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tok = clip_tokenizer(folder / "tok")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=48, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48}).save_pretrained(folder)
+    return folder
