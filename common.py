@@ -1,15 +1,19 @@
-"""Shared code for the course scripts: CIFAR-10 loading, transforms, image patching, metrics.
+"""Shared code for the course scripts: CIFAR-10 loading, transforms, image patching, metrics (classification
+and captioning), run outputs.
 
 Kept small and dependency-light on purpose: every script imports it, and a script copied into another
 repository needs only this file beside it. Training loops, devices and optimisers live in the scripts.
 """
 import hashlib
 import json
+import math
 import os
 import pickle
+import re
 import resource
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,6 +322,78 @@ def confusion_matrix(preds, targets, num_classes):
 
 def per_class_accuracy(cm):
     return (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Caption metrics: corpus BLEU-4 and CIDEr-D against every reference of each image
+
+def caption_tokens(text):
+    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu4(hypotheses, references):
+    """Corpus BLEU-4 in [0, 1] (Papineni et al. 2002) over token lists: clipped n-gram precisions
+    summed over the corpus, geometric mean, brevity penalty against the closest reference length (ties:
+    the shorter). No smoothing: any empty n-gram order gives 0. Equals sacrebleu's corpus BLEU with
+    tokenize='none', smooth_method='none', divided by 100."""
+    matches, totals = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+        for n in range(1, 5):
+            counts = _ngrams(hyp, n)
+            max_ref = Counter()
+            for r in refs:
+                max_ref |= _ngrams(r, n)
+            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    if min(matches) == 0 or hyp_len == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(log_precision)
+
+
+def cider_d(hypotheses, references, sigma=6.0):
+    """CIDEr-D (Vedantam et al. 2015, the COCO evaluation server's variant) over token lists: TF-IDF
+    vectors of 1- to 4-grams (document frequency over the references of the corpus), cosine similarity
+    with the hypothesis' weights clipped at the reference's, a Gaussian penalty on the length
+    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams."""
+    ref_counts = [[_all_ngrams(r) for r in refs] for refs in references]
+    doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
+    log_n = math.log(len(references))
+
+    def vector(counts):
+        vec, norm = [{} for _ in range(4)], [0.0] * 4
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, doc_freq[g])))
+            norm[len(g) - 1] += vec[len(g) - 1][g] ** 2
+        return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
+
+    scores = []
+    for hyp, refs in zip(hypotheses, ref_counts):
+        h_vec, h_norm, h_len = vector(_all_ngrams(hyp))
+        total = 0.0
+        for ref in refs:
+            r_vec, r_norm, r_len = vector(ref)
+            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                dot = sum(min(w, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, w in h_vec[n].items())
+                if h_norm[n] and r_norm[n]:
+                    dot /= h_norm[n] * r_norm[n]
+                total += dot * penalty / 4
+        scores.append(10.0 * total / len(refs))
+    return sum(scores) / len(scores)
+
+
+def _all_ngrams(tokens):
+    return sum((_ngrams(tokens, n) for n in range(1, 5)), Counter())
 
 
 # ----------------------------------------------------------------------------------------------------

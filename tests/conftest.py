@@ -11,6 +11,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    # peft calls an API that transformers 5 deprecated; nothing this project can change.
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory):
     """A private copy of the shipped tiny CIFAR-10 tree, so decode caches never land in the repo."""
@@ -58,3 +63,42 @@ def tiny_clip(tmp_path_factory):
     tok.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48}).save_pretrained(folder)
     return folder
+
+
+def gpt2_tokenizer(folder):
+    """A byte-level GPT-2 tokenizer with no merges (one token per byte) + <|endoftext|>, built offline."""
+    import json
+    from transformers import GPT2Tokenizer
+    vocab = {c: i for i, c in enumerate(byte_level_alphabet())}
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def build_tiny_captioner(folder, seed=0):
+    """A random tiny ViT + GPT-2 (with cross-attention) VisionEncoderDecoderModel, tokenizer and image
+    processor, saved like a hub checkpoint."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel, VisionEncoderDecoderModel
+    tok = gpt2_tokenizer(folder / "tok")
+    torch.manual_seed(seed)
+    encoder = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64))
+    decoder = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         add_cross_attention=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.config.decoder_start_token_id = model.config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory):
+    return build_tiny_captioner(tmp_path_factory.mktemp("tiny-captioner"))
+
+
+TINY_CAPTIONS = ROOT / "tests" / "data" / "captions-tiny"  # 30 Flickr8k images at 64 px, 5 captions each

@@ -1,0 +1,616 @@
+"""LoRA fine-tuning of the ViT-GPT2 image captioner's decoder on a custom image-caption set.
+
+Reproduces the study guide's LoRA exercise: the captioner nlpconnect/vit-gpt2-image-captioning (a ViT
+encoder, a GPT-2 decoder with cross-attention) gets rank-16 adapters (alpha 32, dropout 0.05) on the
+decoder's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj through peft; everything else is frozen, so
+2,359,296 of 241,555,200 parameters (0.98%) train. Captions are scored with corpus BLEU-4 and CIDEr-D
+against all references of each image, before fine-tuning (the zero-shot baseline) and after.
+
+    python lora_caption.py --data-dir my_captions/                  # images/ + captions.csv (image,caption)
+    python lora_caption.py --data-dir flickr8k/ --rank 8 --max-steps 2000
+    python lora_caption.py --caption photo1.jpg photo2.jpg --adapter runs/lora_caption/<run>/adapter
+    python lora_caption.py --merge --adapter runs/lora_caption/<run>/adapter --out-dir merged/
+    python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
+
+--data-dir holds captions.csv (image,caption; several rows per image allowed, the layout of Kaggle's
+Flickr8k captions.txt, which is read too) and the images (in images/ or beside the CSV), with an
+optional splits.json ({"train": [...], "val": [...], "test": [...]} image names). Bad rows and images
+are reported and skipped before training starts. Outputs in --out-dir: config.json, metrics.jsonl,
+summary.json, adapter/ (peft adapter only), training_state.pt. Measured figures: BENCHMARKS.md.
+Needs common.py.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (DataError, append_jsonl, caption_tokens, cider_d, corpus_bleu4, load_checkpoint, peak_memory_mb,
+                    progress_bar, restore_rng, rng_state, save_checkpoint, write_json)
+
+SCRIPT = "lora_caption"
+DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
+DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
+CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
+RUNTIME_FLAGS = ("device", "no_progress", "data_dir", "resume")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-dir", default=None, help="captions.csv (image,caption) + images; see the top of this file")
+    a("--model", default=None, help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
+                                    "with --adapter, the adapter's own base)")
+    # LoRA
+    a("--rank", type=int, default=16, help="LoRA rank r")
+    a("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
+    a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
+    a("--targets", nargs="+", default=DECODER_TARGETS, help="module name suffixes that get adapters")
+    a("--cross-attention", action="store_true", help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
+    # optimisation
+    a("--epochs", type=int, default=3, help="passes over the training (image, caption) pairs")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--batch-size", type=int, default=16, help="(image, caption) pairs per forward pass")
+    a("--grad-accum", type=int, default=1, help="forward passes per optimizer step (effective batch = batch x this)")
+    a("--lr", type=float, default=2e-4, help="peak AdamW learning rate of the adapters")
+    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    a("--warmup", type=float, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
+    a("--grad-clip", type=float, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
+    a("--max-length", type=int, default=40, help="caption tokens kept for training, EOS included")
+    # evaluation
+    a("--num-beams", type=int, default=1, help="beam search width for generation (1 = greedy)")
+    a("--max-new-tokens", type=int, default=30, help="longest generated caption, in tokens")
+    a("--eval-images", type=int, default=None, help="score captions on the first N test images only")
+    a("--eval-every", type=int, default=200, help="validation loss and sample captions every N steps")
+    a("--save-every", type=int, default=500, help="save the adapter and training state every N steps")
+    a("--no-baseline", action="store_true", help="skip scoring the model before fine-tuning")
+    # modes
+    a("--caption", nargs="+", metavar="IMAGE", default=None, help="caption these image files with --adapter, then exit")
+    a("--merge", action="store_true", help="merge --adapter into its base and save a standalone model to --out-dir")
+    a("--adapter", default=None, help="an adapter folder written by a training run (for --caption / --merge)")
+    # machine
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
+    a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout")
+    a("--out-dir", default=None, help="where results go (default runs/lora_caption/<timestamp>)")
+    a("--resume", default=None, help="continue from a training_state.pt; the experiment's flags come from it")
+    a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
+    return p.parse_args(argv)
+
+
+def fail(msg):
+    """One line on stderr and exit status 2: the way every bad input ends, before any work is done."""
+    print(f"{SCRIPT}.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_args(args):
+    for flag in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "num_beams", "max_new_tokens", "eval_every", "save_every"):
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.lr <= 0 or args.alpha <= 0:
+        fail("--lr and --alpha must be positive")
+    for flag in ("lora_dropout", "warmup"):
+        if not 0 <= getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(args, flag)}")
+    for flag in ("max_steps", "eval_images"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive")
+    if (args.caption or args.merge) and not args.adapter:
+        fail("--caption and --merge need --adapter DIR (the adapter/ folder of a training run)")
+    if args.merge and not args.out_dir:
+        fail("--merge needs --out-dir for the merged model")
+    if not (args.caption or args.merge or args.resume) and not args.data_dir:
+        fail("training needs --data-dir (a folder with captions.csv and the images)")
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def amp_dtype_for(device):
+    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS.
+    Weights, the adapters included, stay in fp32: autocast only lowers the matmuls."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: captions.csv + images, checked and decoded before any training
+
+@dataclass
+class CaptionSplit:
+    names: list  # image file names
+    images: torch.Tensor  # uint8 [N, 3, H, W], resized for the model
+    captions: list  # [N] lists of reference captions
+
+
+def open_rgb(path):
+    """Any image PIL reads as 8-bit RGB: EXIF rotation applied; grey, palette, RGBA (alpha dropped), CMYK
+    and 16-bit images converted."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits, not clip
+            im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+        return im.convert("RGB")
+
+
+def find_caption_table(root):
+    for name in ("captions.csv", "captions.txt"):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root}: no captions.csv (columns image,caption) or captions.txt found")
+
+
+def read_caption_rows(table):
+    """[(image, caption)] with malformed rows, empty captions and duplicates counted under `problems`."""
+    problems = {"malformed row": [], "empty caption": [], "duplicate row": []}
+    rows, seen = [], set()
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "image" not in header or "caption" not in header:
+            raise DataError(f"{table}: needs the columns image,caption; its header is {','.join(header) or '(empty)'}")
+        i_img, i_cap = header.index("image"), header.index("caption")
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(header) or not row[i_img].strip():
+                problems["malformed row"].append(f"line {line}")
+                continue
+            image, caption = row[i_img].strip(), row[i_cap].strip()
+            if not caption:
+                problems["empty caption"].append(f"line {line}")
+            elif (image, caption) in seen:
+                problems["duplicate row"].append(f"line {line}")
+            else:
+                seen.add((image, caption))
+                rows.append((image, caption))
+    return rows, problems
+
+
+def report(problems, what, log):
+    for kind, examples in problems.items():
+        if examples:
+            more = " ..." if len(examples) > 3 else ""
+            log(f"skipped {len(examples)} {what} ({kind}): {', '.join(examples[:3])}{more}")
+
+
+def load_caption_data(data_dir, image_size, resample, seed, log=print):
+    """{'train'|'val'|'test': CaptionSplit}, every image decoded and resized; problems reported, skipped."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root}: no such folder")
+    rows, problems = read_caption_rows(find_caption_table(root))
+    report(problems, "caption row(s)", log)
+    by_image = {}
+    for image, caption in rows:
+        by_image.setdefault(image, []).append(caption)
+    images, bad = decode_images(root, sorted(by_image), image_size, resample)
+    report(bad, "image(s)", log)
+    if not images:
+        raise DataError(f"{root}: no readable image is named in the caption table; nothing to train on")
+    splits = split_names(root, sorted(images), seed, log)
+    if not splits["train"]:
+        raise DataError(f"{root}: the training split is empty; nothing to train on")
+    return {k: CaptionSplit(v, torch.stack([images[n] for n in v]) if v else torch.zeros(0, 3, *image_size, dtype=torch.uint8),
+                            [by_image[n] for n in v]) for k, v in splits.items()}
+
+
+def decode_images(root, names, image_size, resample):
+    from torchvision.transforms.v2 import functional as TF
+    folder = root / "images" if (root / "images").is_dir() else root
+    images, bad = {}, {"missing": [], "unreadable": []}
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            bad["missing"].append(name)
+            continue
+        try:
+            x = torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
+        except Exception as e:
+            bad["unreadable"].append(f"{name} ({type(e).__name__})")
+            continue
+        images[name] = TF.resize(x, list(image_size), interpolation=resample, antialias=True)
+    return images, bad
+
+
+def split_names(root, names, seed, log):
+    """splits.json if present (names it lists that were skipped are dropped), else a seeded 80/10/10 split."""
+    if (root / "splits.json").is_file():
+        listed = json.loads((root / "splits.json").read_text())
+        present = set(names)
+        splits = {k: [n for n in listed.get(k, []) if n in present] for k in ("train", "val", "test")}
+        dropped = sum(len(listed.get(k, [])) for k in splits) - sum(map(len, splits.values()))
+        if dropped:
+            log(f"splits.json names {dropped} image(s) that were skipped or have no caption")
+        return splits
+    order = names[:]
+    random.Random(seed).shuffle(order)
+    n_held = max(1, len(order) // 10) if len(order) >= 3 else 0
+    return {"val": sorted(order[:n_held]), "test": sorted(order[n_held:2 * n_held]), "train": sorted(order[2 * n_held:])}
+
+
+def tokenize_captions(tokenizer, captions, max_length):
+    """Token ids + EOS, right-padded with the pad (= EOS) id; labels are the ids with -100 wherever the
+    attention mask is 0, so the caption's own EOS is learned and padding is not."""
+    ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+    ids = [x + [tokenizer.eos_token_id] for x in ids]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    return input_ids, mask, input_ids.masked_fill(mask == 0, -100)
+
+
+class Pixels:
+    """uint8 images -> the model's pixel_values on the device (rescale + the processor's mean/std)."""
+
+    def __init__(self, processor, device):
+        self.device = device
+        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images):
+        return (images.to(self.device, non_blocking=True).float() / 255 - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the captioner through transformers, adapters through peft
+
+def load_captioner(name, device):
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+    try:
+        model = VisionEncoderDecoderModel.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except OSError as e:
+        fail(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
+             f"to a local copy (a save_pretrained folder with tokenizer and image processor)")
+    # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
+    tokenizer.pad_token = tokenizer.eos_token
+    for config in (model.config, model.generation_config):
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config.decoder_start_token_id = tokenizer.bos_token_id
+    return model.to(device), tokenizer, processor
+
+
+def processor_geometry(processor):
+    from torchvision.transforms.v2 import InterpolationMode
+    size = processor.size
+    hw = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+    return hw, modes.get(int(getattr(processor, "resample", 2)), InterpolationMode.BILINEAR)
+
+
+def add_lora(model, args):
+    """Wrap with peft; only the adapters require grad afterwards."""
+    from peft import LoraConfig, get_peft_model
+    targets = list(args.targets) + (CROSS_ATTENTION_TARGETS if args.cross_attention else [])
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
+                        target_modules=targets, fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers 5 deprecated API; not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return get_peft_model(model, config)
+    except ValueError as e:
+        fail(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}")
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def lr_factor(step, warmup_steps, total_steps):
+    """Linear warm-up to 1, then cosine to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: greedy/beam captions, BLEU-4 and CIDEr-D, validation loss
+
+@torch.no_grad()
+def generate_captions(model, tokenizer, pixels, images, args, batch_size=32):
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with autocast(pixels.device, amp_dtype_for(pixels.device)):
+            ids = model.generate(pixel_values=pixels(images[i:i + batch_size]), max_new_tokens=args.max_new_tokens,
+                                 num_beams=args.num_beams, do_sample=False)
+        out += [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+def score_captions(hypotheses, references):
+    hyp = [caption_tokens(h) for h in hypotheses]
+    refs = [[caption_tokens(r) for r in rs] for rs in references]
+    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
+
+
+def evaluate_captions(model, tokenizer, pixels, split, args, label):
+    n = min(len(split.names), args.eval_images or len(split.names))
+    captions = generate_captions(model, tokenizer, pixels, split.images[:n], args)
+    scores = score_captions(captions, split.captions[:n])
+    print(f"{label}: BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} on {n} test images", flush=True)
+    return scores, captions
+
+
+@torch.no_grad()
+def validation_loss(model, pixels, split, tokens, amp_dtype, batch_size):
+    model.eval()
+    total, count = 0.0, 0
+    for idx in torch.arange(len(tokens["pair_image"])).split(batch_size):
+        input_ids, labels = tokens["input_ids"][idx], tokens["labels"][idx]
+        width = int(tokens["mask"][idx].sum(1).max())
+        with autocast(pixels.device, amp_dtype):
+            loss = model(pixel_values=pixels(split.images[tokens["pair_image"][idx]]),
+                         labels=labels[:, :width].to(pixels.device)).loss
+        total, count = total + loss.item() * len(idx), count + len(idx)
+    return total / max(count, 1)
+
+
+def pair_tokens(tokenizer, split, max_length):
+    """Every (image, caption) pair of a split: the image index per pair and the caption's tokens."""
+    pair_image = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps], dtype=torch.long)
+    input_ids, mask, labels = tokenize_captions(tokenizer, [c for caps in split.captions for c in caps], max_length)
+    return {"pair_image": pair_image, "input_ids": input_ids, "mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving: the adapter folder is swapped in whole; the training state is one atomic file
+
+def save_adapter(model, out_dir):
+    final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)  # until here the previous adapter is intact under adapter/ or adapter.old/
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_state(run, state, args):
+    save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]), "optimizer": run["optimizer"].state_dict(),
+                     "schedule": run["schedule"].state_dict(), "scaler": run["scaler"].state_dict(),
+                     "rng": rng_state(run["pixels"].device), "state": dict(state), "args": vars(args)},
+                    run["out_dir"] / "training_state.pt")
+    save_adapter(run["model"], run["out_dir"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+def train(args, run, state, data, tokens):
+    """Optimizer steps until total_steps: shuffled pairs per epoch (seeded by seed and epoch, so a
+    resumed run sees the same batches), gradient accumulation, clipping, periodic validation and saves."""
+    model, optimizer, schedule, scaler = run["model"], run["optimizer"], run["schedule"], run["scaler"]
+    device, amp_dtype = run["pixels"].device, run["amp_dtype"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro = args.batch_size
+    with progress_bar(run["total_steps"], "training", args.no_progress) as bar:
+        bar.update(state["step"])
+        while state["step"] < run["total_steps"]:
+            order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(args.seed * 100_003 + state["epoch"]))
+            batches = order[:len(order) // (micro * args.grad_accum) * micro * args.grad_accum].split(micro)
+            while state["batch"] < len(batches) and state["step"] < run["total_steps"]:
+                model.train()
+                t0 = time.perf_counter()
+                loss_sum = 0.0
+                for idx in batches[state["batch"]:state["batch"] + args.grad_accum]:
+                    width = int(tokens["mask"][idx].sum(1).max())
+                    with autocast(device, amp_dtype):
+                        loss = model(pixel_values=run["pixels"](data["train"].images[tokens["pair_image"][idx]]),
+                                     labels=tokens["labels"][idx, :width].to(device)).loss / args.grad_accum
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.item()
+                if args.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                state["batch"] += args.grad_accum
+                state["step"] += 1
+                state["train_seconds"] += time.perf_counter() - t0
+                state["pairs_seen"] += micro * args.grad_accum
+                if not math.isfinite(loss_sum):
+                    fail(f"the training loss became {loss_sum} at step {state['step']} (lr {schedule.get_last_lr()[0]:.2e}); "
+                         f"try a lower --lr; the last good adapter is in {run['out_dir'] / 'adapter'}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+                after_step(args, run, state, data, loss_sum)
+            if state["batch"] >= len(batches):
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+
+
+def after_step(args, run, state, data, loss):
+    step = state["step"]
+    row = {"step": step, "epoch": state["epoch"], "train_loss": loss, "lr": run["schedule"].get_last_lr()[0]}
+    if step % args.eval_every == 0 or step == run["total_steps"]:
+        if len(data["val"].names):
+            row["val_loss"] = validation_loss(run["model"], run["pixels"], data["val"], run["val_tokens"], run["amp_dtype"], args.batch_size)
+            samples = generate_captions(run["model"], run["tokenizer"], run["pixels"], data["val"].images[:3], args)
+            print(f"step {step}/{run['total_steps']} | train loss {loss:.4f} | val loss {row['val_loss']:.4f} | "
+                  f"lr {row['lr']:.2e}", flush=True)
+            for name, caption in zip(data["val"].names, samples):
+                print(f"    {name}: {caption}")
+        append_jsonl(run["out_dir"] / "metrics.jsonl", row)
+    if step % args.save_every == 0 or step == run["total_steps"]:
+        save_training_state(run, state, args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modes: train (default), --caption, --merge
+
+def resumed_args(ckpt, cli):
+    """The experiment as the checkpoint recorded it, with this machine's runtime flags (and --data-dir
+    only when given: the data may have moved)."""
+    args = argparse.Namespace(**ckpt["args"])
+    for flag in RUNTIME_FLAGS:
+        if flag != "data_dir" or cli.data_dir:
+            setattr(args, flag, getattr(cli, flag))
+    args.out_dir = str(Path(cli.resume).parent)
+    return args
+
+
+def main(argv=None):
+    cli = parse_args(argv)
+    try:
+        ckpt = load_checkpoint(cli.resume, SCRIPT) if cli.resume else None
+    except DataError as e:
+        fail(str(e))
+    args = resumed_args(ckpt, cli) if ckpt else cli
+    check_args(args)
+    device = pick_device(args.device)
+    if args.caption:
+        return caption_files(args, device)
+    if args.merge:
+        return merge_adapter(args, device)
+    return train_main(args, ckpt, device)
+
+
+def train_main(args, ckpt, device):
+    torch.manual_seed(args.seed)
+    model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
+    size, resample = processor_geometry(processor)
+    try:
+        data = load_caption_data(args.data_dir, size, resample, args.seed)
+    except DataError as e:
+        fail(str(e))
+    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = pair_tokens(tokenizer, data["train"], args.max_length)
+    steps_per_epoch = len(tokens["pair_image"]) // (args.batch_size * args.grad_accum)
+    if steps_per_epoch == 0:
+        fail(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} is more than the "
+             f"{len(tokens['pair_image'])} training pairs")
+    pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
+    baseline = None
+    if not args.no_baseline and not ckpt:
+        baseline = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
+    model = add_lora(model, args)
+    trainable, total = count_params(model)
+    print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
+          f"{amp_dtype or torch.float32} | {len(data['train'].names)}/{len(data['val'].names)}/{len(data['test'].names)} "
+          f"train/val/test images | {len(tokens['pair_image']):,} training pairs | out {out_dir}")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, int(args.warmup * total_steps), total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
+    if ckpt:
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt["rng"], device)
+        state = ckpt["state"]
+        print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
+    else:
+        state["baseline"] = {"scores": baseline[0], "captions": baseline[1]} if baseline else None
+        write_json(out_dir / "config.json", vars(args))
+    run = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, scaler=scaler, pixels=pixels,
+               amp_dtype=amp_dtype, total_steps=total_steps, out_dir=out_dir,
+               val_tokens=pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None)
+    train(args, run, state, data, tokens)
+    after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
+    return write_summary(args, run, state, data, after, (trainable, total))
+
+
+def write_summary(args, run, state, data, after, counts):
+    device, out_dir = run["pixels"].device, run["out_dir"]
+    base = state["baseline"] or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
+    examples = [{"image": n, "references": refs, "before": b, "after": a}
+                for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
+    summary = {
+        "script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
+        "test_images": len(after[1]), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
+        "test_acc": None, "train_seconds": state["train_seconds"],
+        "images_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
+        "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0], "args": vars(args),
+        "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"], "cider_before": base["scores"]["cider"],
+        "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+        "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
+        "examples": examples,
+    }
+    write_json(out_dir / "summary.json", summary)
+    for ex in examples:
+        print(f"{ex['image']}: before {ex['before']!r} | after {ex['after']!r} | reference {ex['references'][0]!r}")
+    print(f"BLEU-4 {summary['bleu4_before']} -> {summary['bleu4']:.4f} | CIDEr-D {summary['cider_before']} -> "
+          f"{summary['cider']:.4f} | {summary['train_seconds']:.1f}s training | {summary['images_per_second']:,.1f} pairs/s "
+          f"| adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
+    return summary
+
+
+def load_with_adapter(args, device):
+    from peft import PeftConfig, PeftModel
+    if not (Path(args.adapter) / "adapter_config.json").is_file():
+        fail(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
+    base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path or DEFAULT_MODEL
+    model, tokenizer, processor = load_captioner(base, device)
+    return PeftModel.from_pretrained(model, args.adapter).to(device).eval(), tokenizer, processor
+
+
+def caption_files(args, device):
+    from torchvision.transforms.v2 import functional as TF
+    model, tokenizer, processor = load_with_adapter(args, device)
+    size, resample = processor_geometry(processor)
+    images = []
+    for path in args.caption:
+        try:
+            images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
+                                    interpolation=resample, antialias=True))
+        except Exception as e:
+            fail(f"--caption {path}: cannot read it as an image ({type(e).__name__})")
+    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
+    for path, caption in zip(args.caption, captions):
+        print(f"{path}: {caption}")
+    return dict(zip(args.caption, captions))
+
+
+def merge_adapter(args, device):
+    model, tokenizer, processor = load_with_adapter(args, device)
+    merged = model.merge_and_unload()
+    out = Path(args.out_dir)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"merged {args.adapter} into its base: a standalone model in {out} (load it with --model {out})")
+    return out
+
+
+if __name__ == "__main__":
+    main()
