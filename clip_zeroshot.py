@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, confusion_matrix, load_cifar10, peak_memory_mb, per_class_accuracy, progress_bar,
-                    stratified_subset, write_json)
+from common import (DataError, confusion_matrix, load_cifar10, peak_memory_mb, per_class_accuracy, plot_confusion,
+                    prepare_out_dir, progress_bar, stratified_subset, write_json)
 
 SCRIPT = "clip_zeroshot"
 SINGLE_TEMPLATE = ["a photo of a {}."]
@@ -57,6 +57,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seeds subsets and the probe's held-out split")
     a("--out-dir", default=None, help="where results go (default runs/clip_zeroshot/<timestamp>)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
+    a("--no-plots", action="store_true", help="no confusion.png")
+    p.error = fail  # one line, not the usage block
     return p.parse_args(argv)
 
 
@@ -227,14 +229,12 @@ def main(argv=None):
     device = pick_device(args.device)
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(out_dir)
         data = load_cifar10(args.data_dir, download=not args.no_download)
         test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed)
         train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed) if args.linear_probe else None
     except DataError as e:
         fail(str(e))
-    except OSError as e:
-        fail(f"--out-dir {out_dir}: cannot create it ({e.strerror})")
     model, tokenizer, processor = load_clip(args.model, device)
     write_json(out_dir / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
     print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | out {out_dir}")
@@ -270,6 +270,8 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
         "most_confused": most_confused(cm, data.classes), "linear_probe": probe,
     }
     write_json(out_dir / "summary.json", summary)
+    if not args.no_plots:
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
           f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
     print("per class: " + ", ".join(f"{c} {a:.1%}" for c, a in summary["per_class_acc"].items()))

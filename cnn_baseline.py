@@ -29,14 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, TensorLoader, append_jsonl, confusion_matrix, load_checkpoint,
-                    load_cifar10, peak_memory_mb, per_class_accuracy, progress_bar, restore_rng, rng_state,
-                    save_checkpoint, stratified_subset, trim_metrics, write_json)
+from common import (DataError, NonFiniteLoss, TensorLoader, append_jsonl, confusion_matrix, load_checkpoint,
+                    load_cifar10, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
+                    progress_bar, read_jsonl, restore_rng, rng_state, save_checkpoint, stops_cleanly,
+                    stratified_subset, trim_metrics, write_json)
 
 SCRIPT = "cnn_baseline"
 # Flags that describe the machine rather than the experiment: on --resume they come from the command
 # line, everything else from the checkpoint.
-RUNTIME_FLAGS = ("device", "no_progress", "compile", "compile_mode", "data_dir", "no_download", "resume")
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "compile", "compile_mode", "data_dir", "no_download", "resume")
 
 
 def parse_args(argv=None):
@@ -67,7 +68,9 @@ def parse_args(argv=None):
     a("--out-dir", default=None, help="where results go (default runs/cnn_baseline/<timestamp>)")
     a("--resume", default=None, help="continue from a last.pt; the experiment's flags come from the checkpoint")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
+    a("--no-plots", action="store_true", help="no pictures (curves.png, confusion.png)")
     a("--compare", metavar="DIR", default=None, help="print a table of the newest summary.json of each script under DIR, then exit")
+    p.error = fail  # one line, not the usage block
     return p.parse_args(argv)
 
 
@@ -200,10 +203,11 @@ def make_schedule(optimizer, warmup_steps, total_steps):
 
 def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, amp_dtype, grad_clip, max_steps, step, bar):
     """One pass; returns (mean loss, accuracy, images seen, global step). Statistics stay on the device
-    and are read once, at the end, so the GPU never waits on the host."""
+    and are read every 20 steps (a host sync: progress and the non-finite check) and at the end."""
     model.train()
     device = loader.device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+    t0 = time.perf_counter()
     for x, y in loader:
         x = x.contiguous(memory_format=channels_last(device))
         with autocast(device, amp_dtype):
@@ -221,12 +225,21 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, amp_d
         correct += (logits.argmax(1) == y).sum()
         seen, step = seen + len(y), step + 1
         bar.update(1)
-        if bar.n % 20 == 0 and not bar.disable:  # a host sync, so only now and then
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{schedule.get_last_lr()[0]:.2e}")
+        if step % 20 == 0:
+            check_progress(bar, loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - t0), schedule, step)
         if max_steps and step >= max_steps:
             break
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen, step
+    loss, acc = loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+    check_progress(bar, loss, acc, seen / (time.perf_counter() - t0), schedule, step)
+    return loss, acc, seen, step
+
+
+def check_progress(bar, loss, acc, images_per_second, schedule, step):
+    lr = schedule.get_last_lr()[0]
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{images_per_second:,.0f}", lr=f"{lr:.2e}")
 
 
 @torch.no_grad()
@@ -247,6 +260,19 @@ def evaluate(model, loader, amp_dtype, tta=False):
 
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the checkpoint (common.load_checkpoint) holds plain values and the flags of the run
+
+def load_weights(model, ckpt, path, expected_config=None):
+    """Weights into the model the checkpoint's flags and the data describe; a mismatch is one clear line."""
+    saved = ckpt.get("model_config", {})
+    differ = [k for k in (expected_config or {}) if saved.get(k) != expected_config[k]]
+    if differ:
+        fail(f"{path}: its weights do not fit the model its flags and data describe ("
+             + ", ".join(f"{k}: saved {saved.get(k)}, now {expected_config[k]}" for k in differ) + ")")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path}: its weights do not fit the model its flags describe ({str(e).strip().splitlines()[-1].strip()})")
+
 
 def resumed_args(ckpt, cli_args):
     """The experiment as the checkpoint recorded it, with this machine's runtime flags."""
@@ -287,9 +313,9 @@ def main(argv=None):
     device = pick_device(args.device)
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--out-dir {out_dir}: cannot create it ({e.strerror})")
+        prepare_out_dir(out_dir)
+    except DataError as e:
+        fail(str(e))
     data, train_idx, test_idx = load_data(args, print)
 
     torch.manual_seed(args.seed)
@@ -303,9 +329,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = {"epoch": 0, "step": 0, "best_acc": -1.0, "train_seconds": 0.0, "images_seen": 0}
     if ckpt:
-        if ckpt["model_config"] != model_config(args, len(data.classes)):
-            fail(f"--resume: checkpoint model {ckpt['model_config']} does not match the data ({len(data.classes)} classes)")
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, cli.resume, model_config(args, len(data.classes)))
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -320,7 +344,11 @@ def main(argv=None):
     print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | {device} "
           f"{amp_dtype or torch.float32} | train {len(train_idx):,} test {len(test_idx):,} images | "
           f"{len(train_loader)} steps/epoch x {args.epochs} epochs, batch {args.batch_size} | out {out_dir}")
-    preds = fit(args, run, state)
+    last = out_dir / "last.pt"
+    saved = lambda: (f"the last checkpoint is {last} (epoch {state['epoch']})" if last.exists()
+                     else "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
+    with stops_cleanly(SCRIPT, last, saved):
+        preds = fit(args, run, state)
     return write_summary(args, run, state, data, preds, test_loader.labels)
 
 
@@ -340,9 +368,6 @@ def fit(args, run, state):
                 trained, run["train_loader"], run["optimizer"], run["schedule"], run["scaler"], criterion,
                 run["amp_dtype"], args.grad_clip, run["total_steps"], state["step"], bar)
             seconds = time.perf_counter() - t0  # .item() above synchronised the device
-        if not math.isfinite(loss):
-            fail(f"the training loss became {loss} in epoch {epoch} (lr {run['schedule'].get_last_lr()[0]:.2e}); "
-                 f"try a lower --lr or --grad-clip; the last good checkpoint is {run['out_dir'] / 'last.pt'}")
         preds, test_loss = evaluate(trained, run["test_loader"], run["amp_dtype"], args.tta)
         test_acc = (preds == run["test_loader"].labels).float().mean().item()
         state.update(epoch=epoch, train_seconds=state["train_seconds"] + seconds, images_seen=state["images_seen"] + seen)
@@ -388,6 +413,9 @@ def write_summary(args, run, state, data, preds, targets):
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
     write_json(run["out_dir"] / "summary.json", summary)
+    if not args.no_plots:
+        plot_curves(read_jsonl(run["out_dir"] / "metrics.jsonl"), run["out_dir"] / "curves.png")
+        plot_confusion(cm, data.classes, run["out_dir"] / "confusion.png")
     print(f"test accuracy {summary['test_acc']:.2%} (best {state['best_acc']:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     print("per class: " + ", ".join(f"{c} {a:.1%}" for c, a in summary["per_class_acc"].items()))

@@ -14,6 +14,7 @@ import resource
 import sys
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class DataError(Exception):
     """Input data is missing or unusable; the message says what to do. Scripts print it and exit 2."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite; the message names the step and learning rate."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, ...); the previous one is intact."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,8 +118,9 @@ def _load_torchvision_batches(batches):
     return ImageDataset(train_x, train_y, test_x, test_y, classes, "torchvision")
 
 
-def _list_imagefolder(root):
-    """{split: [(relative path, class index)]} and the sorted class names; errors if the splits disagree."""
+def _list_imagefolder(root, log):
+    """{split: [(relative path, class index)]} and the sorted class names; errors if the splits disagree.
+    Files that are not images (by suffix) are reported and ignored."""
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
@@ -118,12 +128,16 @@ def _list_imagefolder(root):
     if test_classes != classes:
         missing = sorted(set(classes) ^ set(test_classes))
         raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
-    files = {}
+    files, others = {}, []
     for split in ("train", "test"):
-        files[split] = [(f"{split}/{c}/{p.name}", k) for k, c in enumerate(classes)
-                        for p in sorted((root / split / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        paths = [(p, k) for k, c in enumerate(classes) for p in sorted((root / split / c).iterdir())
+                 if p.is_file() and not p.name.startswith(".")]
+        files[split] = [(f"{split}/{p.parent.name}/{p.name}", k) for p, k in paths if p.suffix.lower() in IMAGE_SUFFIXES]
+        others += [f"{split}/{p.parent.name}/{p.name}" for p, _ in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not files[split]:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if others:
+        log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}")
     return files, classes
 
 
@@ -145,7 +159,7 @@ def _cache_paths(root, image_size):
 
 
 def _load_imagefolder_cached(root, image_size, log):
-    files, classes = _list_imagefolder(root)
+    files, classes = _list_imagefolder(root, log)
     fingerprint = _fingerprint(root, files, image_size)
     for path in _cache_paths(root, image_size):
         if path.is_file():
@@ -397,6 +411,115 @@ def _all_ngrams(tokens):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Pictures: overlays and grids with PIL alone; charts with matplotlib when it is installed
+
+_INFERNO = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=torch.float32)
+
+
+def colormap(values):
+    """[...] values in [0, 1] -> [..., 3] uint8 colours on a dark-to-bright (inferno-like) scale."""
+    pos = values.clamp(0, 1) * (len(_INFERNO) - 1)
+    lo = pos.floor().long().clamp(max=len(_INFERNO) - 2)
+    frac = (pos - lo).unsqueeze(-1)
+    return (_INFERNO[lo] * (1 - frac) + _INFERNO[lo + 1] * frac).round().to(torch.uint8)
+
+
+def heat_overlay(image, heat, size, alpha=0.55):
+    """uint8 image (3, H, W) and a heat map (h, w) in [0, 1] -> uint8 (3, size, size): both upsampled
+    bilinearly to the same square, the coloured map blended over the image."""
+    img = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
+    heat = F.interpolate(heat[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    colour = colormap(heat).permute(2, 0, 1).float()
+    return ((1 - alpha) * img + alpha * colour).round().clamp(0, 255).to(torch.uint8)
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_grid(cells, header, row_labels, cell, pad=4):
+    """A PIL image: rows of uint8 (3, h, w) tensors (each resized to cell x cell), column titles on
+    top and a label under the first cell of each row."""
+    from PIL import Image, ImageDraw
+    font, text_h = _font(13), 18
+    cols = max(map(len, cells))
+    width, row_h = pad + cols * (cell + pad), cell + text_h + pad
+    sheet = Image.new("RGB", (width, text_h + pad + len(cells) * row_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, title in enumerate(header):
+        draw.text((pad + j * (cell + pad) + cell // 2, pad), title, fill="black", font=font, anchor="ma")
+    for i, row in enumerate(cells):
+        y = text_h + pad + i * row_h
+        for j, img in enumerate(row):
+            tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((cell, cell), Image.BILINEAR)
+            sheet.paste(tile, (pad + j * (cell + pad), y))
+        draw.text((pad + cell // 2, y + cell + 1), row_labels[i], fill="black", font=font, anchor="ma")
+    return sheet
+
+
+def _pyplot(name, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        log(f"skipped {name}: it needs matplotlib (pip install matplotlib)")
+        return None
+
+
+def plot_curves(rows, path, x="epoch", panels=(("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")),
+                                               ("learning rate", ("lr",))), log=print):
+    """One figure, a panel per (title, metric keys), each key plotted against `x`. None without matplotlib."""
+    plt = _pyplot(Path(path).name, log)
+    if plt is None:
+        return None
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3, label=key.replace("_", " "))
+        ax.set_title(title)
+        ax.set_xlabel(x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm, classes, path, log=print):
+    """The confusion matrix normalised per true class, values printed in the cells. None without matplotlib."""
+    plt = _pyplot(Path(path).name, log)
+    if plt is None:
+        return None
+    rates = (cm.float() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(classes), 0.8 + 0.55 * len(classes)))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (rows sum to 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
 # Run outputs: written atomically, so an interrupted run never leaves a half-written file behind
 
 def _atomic_write(path, write):
@@ -415,11 +538,64 @@ def _atomic_write(path, write):
 
 
 def save_checkpoint(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous file intact."""
+    try:
+        _atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as e:
+        raise CheckpointWriteError(f"could not write {path} ({e.strerror or e}); the previous {Path(path).name}, "
+                                   f"if any, is intact") from None
+
+
+@contextmanager
+def stops_cleanly(script, checkpoint, saved, memory_hint="--batch-size"):
+    """Ctrl-C, running out of GPU memory, a non-finite loss or a failed checkpoint write end the run with
+    a message saying what is saved and what to do, not a traceback. `saved()` describes the last
+    checkpoint at that moment; `checkpoint` is the file --resume takes."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        resume = f"\nresume with: python {script}.py --resume {checkpoint}" if Path(checkpoint).exists() else ""
+        print(f"\n{script}.py: interrupted; {saved()}{resume}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    except torch.OutOfMemoryError:
+        _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {saved()}")
+    except NonFiniteLoss as e:
+        _stop(script, f"{e}; try a lower --lr (or a smaller --grad-clip); {saved()}")
+    except CheckpointWriteError as e:
+        _stop(script, f"{e}; free some space or pick another --out-dir")
+
+
+def _stop(script, message):
+    print(f"{script}.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def prepare_out_dir(path):
+    """Create the output folder and prove it is writable, before any work; DataError otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
+    for stale in path.glob(".*.tmp"):  # left by a run killed while writing; the real files are intact
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def read_jsonl(path):
+    path = Path(path)
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 def append_jsonl(path, obj):
@@ -447,8 +623,8 @@ def trim_metrics(path, epochs_done):
     """Drop metric lines of epochs a checkpoint does not contain (the run died after logging them)."""
     path = Path(path)
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= epochs_done]
-        path.write_text("".join(l + "\n" for l in lines))
+        rows = [r for r in read_jsonl(path) if r["epoch"] <= epochs_done]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def rng_state(device):

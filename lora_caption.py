@@ -37,14 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (DataError, append_jsonl, caption_tokens, cider_d, corpus_bleu4, load_checkpoint, peak_memory_mb,
-                    progress_bar, restore_rng, rng_state, save_checkpoint, write_json)
+from common import (CheckpointWriteError, DataError, NonFiniteLoss, append_jsonl, caption_tokens, cider_d,
+                    corpus_bleu4, load_checkpoint, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
+                    read_jsonl, restore_rng, rng_state, save_checkpoint, stops_cleanly, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
-RUNTIME_FLAGS = ("device", "no_progress", "data_dir", "resume")
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "data_dir", "resume")
+SHEET_IMAGES = 8  # validation images shown in captions.html, the same ones every run
 
 
 def parse_args(argv=None):
@@ -86,6 +88,8 @@ def parse_args(argv=None):
     a("--out-dir", default=None, help="where results go (default runs/lora_caption/<timestamp>)")
     a("--resume", default=None, help="continue from a training_state.pt; the experiment's flags come from it")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
+    a("--no-plots", action="store_true", help="no pictures (curves.png, captions.html)")
+    p.error = fail  # one line, not the usage block
     return p.parse_args(argv)
 
 
@@ -384,10 +388,18 @@ def pair_tokens(tokenizer, split, max_length):
 # ----------------------------------------------------------------------------------------------------
 # Saving: the adapter folder is swapped in whole; the training state is one atomic file
 
+def load_step(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
+
+
 def save_adapter(model, out_dir):
     final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} is intact") from None
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)  # until here the previous adapter is intact under adapter/ or adapter.old/
@@ -444,8 +456,8 @@ def train(args, run, state, data, tokens):
                 state["train_seconds"] += time.perf_counter() - t0
                 state["pairs_seen"] += micro * args.grad_accum
                 if not math.isfinite(loss_sum):
-                    fail(f"the training loss became {loss_sum} at step {state['step']} (lr {schedule.get_last_lr()[0]:.2e}); "
-                         f"try a lower --lr; the last good adapter is in {run['out_dir'] / 'adapter'}")
+                    raise NonFiniteLoss(f"the training loss became {loss_sum} at step {state['step']} "
+                                        f"(lr {schedule.get_last_lr()[0]:.2e})")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
                 after_step(args, run, state, data, loss_sum)
@@ -500,6 +512,11 @@ def main(argv=None):
 
 
 def train_main(args, ckpt, device):
+    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        prepare_out_dir(out_dir)
+    except DataError as e:
+        fail(str(e))
     torch.manual_seed(args.seed)
     model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
     size, resample = processor_geometry(processor)
@@ -507,17 +524,16 @@ def train_main(args, ckpt, device):
         data = load_caption_data(args.data_dir, size, resample, args.seed)
     except DataError as e:
         fail(str(e))
-    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokens = pair_tokens(tokenizer, data["train"], args.max_length)
     steps_per_epoch = len(tokens["pair_image"]) // (args.batch_size * args.grad_accum)
     if steps_per_epoch == 0:
         fail(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} is more than the "
              f"{len(tokens['pair_image'])} training pairs")
     pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
-    baseline = None
+    baseline, sheet = None, sheet_split(data)
     if not args.no_baseline and not ckpt:
         baseline = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
+        baseline += (generate_captions(model, tokenizer, pixels, sheet.images, args),)
     model = add_lora(model, args)
     trainable, total = count_params(model)
     print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
@@ -530,7 +546,10 @@ def train_main(args, ckpt, device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
     if ckpt:
-        model.load_state_dict(ckpt["trainable"], strict=False)
+        unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
+        if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
+            fail(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
+                 f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -538,14 +557,21 @@ def train_main(args, ckpt, device):
         state = ckpt["state"]
         print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
     else:
-        state["baseline"] = {"scores": baseline[0], "captions": baseline[1]} if baseline else None
+        state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
         write_json(out_dir / "config.json", vars(args))
     run = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, scaler=scaler, pixels=pixels,
                amp_dtype=amp_dtype, total_steps=total_steps, out_dir=out_dir,
                val_tokens=pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None)
-    train(args, run, state, data, tokens)
+    last = out_dir / "training_state.pt"
+    saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
+                     if last.exists() else f"nothing was saved yet (the first save comes at step {args.save_every})")
+    with stops_cleanly(SCRIPT, last, saved, memory_hint="--batch-size (and a larger --grad-accum to keep the effective batch)"):
+        train(args, run, state, data, tokens)
     after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
-    return write_summary(args, run, state, data, after, (trainable, total))
+    summary = write_summary(args, run, state, data, after, (trainable, total))
+    if not args.no_plots:
+        save_pictures(args, run, state, sheet)
+    return summary
 
 
 def write_summary(args, run, state, data, after, counts):
@@ -569,10 +595,58 @@ def write_summary(args, run, state, data, after, counts):
     write_json(out_dir / "summary.json", summary)
     for ex in examples:
         print(f"{ex['image']}: before {ex['before']!r} | after {ex['after']!r} | reference {ex['references'][0]!r}")
-    print(f"BLEU-4 {summary['bleu4_before']} -> {summary['bleu4']:.4f} | CIDEr-D {summary['cider_before']} -> "
-          f"{summary['cider']:.4f} | {summary['train_seconds']:.1f}s training | {summary['images_per_second']:,.1f} pairs/s "
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} -> "
+          f"{fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | {summary['images_per_second']:,.1f} pairs/s "
           f"| adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
     return summary
+
+
+def sheet_split(data):
+    """The images captions.html shows: the first validation images (test images if there is no validation split)."""
+    split = data["val"] if data["val"].names else data["test"]
+    n = min(SHEET_IMAGES, len(split.names))
+    return CaptionSplit(split.names[:n], split.images[:n], split.captions[:n])
+
+
+def save_pictures(args, run, state, sheet):
+    out_dir = run["out_dir"]
+    plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png", x="step",
+                panels=(("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",))))
+    after = generate_captions(run["model"], run["tokenizer"], run["pixels"], sheet.images, args)
+    before = (state["baseline"] or {}).get("sheet") or [None] * len(after)
+    write_caption_sheet(out_dir / "captions.html", sheet, before, after, args.model or DEFAULT_MODEL)
+    print(f"pictures in {out_dir}: curves.png, captions.html")
+
+
+def write_caption_sheet(path, split, before, after, model_name):
+    """A self-contained HTML page (images embedded as JPEG data URIs): image, references, caption before
+    fine-tuning, caption after."""
+    import base64
+    import html
+    import io
+    from PIL import Image
+    def shown(caption):
+        return "<em>not computed</em>" if caption is None else html.escape(caption) or "<em>(empty caption)</em>"
+
+    rows = []
+    for name, image, refs, b, a in zip(split.names, split.images, split.captions, before, after):
+        buf = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=85)
+        src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        refs_html = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
+        rows.append(f'<tr><td><img src="{src}" alt="{html.escape(name)}" width="224"><br><code>{html.escape(name)}</code></td>'
+                    f'<td><ul>{refs_html}</ul></td><td>{shown(b)}</td><td><strong>{shown(a)}</strong></td></tr>')
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Captions before and after LoRA fine-tuning</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{{margin:0;padding-left:1.2em}}</style>
+</head><body><h1>Captions before and after LoRA fine-tuning</h1><p>Base model: <code>{html.escape(model_name)}</code></p>
+<table><thead><tr><th>image</th><th>references</th><th>before fine-tuning</th><th>after fine-tuning</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table></body></html>
+"""
+    write_text_atomic(path, page)
 
 
 def load_with_adapter(args, device):

@@ -28,14 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, TensorLoader, append_jsonl, confusion_matrix, img_to_patch, load_checkpoint,
-                    load_cifar10, peak_memory_mb, per_class_accuracy, progress_bar, restore_rng, rng_state,
-                    save_checkpoint, stratified_subset, trim_metrics, write_json)
+from common import (DataError, NonFiniteLoss, TensorLoader, append_jsonl, confusion_matrix, img_to_patch,
+                    load_checkpoint, load_cifar10, normalize, peak_memory_mb, per_class_accuracy, plot_confusion,
+                    plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, rng_state, save_checkpoint,
+                    stops_cleanly, stratified_subset, trim_metrics, write_json)
 
 SCRIPT = "vit_scratch"
 # Flags that describe the machine rather than the experiment: on --resume they come from the command
 # line, everything else from the checkpoint.
-RUNTIME_FLAGS = ("device", "no_progress", "compile", "compile_mode", "data_dir", "no_download", "resume")
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "compile", "compile_mode", "data_dir", "no_download", "resume",
+                 "show_attention")
 
 
 def parse_args(argv=None):
@@ -72,6 +74,10 @@ def parse_args(argv=None):
     a("--out-dir", default=None, help="where results go (default runs/vit_scratch/<timestamp>)")
     a("--resume", default=None, help="continue from a last.pt; the experiment's flags come from the checkpoint")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
+    a("--no-plots", action="store_true", help="no pictures (attention.png, curves.png, confusion.png)")
+    a("--show-attention", metavar="CHECKPOINT", default=None,
+      help="only draw attention.png for a saved checkpoint (into --out-dir, default beside it), then exit")
+    p.error = fail  # one line, not the usage block
     return p.parse_args(argv)
 
 
@@ -117,11 +123,20 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
-        self.fused = True  # False: the readable math path, kept for tests and attention maps
+        self.fused = True  # False: the readable math path, kept for tests
+
+    def qkv(self, x):
+        B, T, D = x.shape
+        return self.to_qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+
+    def probs(self, x):
+        """The attention weights (B, h, T, T), which the fused kernel never materialises: for pictures."""
+        q, k, _ = self.qkv(x)
+        return attention_probs(q, k)
 
     def forward(self, x):
         B, T, D = x.shape
-        q, k, v = self.to_qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+        q, k, v = self.qkv(x)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(QK^T/sqrt(d)) V, one kernel
         else:
@@ -160,11 +175,13 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(embed_dim, hidden_dim, num_heads, dropout) for _ in range(num_layers)])
         self.mlp_head = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, num_classes))
 
-    def forward_features(self, x):
+    def embed(self, x):
         x = self.to_patch_embedding(img_to_patch(x, self.patch_size))  # (B, T, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embedding  # (B, T+1, D)
-        return self.blocks(self.dropout(x))
+        return torch.cat([cls, x], dim=1) + self.pos_embedding  # (B, T+1, D)
+
+    def forward_features(self, x):
+        return self.blocks(self.dropout(self.embed(x)))
 
     def forward(self, x):
         return self.mlp_head(self.forward_features(x)[:, 0])  # classify from the CLS token
@@ -175,6 +192,60 @@ MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads
 
 def model_config(args, num_classes):
     return {**{k: getattr(args, k) for k in MODEL_FLAGS}, "num_classes": num_classes}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention maps: computed only for pictures, never during training
+
+@torch.no_grad()
+def attention_maps(model, x):
+    """Per layer, the attention weights (B, h, T, T) for images x, recomputed with the plain softmax
+    (the fused kernel used in training does not return them)."""
+    model.eval()
+    tokens, maps = model.embed(x), []
+    for block in model.blocks:
+        maps.append(block.attn.probs(block.norm1(tokens)))
+        tokens = block(tokens)
+    return maps
+
+
+def attention_rollout(maps):
+    """Attention rollout (Abnar & Zuidema, 2020): per layer the head-mean, mixed half-and-half with the
+    identity for the residual path, rows renormalised, multiplied through the layers. (B, T, T)."""
+    rollout = None
+    for probs in maps:
+        a = probs.mean(1)  # (B, T, T)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout
+
+
+def fixed_examples(labels, per_class=2):
+    """Indices of the first `per_class` images of each class: the same pictures every run."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique()])
+
+
+def cls_heatmaps(model, images, patch_size):
+    """(B, 1 + layers + 1, g, g) in [0, 1]: the CLS token's attention to the patches for each layer
+    (mean over heads) and for the rollout. Each map is scaled to its own maximum."""
+    maps = attention_maps(model, images)
+    rows = [m.mean(1)[:, 0, 1:] for m in maps] + [attention_rollout(maps)[:, 0, 1:]]  # (B, T-1) each
+    grid = images.shape[-1] // patch_size
+    heat = torch.stack(rows, 1).view(len(images), len(rows), grid, grid)
+    return heat / heat.amax((-1, -2), keepdim=True).clamp(min=1e-12)
+
+
+def save_attention_grid(model, images, labels, classes, path, cell=96):
+    """One PNG: a row per image, columns = image, CLS attention per layer, rollout."""
+    from common import draw_grid, heat_overlay
+    images = images.to(next(model.parameters()).device)
+    heat = cls_heatmaps(model, normalize(images), model.patch_size).cpu()
+    images = images.cpu()
+    cells = [[images[i]] + [heat_overlay(images[i], h, cell) for h in heat[i]] for i in range(len(images))]
+    header = ["image"] + [f"layer {l + 1}" for l in range(heat.shape[1] - 1)] + ["rollout"]
+    draw_grid(cells, header, [classes[int(y)] for y in labels], cell).save(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,10 +299,11 @@ def make_schedule(optimizer, warmup_steps, total_steps):
 
 def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, amp_dtype, grad_clip, max_steps, step, bar):
     """One pass; returns (mean loss, accuracy, images seen, global step). Statistics stay on the device
-    and are read once, at the end, so the GPU never waits on the host."""
+    and are read every 20 steps (a host sync: progress and the non-finite check) and at the end."""
     model.train()
     device = loader.device
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+    t0 = time.perf_counter()
     for x, y in loader:
         with autocast(device, amp_dtype):
             logits = model(x)
@@ -248,12 +320,21 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, amp_d
         correct += (logits.argmax(1) == y).sum()
         seen, step = seen + len(y), step + 1
         bar.update(1)
-        if bar.n % 20 == 0 and not bar.disable:  # a host sync, so only now and then
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            lr=f"{schedule.get_last_lr()[0]:.2e}")
+        if step % 20 == 0:
+            check_progress(bar, loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - t0), schedule, step)
         if max_steps and step >= max_steps:
             break
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen, step
+    loss, acc = loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+    check_progress(bar, loss, acc, seen / (time.perf_counter() - t0), schedule, step)
+    return loss, acc, seen, step
+
+
+def check_progress(bar, loss, acc, images_per_second, schedule, step):
+    lr = schedule.get_last_lr()[0]
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{images_per_second:,.0f}", lr=f"{lr:.2e}")
 
 
 @torch.no_grad()
@@ -274,12 +355,26 @@ def evaluate(model, loader, amp_dtype, tta=False):
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the checkpoint (common.load_checkpoint) holds plain values and the flags of the run
 
+def load_weights(model, ckpt, path, expected_config=None):
+    """Weights into the model the checkpoint's flags and the data describe; a mismatch is one clear line."""
+    saved = ckpt.get("model_config", {})
+    differ = [k for k in (expected_config or {}) if saved.get(k) != expected_config[k]]
+    if differ:
+        fail(f"{path}: its weights do not fit the model its flags and data describe ("
+             + ", ".join(f"{k}: saved {saved.get(k)}, now {expected_config[k]}" for k in differ) + ")")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path}: its weights do not fit the model its flags describe ({str(e).strip().splitlines()[-1].strip()})")
+
+
 def resumed_args(ckpt, cli_args):
     """The experiment as the checkpoint recorded it, with this machine's runtime flags."""
     args = argparse.Namespace(**ckpt["args"])
     for flag in RUNTIME_FLAGS:
         setattr(args, flag, getattr(cli_args, flag))
-    args.out_dir = str(Path(cli_args.resume).parent)
+    args.out_dir = cli_args.out_dir if cli_args.show_attention and cli_args.out_dir else \
+        str(Path(cli_args.resume or cli_args.show_attention).parent)
     return args
 
 
@@ -301,17 +396,19 @@ def load_data(args, log):
 def main(argv=None):
     cli = parse_args(argv)
     try:
-        ckpt = load_checkpoint(cli.resume, SCRIPT) if cli.resume else None
+        ckpt = load_checkpoint(cli.resume or cli.show_attention, SCRIPT) if cli.resume or cli.show_attention else None
     except DataError as e:
         fail(str(e))
     args = resumed_args(ckpt, cli) if ckpt else cli
     check_args(args)
     device = pick_device(args.device)
+    if cli.show_attention:
+        return show_attention(args, ckpt, device)
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--out-dir {out_dir}: cannot create it ({e.strerror})")
+        prepare_out_dir(out_dir)
+    except DataError as e:
+        fail(str(e))
     data, train_idx, test_idx = load_data(args, print)
 
     torch.manual_seed(args.seed)
@@ -325,9 +422,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = {"epoch": 0, "step": 0, "best_acc": -1.0, "train_seconds": 0.0, "images_seen": 0}
     if ckpt:
-        if ckpt["model_config"] != model_config(args, len(data.classes)):
-            fail(f"--resume: checkpoint model {ckpt['model_config']} does not match the data ({len(data.classes)} classes)")
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, cli.resume, model_config(args, len(data.classes)))
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -342,7 +437,11 @@ def main(argv=None):
     print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | {device} "
           f"{amp_dtype or torch.float32} | train {len(train_idx):,} test {len(test_idx):,} images | "
           f"{len(train_loader)} steps/epoch x {args.epochs} epochs, batch {args.batch_size} | out {out_dir}")
-    preds = fit(args, run, state)
+    last = out_dir / "last.pt"
+    saved = lambda: (f"the last checkpoint is {last} (epoch {state['epoch']})" if last.exists()
+                     else "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
+    with stops_cleanly(SCRIPT, last, saved):
+        preds = fit(args, run, state)
     return write_summary(args, run, state, data, preds, test_loader.labels)
 
 
@@ -362,9 +461,6 @@ def fit(args, run, state):
                 trained, run["train_loader"], run["optimizer"], run["schedule"], run["scaler"], criterion,
                 run["amp_dtype"], args.grad_clip, run["total_steps"], state["step"], bar)
             seconds = time.perf_counter() - t0  # .item() above synchronised the device
-        if not math.isfinite(loss):
-            fail(f"the training loss became {loss} in epoch {epoch} (lr {run['schedule'].get_last_lr()[0]:.2e}); "
-                 f"try a lower --lr or --grad-clip; the last good checkpoint is {run['out_dir'] / 'last.pt'}")
         preds, test_loss = evaluate(trained, run["test_loader"], run["amp_dtype"], args.tta)
         test_acc = (preds == run["test_loader"].labels).float().mean().item()
         state.update(epoch=epoch, train_seconds=state["train_seconds"] + seconds, images_seen=state["images_seen"] + seen)
@@ -410,10 +506,36 @@ def write_summary(args, run, state, data, preds, targets):
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
     write_json(run["out_dir"] / "summary.json", summary)
+    if not args.no_plots:
+        save_pictures(run["out_dir"], model, data, cm)
     print(f"test accuracy {summary['test_acc']:.2%} (best {state['best_acc']:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     print("per class: " + ", ".join(f"{c} {a:.1%}" for c, a in summary["per_class_acc"].items()))
     return summary
+
+
+def save_pictures(out_dir, model, data, cm):
+    plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+    plot_confusion(cm, data.classes, out_dir / "confusion.png")
+    picked = fixed_examples(data.test_y)
+    save_attention_grid(model, data.test_x[picked], data.test_y[picked], data.classes, out_dir / "attention.png")
+    print(f"pictures in {out_dir}: attention.png, curves.png, confusion.png")
+
+
+def show_attention(args, ckpt, device):
+    """--show-attention: attention.png for a saved checkpoint, nothing trained."""
+    try:
+        data = load_cifar10(args.data_dir, download=not args.no_download, image_size=args.image_size)
+    except DataError as e:
+        fail(str(e))
+    model = VisionTransformer(**ckpt["model_config"]).to(device)
+    load_weights(model, ckpt, args.show_attention)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    picked = fixed_examples(data.test_y)
+    path = save_attention_grid(model, data.test_x[picked], data.test_y[picked], data.classes, out_dir / "attention.png")
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def test_cli_smoke_run_writes_the_summary(tiny_clip, tiny_cifar, tmp_path):
     assert 0 <= summary["linear_probe"]["test_acc"] <= 1 and len(summary["linear_probe"]["val_acc_by_weight_decay"]) == 5
     assert all(m["true"] != m["predicted"] for m in summary["most_confused"])
     assert "zero-shot top-1" in proc.stdout and "linear probe" in proc.stdout
+    assert Image.open(out / "confusion.png").size == (720, 630)
 
 
 def test_offline_without_a_local_copy_is_one_clear_error(tiny_cifar, tmp_path):

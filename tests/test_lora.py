@@ -205,6 +205,9 @@ def test_cli_train_caption_merge(tiny_captioner, tmp_path):
     assert summary["adapter_bytes"] < 200_000
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30, 40] and rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert Image.open(out / "curves.png").size == (840, 330)
+    sheet = (out / "captions.html").read_text()
+    assert sheet.count("<img ") == 5 and all(n in sheet for n in json.loads((TINY_CAPTIONS / "splits.json").read_text())["val"])
 
     image = next((TINY_CAPTIONS / "images").iterdir())
     proc = run_cli("--caption", image, image, "--adapter", out / "adapter", "--device", "cpu")
@@ -227,14 +230,15 @@ def test_resume_at_step_level_gives_the_same_adapter(tiny_captioner, tmp_path, m
 
     real = lora_caption.after_step
 
-    def killed_after_step_7(args, run, state, data, loss):
+    def interrupted_after_step_7(args, run, state, data, loss):
         real(args, run, state, data, loss)
         if state["step"] == 7:
-            raise KeyboardInterrupt  # the state saved at step 6 is what survives
-    monkeypatch.setattr(lora_caption, "after_step", killed_after_step_7)
-    with pytest.raises(KeyboardInterrupt):
+            raise KeyboardInterrupt  # Ctrl-C: the state saved at step 6 is what survives
+    monkeypatch.setattr(lora_caption, "after_step", interrupted_after_step_7)
+    with pytest.raises(SystemExit) as stop:
         lora_caption.main([*flags, "--out-dir", str(tmp_path / "cut")])
     monkeypatch.setattr(lora_caption, "after_step", real)
+    assert stop.value.code == 130
     assert torch.load(tmp_path / "cut" / "training_state.pt", weights_only=True)["state"]["step"] == 6
 
     summary = lora_caption.main(["--resume", str(tmp_path / "cut" / "training_state.pt"), "--device", "cpu"])

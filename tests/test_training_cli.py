@@ -63,13 +63,15 @@ def test_cli_smoke_run_learns_and_writes_the_summary(script, tiny_cifar, tmp_pat
     assert [r["epoch"] for r in rows] == list(range(1, 9))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.05, "training loss did not go down"
     assert json.loads((out / "config.json").read_text())["epochs"] == 8
+    from PIL import Image
+    assert Image.open(out / "curves.png").size == (1260, 330) and Image.open(out / "confusion.png").size == (720, 630)
     for ckpt_name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / ckpt_name, weights_only=True)  # plain values only
         assert ckpt["script"] == name and ckpt["model_config"]["num_classes"] == 10
 
 
 @SCRIPTS
-def test_resume_after_interruption_gives_the_same_weights(script, tiny_cifar, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_the_same_weights(script, tiny_cifar, tmp_path, monkeypatch, capsys):
     flags = ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--limit-train", "128", *TINY[script]]
     script.main([*flags, "--out-dir", str(tmp_path / "full")])
 
@@ -78,12 +80,14 @@ def test_resume_after_interruption_gives_the_same_weights(script, tiny_cifar, tm
     def dies_in_epoch_three(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # killed mid-epoch: epoch 2's checkpoint is all that survives
+            raise KeyboardInterrupt  # Ctrl-C mid-epoch: epoch 2's checkpoint is all that survives
         return real_epoch(*a, **k)
     monkeypatch.setattr(script, "train_one_epoch", dies_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         script.main([*flags, "--out-dir", str(tmp_path / "cut")])
     monkeypatch.setattr(script, "train_one_epoch", real_epoch)
+    assert stop.value.code == 130
+    assert f"resume with: python {script.__name__}.py --resume {tmp_path / 'cut' / 'last.pt'}" in capsys.readouterr().err
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state"]["epoch"] == 2
 
     summary = script.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu"])
