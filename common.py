@@ -259,51 +259,119 @@ def normalize(x, mean=CIFAR_MEAN, std=CIFAR_STD):
     return (x.float().div_(255) - mean) / std
 
 
+def crop_flip_params(batch, padding=4, generator=None, device="cpu"):
+    """Random crop offsets and flips for a batch: (dy, dx, flip), each (batch, 1)."""
+    dy = torch.randint(0, 2 * padding + 1, (batch, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (batch, 1), device=device, generator=generator)
+    flip = torch.rand(batch, 1, device=device, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def apply_crop_flip(x, params, padding=4):
+    """Crop each zero-padded image at its (dy, dx) and mirror it where flip is set: one gather."""
+    B, C, H, W = x.shape
+    dy, dx, flip = params
+    padded = F.pad(x, (padding,) * 4)  # zeros, like torchvision's default fill
+    rows = dy + torch.arange(H, device=x.device)  # (B, H)
+    cols = dx + torch.arange(W, device=x.device)  # (B, W)
+    cols = torch.where(flip, cols.flip(1), cols)  # a flipped crop reads its columns backwards
+    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    c = torch.arange(C, device=x.device).view(1, C, 1, 1)
+    return padded[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
+
+
 def random_crop_flip(x, padding=4, generator=None):
     """RandomCrop(size, padding) + RandomHorizontalFlip on a whole batch: an independent crop offset and
-    flip per image, zero padding, done as one gather on x's device with no host synchronisation."""
-    B, C, H, W = x.shape
-    dev = x.device
-    padded = F.pad(x, (padding,) * 4)  # zeros, like torchvision's default fill
-    dy = torch.randint(0, 2 * padding + 1, (B, 1), device=dev, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (B, 1), device=dev, generator=generator)
-    flip = torch.rand(B, 1, device=dev, generator=generator) < 0.5
-    rows = dy + torch.arange(H, device=dev)  # (B, H)
-    cols = dx + torch.arange(W, device=dev)  # (B, W)
-    cols = torch.where(flip, cols.flip(1), cols)  # a flipped crop reads its columns backwards
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    c = torch.arange(C, device=dev).view(1, C, 1, 1)
-    return padded[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
+    flip per image, zero padding, on x's device with no host synchronisation."""
+    return apply_crop_flip(x, crop_flip_params(len(x), padding, generator, x.device), padding)
+
+
+def shard_bounds(n, rank, world_size):
+    """[start, stop) of this process's contiguous share of n items."""
+    return n * rank // world_size, n * (rank + 1) // world_size
 
 
 class TensorLoader:
     """Batches from uint8 images held on the training device; training batches are shuffled and
-    augmented there, so the GPU never waits for a CPU pipeline. Shuffling depends only on (seed, epoch),
-    which makes a resumed run draw exactly the batches the uninterrupted run would have."""
+    augmented there, so the GPU never waits for a CPU pipeline. Shuffling and augmentation depend only
+    on (seed, epoch), which makes a resumed run draw exactly the batches the uninterrupted run would have.
 
-    def __init__(self, images, labels, batch_size, device, train, seed=0):
+    Under torchrun each process takes its slice of every global batch (batch_size per process, the same
+    permutation and augmentation draws on all of them), so N processes at batch b see exactly what one
+    process at batch N x b sees. Evaluation loaders hold a contiguous shard of the set each."""
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
+        self.total = len(labels)
+        if not train:
+            lo, hi = shard_bounds(len(labels), rank, world_size)
+            images, labels = images[lo:hi], labels[lo:hi]
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
 
     def __len__(self):
-        n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)  # train drops the ragged tail
+        if self.train:
+            return self.total // (self.batch_size * self.world_size)  # the ragged tail is dropped
+        return -(-len(self.labels) // self.batch_size)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
-        n = len(self.labels)
         if not self.train:
-            for i in range(0, n, self.batch_size):
+            for i in range(0, len(self.labels), self.batch_size):
                 yield normalize(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
             return
         g = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, device=self.device, generator=g)
+        order = torch.randperm(self.total, device=self.device, generator=g)
+        global_batch = self.batch_size * self.world_size
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield normalize(random_crop_flip(self.images[idx], generator=g)), self.labels[idx]
+            idx = order[i * global_batch:(i + 1) * global_batch][mine]
+            params = [p[mine] for p in crop_flip_params(global_batch, generator=g, device=self.device)]
+            yield normalize(apply_crop_flip(self.images[idx], params)), self.labels[idx]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun: one process per device; without torchrun everything below is a no-op
+
+def init_distributed(device_name):
+    """(rank, world_size, local_rank), joining the process group when torchrun started this process
+    (NCCL on CUDA, gloo on CPU). Processes other than rank 0 print nothing to stdout."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors still reach stderr
+    return dist.get_rank(), world_size, local_rank
+
+
+def gather_shards(local, total, world_size):
+    """Concatenate every process's contiguous shard (shard_bounds order) into the full tensor, on all."""
+    if world_size == 1:
+        return local
+    import torch.distributed as dist
+    size = -(-total // world_size)
+    padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:hi - lo] for r, p in enumerate(parts) for lo, hi in [shard_bounds(total, r, world_size)]])
+
+
+def all_reduce_sum(value, world_size):
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(value)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from common import (CheckpointWriteError, DataError, NonFiniteLoss, append_jsonl, caption_tokens, cider_d,
-                    corpus_bleu4, load_checkpoint, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
-                    read_jsonl, restore_rng, rng_state, save_checkpoint, stops_cleanly, write_json, write_text_atomic)
+from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, caption_tokens,
+                    cider_d, corpus_bleu4, init_distributed, load_checkpoint, peak_memory_mb, plot_curves,
+                    prepare_out_dir, progress_bar, read_jsonl, restore_rng, rng_state, save_checkpoint,
+                    stops_cleanly, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -119,14 +121,15 @@ def check_args(args):
         fail("training needs --data-dir (a folder with captions.csv and the images)")
 
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
+    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def amp_dtype_for(device):
@@ -323,6 +326,25 @@ def add_lora(model, args):
         fail(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}")
 
 
+def set_global_batch(args, world_size, resuming):
+    """--batch-size is per process; the global micro-batch is batch x processes. A resumed run keeps the
+    global batch it was started with (and so its schedule), whatever the number of processes now."""
+    if resuming:
+        if args.global_batch % world_size:
+            fail(f"--resume: the run's global batch {args.global_batch} does not split over {world_size} processes")
+        args.batch_size = args.global_batch // world_size
+    args.world_size, args.global_batch = world_size, args.batch_size * world_size
+
+
+def wrap_distributed(model, args, device):
+    """DistributedDataParallel under torchrun: only the adapters require grad, so only their gradients
+    are reduced. The model itself otherwise."""
+    if args.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
@@ -423,46 +445,66 @@ def save_training_state(run, state, args):
 
 def train(args, run, state, data, tokens):
     """Optimizer steps until total_steps: shuffled pairs per epoch (seeded by seed and epoch, so a
-    resumed run sees the same batches), gradient accumulation, clipping, periodic validation and saves."""
-    model, optimizer, schedule, scaler = run["model"], run["optimizer"], run["schedule"], run["scaler"]
-    device, amp_dtype = run["pixels"].device, run["amp_dtype"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    micro = args.batch_size
-    with progress_bar(run["total_steps"], "training", args.no_progress) as bar:
+    resumed run sees the same batches), gradient accumulation, clipping, periodic validation and saves.
+    Under torchrun each process takes its slice of every global micro-batch."""
+    optimizer, schedule = run["optimizer"], run["schedule"]
+    per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
+    with progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar:
         bar.update(state["step"])
         while state["step"] < run["total_steps"]:
             order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(args.seed * 100_003 + state["epoch"]))
-            batches = order[:len(order) // (micro * args.grad_accum) * micro * args.grad_accum].split(micro)
-            while state["batch"] < len(batches) and state["step"] < run["total_steps"]:
-                model.train()
+            steps = order[:len(order) // per_step * per_step].split(per_step)
+            while state["batch"] < len(steps) and state["step"] < run["total_steps"]:
                 t0 = time.perf_counter()
-                loss_sum = 0.0
-                for idx in batches[state["batch"]:state["batch"] + args.grad_accum]:
-                    width = int(tokens["mask"][idx].sum(1).max())
-                    with autocast(device, amp_dtype):
-                        loss = model(pixel_values=run["pixels"](data["train"].images[tokens["pair_image"][idx]]),
-                                     labels=tokens["labels"][idx, :width].to(device)).loss / args.grad_accum
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.item()
-                if args.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                state["batch"] += args.grad_accum
+                # LoRA dropout draws depend on (seed, step, process) only: resumable at any process count.
+                torch.manual_seed(args.seed * 1_000_003 + state["step"] * 1_009 + run["rank"])
+                loss = optimizer_step(args, run, data["train"], tokens, steps[state["batch"]])
+                state["batch"] += 1
                 state["step"] += 1
                 state["train_seconds"] += time.perf_counter() - t0
-                state["pairs_seen"] += micro * args.grad_accum
-                if not math.isfinite(loss_sum):
-                    raise NonFiniteLoss(f"the training loss became {loss_sum} at step {state['step']} "
+                state["pairs_seen"] += per_step
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"the training loss became {loss} at step {state['step']} "
                                         f"(lr {schedule.get_last_lr()[0]:.2e})")
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-                after_step(args, run, state, data, loss_sum)
-            if state["batch"] >= len(batches):
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+                if run["main_process"]:
+                    after_step(args, run, state, data, loss)
+            if state["batch"] >= len(steps):
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
+
+
+def optimizer_step(args, run, split, tokens, pairs):
+    """One optimizer step over `pairs` (all processes' pairs of this step, grad_accum micro-batches).
+    The loss is the mean over every caption token of the step, so neither the split into micro-batches
+    nor into processes changes the gradient. Returns that loss."""
+    model, device = run["trained"], run["pixels"].device
+    total_tokens = int(tokens["mask"][pairs].sum())
+    micro_batches = pairs.split(args.global_batch)
+    mine = slice(run["rank"] * args.batch_size, (run["rank"] + 1) * args.batch_size)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    for i, idx in enumerate(micro_batches):
+        idx = idx[mine]
+        width = int(tokens["mask"][idx].sum(1).max())
+        labels = tokens["labels"][idx, :width].to(device)
+        last = i == len(micro_batches) - 1
+        with (nullcontext() if last or args.world_size == 1 else model.no_sync()):  # reduce gradients once per step
+            with autocast(device, run["amp_dtype"]):
+                logits = model(pixel_values=run["pixels"](split.images[tokens["pair_image"][idx]]), labels=labels).logits
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            # DDP averages gradients over processes; scaling by world_size makes that the sum over all tokens.
+            run["scaler"].scale(token_loss * args.world_size / total_tokens).backward()
+        loss_sum += token_loss.detach()
+    optimizer = run["optimizer"]
+    if args.grad_clip:
+        run["scaler"].unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(run["params"], args.grad_clip)
+    run["scaler"].step(optimizer)
+    run["scaler"].update()
+    optimizer.zero_grad(set_to_none=True)
+    run["schedule"].step()
+    return all_reduce_sum(loss_sum, args.world_size).item() / total_tokens
 
 
 def after_step(args, run, state, data, loss):
@@ -503,15 +545,15 @@ def main(argv=None):
         fail(str(e))
     args = resumed_args(ckpt, cli) if ckpt else cli
     check_args(args)
-    device = pick_device(args.device)
-    if args.caption:
-        return caption_files(args, device)
-    if args.merge:
-        return merge_adapter(args, device)
-    return train_main(args, ckpt, device)
+    if args.caption or args.merge:
+        device = pick_device(args.device)
+        return caption_files(args, device) if args.caption else merge_adapter(args, device)
+    rank, world_size, local_rank = init_distributed(args.device)
+    set_global_batch(args, world_size, resuming=ckpt is not None)
+    return train_main(args, ckpt, pick_device(args.device, local_rank), rank)
 
 
-def train_main(args, ckpt, device):
+def train_main(args, ckpt, device, rank=0):
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
     try:
         prepare_out_dir(out_dir)
@@ -525,20 +567,22 @@ def train_main(args, ckpt, device):
     except DataError as e:
         fail(str(e))
     tokens = pair_tokens(tokenizer, data["train"], args.max_length)
-    steps_per_epoch = len(tokens["pair_image"]) // (args.batch_size * args.grad_accum)
+    steps_per_epoch = len(tokens["pair_image"]) // (args.global_batch * args.grad_accum)
     if steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} is more than the "
-             f"{len(tokens['pair_image'])} training pairs")
+        fail(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} process(es) is more "
+             f"than the {len(tokens['pair_image'])} training pairs")
     pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
     baseline, sheet = None, sheet_split(data)
-    if not args.no_baseline and not ckpt:
+    if not args.no_baseline and not ckpt and rank == 0:
         baseline = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
         baseline += (generate_captions(model, tokenizer, pixels, sheet.images, args),)
     model = add_lora(model, args)
     trainable, total = count_params(model)
     print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
           f"{amp_dtype or torch.float32} | {len(data['train'].names)}/{len(data['val'].names)}/{len(data['test'].names)} "
-          f"train/val/test images | {len(tokens['pair_image']):,} training pairs | out {out_dir}")
+          f"train/val/test images | {len(tokens['pair_image']):,} training pairs | batch {args.global_batch}"
+          f"{f' ({args.world_size} processes x {args.batch_size})' if args.world_size > 1 else ''} x {args.grad_accum} "
+          f"accumulated | out {out_dir}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
@@ -558,19 +602,25 @@ def train_main(args, ckpt, device):
         print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
     else:
         state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
-        write_json(out_dir / "config.json", vars(args))
-    run = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, schedule=schedule, scaler=scaler, pixels=pixels,
-               amp_dtype=amp_dtype, total_steps=total_steps, out_dir=out_dir,
+        if rank == 0:
+            write_json(out_dir / "config.json", vars(args))
+    run = dict(model=model, trained=wrap_distributed(model, args, device), tokenizer=tokenizer, optimizer=optimizer,
+               schedule=schedule, scaler=scaler, pixels=pixels, amp_dtype=amp_dtype, total_steps=total_steps,
+               out_dir=out_dir, params=[p for p in model.parameters() if p.requires_grad], rank=rank, main_process=rank == 0,
                val_tokens=pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None)
     last = out_dir / "training_state.pt"
     saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
                      if last.exists() else f"nothing was saved yet (the first save comes at step {args.save_every})")
     with stops_cleanly(SCRIPT, last, saved, memory_hint="--batch-size (and a larger --grad-accum to keep the effective batch)"):
         train(args, run, state, data, tokens)
-    after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
-    summary = write_summary(args, run, state, data, after, (trainable, total))
-    if not args.no_plots:
-        save_pictures(args, run, state, sheet)
+    summary = None
+    if rank == 0:
+        after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
+        summary = write_summary(args, run, state, data, after, (trainable, total))
+        if not args.no_plots:
+            save_pictures(args, run, state, sheet)
+    if args.world_size > 1:
+        torch.distributed.destroy_process_group()
     return summary
 
 
@@ -584,7 +634,7 @@ def write_summary(args, run, state, data, after, counts):
         "test_images": len(after[1]), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
-        "test_acc": None, "train_seconds": state["train_seconds"],
+        "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None, "train_seconds": state["train_seconds"],
         "images_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0], "args": vars(args),
         "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"], "cider_before": base["scores"]["cider"],

@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, append_jsonl, confusion_matrix, img_to_patch,
-                    load_checkpoint, load_cifar10, normalize, peak_memory_mb, per_class_accuracy, plot_confusion,
-                    plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, rng_state, save_checkpoint,
-                    stops_cleanly, stratified_subset, trim_metrics, write_json)
+from common import (DataError, NonFiniteLoss, TensorLoader, all_reduce_sum, append_jsonl, confusion_matrix,
+                    gather_shards, img_to_patch, init_distributed, load_checkpoint, load_cifar10, normalize,
+                    peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir, progress_bar,
+                    read_jsonl, restore_rng, rng_state, save_checkpoint, stops_cleanly, stratified_subset,
+                    trim_metrics, write_json)
 
 SCRIPT = "vit_scratch"
 # Flags that describe the machine rather than the experiment: on --resume they come from the command
@@ -251,14 +252,15 @@ def save_attention_grid(model, images, labels, classes, path, cell=96):
 # ----------------------------------------------------------------------------------------------------
 # Device, precision, optimiser, schedule
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
+    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def amp_dtype_for(device):
@@ -324,6 +326,8 @@ def train_one_epoch(model, loader, optimizer, schedule, scaler, criterion, amp_d
             check_progress(bar, loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - t0), schedule, step)
         if max_steps and step >= max_steps:
             break
+    seen *= loader.world_size  # the epoch's statistics over all processes
+    loss_sum, correct = all_reduce_sum(loss_sum, loader.world_size), all_reduce_sum(correct, loader.world_size)
     loss, acc = loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
     check_progress(bar, loss, acc, seen / (time.perf_counter() - t0), schedule, step)
     return loss, acc, seen, step
@@ -339,7 +343,8 @@ def check_progress(bar, loss, acc, images_per_second, schedule, step):
 
 @torch.no_grad()
 def evaluate(model, loader, amp_dtype, tta=False):
-    """(predictions, mean cross-entropy) over the whole loader, in order."""
+    """(predictions, mean cross-entropy) over the whole test set, in order; under torchrun each process
+    evaluates its shard and the results are gathered, so every image counts exactly once."""
     model.eval()
     preds, loss_sum = [], torch.zeros((), device=loader.device)
     for x, y in loader:
@@ -349,11 +354,30 @@ def evaluate(model, loader, amp_dtype, tta=False):
                 logits = (logits + model(x.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
-    return torch.cat(preds), loss_sum.item() / len(loader.labels)
+    preds = gather_shards(torch.cat(preds), loader.total, loader.world_size)  # every process: the full set, in order
+    return preds, all_reduce_sum(loss_sum, loader.world_size).item() / loader.total
 
 
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the checkpoint (common.load_checkpoint) holds plain values and the flags of the run
+
+def set_global_batch(args, world_size, resuming):
+    """--batch-size is per process; the global batch is batch x processes. A resumed run keeps the global
+    batch it was started with (and so its schedule), whatever the number of processes now."""
+    if resuming:
+        if args.global_batch % world_size:
+            fail(f"--resume: the run's global batch {args.global_batch} does not split over {world_size} processes")
+        args.batch_size = args.global_batch // world_size
+    args.world_size, args.global_batch = world_size, args.batch_size * world_size
+
+
+def wrap_distributed(model, args, device):
+    """DistributedDataParallel under torchrun (gradients averaged over processes); the model itself otherwise."""
+    if args.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
 
 def load_weights(model, ckpt, path, expected_config=None):
     """Weights into the model the checkpoint's flags and the data describe; a mismatch is one clear line."""
@@ -401,7 +425,9 @@ def main(argv=None):
         fail(str(e))
     args = resumed_args(ckpt, cli) if ckpt else cli
     check_args(args)
-    device = pick_device(args.device)
+    rank, world_size, local_rank = init_distributed(args.device)
+    set_global_batch(args, world_size, resuming=ckpt is not None)
+    device = pick_device(args.device, local_rank)
     if cli.show_attention:
         return show_attention(args, ckpt, device)
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
@@ -413,8 +439,10 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = VisionTransformer(**model_config(args, len(data.classes))).to(device)
-    train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device, train=True, seed=args.seed)
-    test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 1000, device, train=False)
+    train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device, train=True,
+                                seed=args.seed, rank=rank, world_size=world_size)
+    test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 1000, device, train=False, rank=rank,
+                               world_size=world_size)
     total_steps = min(args.epochs * len(train_loader), args.max_steps or math.inf)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     schedule = make_schedule(optimizer, int(args.warmup * total_steps), total_steps)
@@ -430,47 +458,59 @@ def main(argv=None):
         state = ckpt["state"]
         trim_metrics(out_dir / "metrics.jsonl", state["epoch"])
         print(f"resuming {cli.resume} after epoch {state['epoch']} (step {state['step']})")
-    else:
+    elif rank == 0:
         write_json(out_dir / "config.json", vars(args))
     run = dict(model=model, optimizer=optimizer, schedule=schedule, scaler=scaler, amp_dtype=amp_dtype,
-               train_loader=train_loader, test_loader=test_loader, total_steps=total_steps, out_dir=out_dir)
+               train_loader=train_loader, test_loader=test_loader, total_steps=total_steps, out_dir=out_dir,
+               main_process=rank == 0, targets=data.test_y[test_idx].to(device))
     print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | {device} "
           f"{amp_dtype or torch.float32} | train {len(train_idx):,} test {len(test_idx):,} images | "
-          f"{len(train_loader)} steps/epoch x {args.epochs} epochs, batch {args.batch_size} | out {out_dir}")
+          f"{len(train_loader)} steps/epoch x {args.epochs} epochs, batch {args.global_batch}"
+          f"{f' ({world_size} processes x {args.batch_size})' if world_size > 1 else ''} | out {out_dir}")
     last = out_dir / "last.pt"
     saved = lambda: (f"the last checkpoint is {last} (epoch {state['epoch']})" if last.exists()
                      else "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
     with stops_cleanly(SCRIPT, last, saved):
         preds = fit(args, run, state)
-    return write_summary(args, run, state, data, preds, test_loader.labels)
+    summary = write_summary(args, run, state, data, preds, run["targets"]) if rank == 0 else None
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 def fit(args, run, state):
     """Epoch loop: train, evaluate, log, checkpoint. Returns the final test predictions."""
     model, device = run["model"], run["train_loader"].device
-    trained = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    trained = wrap_distributed(model, args, device)
+    trained = torch.compile(trained, mode=args.compile_mode) if args.compile else trained
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     preds = None
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         if state["step"] >= run["total_steps"]:
             break
         run["train_loader"].set_epoch(epoch)
-        with progress_bar(len(run["train_loader"]), f"epoch {epoch}/{args.epochs}", args.no_progress) as bar:
+        # Dropout draws depend on (seed, epoch, process) only: a resumed run, on any number of processes,
+        # continues exactly as one that never stopped.
+        torch.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + run["train_loader"].rank)
+        with progress_bar(len(run["train_loader"]), f"epoch {epoch}/{args.epochs}",
+                          args.no_progress or not run["main_process"]) as bar:
             t0 = time.perf_counter()
             loss, acc, seen, state["step"] = train_one_epoch(
                 trained, run["train_loader"], run["optimizer"], run["schedule"], run["scaler"], criterion,
                 run["amp_dtype"], args.grad_clip, run["total_steps"], state["step"], bar)
             seconds = time.perf_counter() - t0  # .item() above synchronised the device
         preds, test_loss = evaluate(trained, run["test_loader"], run["amp_dtype"], args.tta)
-        test_acc = (preds == run["test_loader"].labels).float().mean().item()
+        test_acc = (preds == run["targets"]).float().mean().item()
         state.update(epoch=epoch, train_seconds=state["train_seconds"] + seconds, images_seen=state["images_seen"] + seen)
         row = {"epoch": epoch, "step": state["step"], "train_loss": loss, "train_acc": acc, "test_loss": test_loss,
                "test_acc": test_acc, "lr": run["schedule"].get_last_lr()[0], "epoch_seconds": seconds,
                "images_per_second": seen / seconds}
-        append_jsonl(run["out_dir"] / "metrics.jsonl", row)
+        if run["main_process"]:
+            append_jsonl(run["out_dir"] / "metrics.jsonl", row)
         print(f"epoch {epoch:>3}/{args.epochs} | train loss {loss:.4f} acc {acc:.2%} | test loss {test_loss:.4f} "
               f"acc {test_acc:.2%} | lr {row['lr']:.2e} | {row['images_per_second']:,.0f} img/s | {seconds:.1f}s", flush=True)
-        save_epoch(args, run, state, test_acc)
+        if run["main_process"]:
+            save_epoch(args, run, state, test_acc)
     if preds is None:  # resumed a finished run: evaluate what it left
         preds, _ = evaluate(trained, run["test_loader"], run["amp_dtype"], args.tta)
     return preds
@@ -493,9 +533,9 @@ def write_summary(args, run, state, data, preds, targets):
     cm = confusion_matrix(preds, targets, len(data.classes))
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
-        "train_images": len(run["train_loader"].labels), "test_images": len(targets),
+        "train_images": run["train_loader"].total, "test_images": len(targets),
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": state["epoch"], "steps": state["step"],
+        "epochs": state["epoch"], "steps": state["step"], "world_size": args.world_size, "global_batch": args.global_batch,
         "test_acc": cm.diag().sum().item() / len(targets), "best_test_acc": state["best_acc"],
         "train_seconds": state["train_seconds"],
         "images_per_second": state["images_seen"] / max(state["train_seconds"], 1e-9),

@@ -77,9 +77,9 @@ def gpt2_tokenizer(folder):
     return GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
 
 
-def build_tiny_captioner(folder, seed=0):
+def build_tiny_captioner(folder, seed=0, dropout=0.1):
     """A random tiny ViT + GPT-2 (with cross-attention) VisionEncoderDecoderModel, tokenizer and image
-    processor, saved like a hub checkpoint."""
+    processor, saved like a hub checkpoint. `dropout` is GPT-2's (0.1 as released)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel, VisionEncoderDecoderModel
     tok = gpt2_tokenizer(folder / "tok")
@@ -87,7 +87,8 @@ def build_tiny_captioner(folder, seed=0):
     encoder = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                  intermediate_size=64))
     decoder = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                         add_cross_attention=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+                                         add_cross_attention=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     model.config.decoder_start_token_id = model.config.pad_token_id = tok.eos_token_id
     model.save_pretrained(folder)
