@@ -354,6 +354,29 @@ def init_distributed(device_name):
     return dist.get_rank(), world_size, local_rank
 
 
+def set_global_batch(args, world_size, resuming):
+    """--batch-size is per process; the global batch is batch x processes (args.global_batch). A resumed
+    run keeps the global batch it was started with, and so its schedule, whatever the number of
+    processes now. DataError if it does not split evenly."""
+    if resuming:
+        if args.global_batch % world_size:
+            raise DataError(f"--resume: the run's global batch {args.global_batch} does not split over {world_size} processes")
+        args.batch_size = args.global_batch // world_size
+    args.world_size, args.global_batch = world_size, args.batch_size * world_size
+
+
+def wrap_distributed(model, device, world_size, sync_bn=False):
+    """DistributedDataParallel under torchrun (gradients of the parameters that require them averaged
+    over processes); the model itself otherwise. sync_bn converts BatchNorm in place (SyncBatchNorm
+    keeps BatchNorm's state_dict keys, so checkpoints load either way)."""
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def gather_shards(local, total, world_size):
     """Concatenate every process's contiguous shard (shard_bounds order) into the full tensor, on all."""
     if world_size == 1:
@@ -624,7 +647,7 @@ def stops_cleanly(script, checkpoint, saved, memory_hint="--batch-size"):
     except KeyboardInterrupt:
         resume = f"\nresume with: python {script}.py --resume {checkpoint}" if Path(checkpoint).exists() else ""
         print(f"\n{script}.py: interrupted; {saved()}{resume}", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except torch.OutOfMemoryError:
         _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {saved()}")
     except NonFiniteLoss as e:

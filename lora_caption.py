@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, caption_tokens,
                     cider_d, corpus_bleu4, init_distributed, load_checkpoint, peak_memory_mb, plot_curves,
                     prepare_out_dir, progress_bar, read_jsonl, restore_rng, rng_state, save_checkpoint,
-                    stops_cleanly, write_json, write_text_atomic)
+                    set_global_batch, stops_cleanly, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -326,25 +326,6 @@ def add_lora(model, args):
         fail(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}")
 
 
-def set_global_batch(args, world_size, resuming):
-    """--batch-size is per process; the global micro-batch is batch x processes. A resumed run keeps the
-    global batch it was started with (and so its schedule), whatever the number of processes now."""
-    if resuming:
-        if args.global_batch % world_size:
-            fail(f"--resume: the run's global batch {args.global_batch} does not split over {world_size} processes")
-        args.batch_size = args.global_batch // world_size
-    args.world_size, args.global_batch = world_size, args.batch_size * world_size
-
-
-def wrap_distributed(model, args, device):
-    """DistributedDataParallel under torchrun: only the adapters require grad, so only their gradients
-    are reduced. The model itself otherwise."""
-    if args.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
@@ -386,17 +367,24 @@ def evaluate_captions(model, tokenizer, pixels, split, args, label):
     return scores, captions
 
 
+def caption_token_loss(model, pixels, images, labels):
+    """Summed cross-entropy over the caption tokens (labels -100 on padding) and the number of tokens."""
+    logits = model(pixel_values=pixels(images), labels=labels).logits  # logits[t] predicts labels[t]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
 @torch.no_grad()
 def validation_loss(model, pixels, split, tokens, amp_dtype, batch_size):
+    """Mean cross-entropy per caption token over every validation pair (as the training loss)."""
     model.eval()
     total, count = 0.0, 0
     for idx in torch.arange(len(tokens["pair_image"])).split(batch_size):
-        input_ids, labels = tokens["input_ids"][idx], tokens["labels"][idx]
         width = int(tokens["mask"][idx].sum(1).max())
         with autocast(pixels.device, amp_dtype):
-            loss = model(pixel_values=pixels(split.images[tokens["pair_image"][idx]]),
-                         labels=labels[:, :width].to(pixels.device)).loss
-        total, count = total + loss.item() * len(idx), count + len(idx)
+            loss, n = caption_token_loss(model, pixels, split.images[tokens["pair_image"][idx]],
+                                         tokens["labels"][idx, :width].to(pixels.device))
+        total, count = total + loss.item(), count + n
     return total / max(count, 1)
 
 
@@ -447,7 +435,7 @@ def train(args, run, state, data, tokens):
     """Optimizer steps until total_steps: shuffled pairs per epoch (seeded by seed and epoch, so a
     resumed run sees the same batches), gradient accumulation, clipping, periodic validation and saves.
     Under torchrun each process takes its slice of every global micro-batch."""
-    optimizer, schedule = run["optimizer"], run["schedule"]
+    schedule = run["schedule"]
     per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
     with progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar:
         bar.update(state["step"])
@@ -491,8 +479,7 @@ def optimizer_step(args, run, split, tokens, pairs):
         last = i == len(micro_batches) - 1
         with (nullcontext() if last or args.world_size == 1 else model.no_sync()):  # reduce gradients once per step
             with autocast(device, run["amp_dtype"]):
-                logits = model(pixel_values=run["pixels"](split.images[tokens["pair_image"][idx]]), labels=labels).logits
-            token_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+                token_loss, _ = caption_token_loss(model, run["pixels"], split.images[tokens["pair_image"][idx]], labels)
             # DDP averages gradients over processes; scaling by world_size makes that the sum over all tokens.
             run["scaler"].scale(token_loss * args.world_size / total_tokens).backward()
         loss_sum += token_loss.detach()
@@ -549,7 +536,10 @@ def main(argv=None):
         device = pick_device(args.device)
         return caption_files(args, device) if args.caption else merge_adapter(args, device)
     rank, world_size, local_rank = init_distributed(args.device)
-    set_global_batch(args, world_size, resuming=ckpt is not None)
+    try:
+        set_global_batch(args, world_size, resuming=ckpt is not None)
+    except DataError as e:
+        fail(str(e))
     return train_main(args, ckpt, pick_device(args.device, local_rank), rank)
 
 
@@ -604,9 +594,11 @@ def train_main(args, ckpt, device, rank=0):
         state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
         if rank == 0:
             write_json(out_dir / "config.json", vars(args))
-    run = dict(model=model, trained=wrap_distributed(model, args, device), tokenizer=tokenizer, optimizer=optimizer,
-               schedule=schedule, scaler=scaler, pixels=pixels, amp_dtype=amp_dtype, total_steps=total_steps,
-               out_dir=out_dir, params=[p for p in model.parameters() if p.requires_grad], rank=rank, main_process=rank == 0,
+    # DDP over the peft model: only the adapters require grad, so only their gradients are reduced.
+    run = dict(model=model, trained=wrap_distributed(model, device, args.world_size), tokenizer=tokenizer,
+               optimizer=optimizer, schedule=schedule, scaler=scaler, pixels=pixels, amp_dtype=amp_dtype,
+               total_steps=total_steps, out_dir=out_dir, params=[p for p in model.parameters() if p.requires_grad],
+               rank=rank, main_process=rank == 0,
                val_tokens=pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None)
     last = out_dir / "training_state.pt"
     saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"

@@ -17,7 +17,6 @@ Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best
 """
 import argparse
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 from common import (DataError, NonFiniteLoss, TensorLoader, all_reduce_sum, append_jsonl, confusion_matrix,
                     gather_shards, img_to_patch, init_distributed, load_checkpoint, load_cifar10, normalize,
                     peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir, progress_bar,
-                    read_jsonl, restore_rng, rng_state, save_checkpoint, stops_cleanly, stratified_subset,
-                    trim_metrics, write_json)
+                    read_jsonl, restore_rng, rng_state, save_checkpoint, set_global_batch, stops_cleanly,
+                    stratified_subset, trim_metrics, wrap_distributed, write_json)
 
 SCRIPT = "vit_scratch"
 # Flags that describe the machine rather than the experiment: on --resume they come from the command
@@ -361,24 +360,6 @@ def evaluate(model, loader, amp_dtype, tta=False):
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the checkpoint (common.load_checkpoint) holds plain values and the flags of the run
 
-def set_global_batch(args, world_size, resuming):
-    """--batch-size is per process; the global batch is batch x processes. A resumed run keeps the global
-    batch it was started with (and so its schedule), whatever the number of processes now."""
-    if resuming:
-        if args.global_batch % world_size:
-            fail(f"--resume: the run's global batch {args.global_batch} does not split over {world_size} processes")
-        args.batch_size = args.global_batch // world_size
-    args.world_size, args.global_batch = world_size, args.batch_size * world_size
-
-
-def wrap_distributed(model, args, device):
-    """DistributedDataParallel under torchrun (gradients averaged over processes); the model itself otherwise."""
-    if args.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def load_weights(model, ckpt, path, expected_config=None):
     """Weights into the model the checkpoint's flags and the data describe; a mismatch is one clear line."""
     saved = ckpt.get("model_config", {})
@@ -426,7 +407,10 @@ def main(argv=None):
     args = resumed_args(ckpt, cli) if ckpt else cli
     check_args(args)
     rank, world_size, local_rank = init_distributed(args.device)
-    set_global_batch(args, world_size, resuming=ckpt is not None)
+    try:
+        set_global_batch(args, world_size, resuming=ckpt is not None)
+    except DataError as e:
+        fail(str(e))
     device = pick_device(args.device, local_rank)
     if cli.show_attention:
         return show_attention(args, ckpt, device)
@@ -481,7 +465,7 @@ def main(argv=None):
 def fit(args, run, state):
     """Epoch loop: train, evaluate, log, checkpoint. Returns the final test predictions."""
     model, device = run["model"], run["train_loader"].device
-    trained = wrap_distributed(model, args, device)
+    trained = wrap_distributed(model, device, args.world_size)
     trained = torch.compile(trained, mode=args.compile_mode) if args.compile else trained
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     preds = None

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import lora_caption
-from conftest import ROOT, TINY_CAPTIONS, build_tiny_captioner
+from conftest import ROOT, TINY_CAPTIONS
 
 CPU = torch.device("cpu")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
