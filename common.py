@@ -11,8 +11,10 @@ import os
 import pickle
 import re
 import resource
+import signal
 import sys
 import tempfile
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -613,7 +615,29 @@ def plot_confusion(cm, classes, path, log=print):
 # ----------------------------------------------------------------------------------------------------
 # Run outputs: written atomically, so an interrupted run never leaves a half-written file behind
 
+@contextmanager
+def _ctrl_c_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, so that a file being written is finished first (an
+    interrupt inside torch.save's zip writer would otherwise surface as an unrelated RuntimeError)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
+
+
 def _atomic_write(path, write):
+    with _ctrl_c_deferred():
+        _write_then_rename(path, write)
+
+
+def _write_then_rename(path, write):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -96,9 +96,20 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_cifar, tmp_path
     wait_for(out / "last.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert f"resume with: python vit_scratch.py --resume {out / 'last.pt'}" in err and "Traceback" not in err
     assert weights(out / "last.pt")  # the last checkpoint is kept and loads
+
+
+def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path):
+    def interrupted_write(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the write
+        time.sleep(0.1)
+        torch.save(obj, f)
+    with pytest.raises(KeyboardInterrupt):
+        common._atomic_write(tmp_path / "last.pt", lambda f: interrupted_write({"epoch": 3}, f))
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 3}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # 3. A crash while a checkpoint is written ---------------------------------------------------------
