@@ -11,9 +11,10 @@ gradient clipping at 1.0, channels_last on CUDA, flip test-time augmentation wit
     python cnn_baseline.py --epochs 1 --limit-train 5000 --limit-test 1000 --device cpu
     python cnn_baseline.py --resume runs/cnn_baseline/<run>/last.pt                # continue a run
     python cnn_baseline.py --compare runs/          # table of the newest run of each script under runs/
+    torchrun --standalone --nproc_per_node=4 cnn_baseline.py --sync-bn --batch-size 32   # 4 GPUs, global batch 128
 
 Measured results and their cost are in BENCHMARKS.md. Outputs go to --out-dir: config.json,
-metrics.jsonl, summary.json, last.pt, best.pt. Needs common.py.
+metrics.jsonl, summary.json, last.pt, best.pt, curves.png, confusion.png. Needs common.py.
 """
 import argparse
 import json
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     a("--widths", type=int, nargs="+", default=[32, 64, 256, 256], help="stem width, then one width per stage (each stage halves the resolution)")
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set")
-    a("--batch-size", type=int, default=128, help="images per step")
+    a("--batch-size", type=int, default=128, help="images per step and process (under torchrun the global batch is this x processes)")
     a("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     a("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay (not on BatchNorm weights and biases)")
     a("--warmup", type=float, default=0.1, help="linear warm-up, as a fraction of all steps; cosine decay to 0 after")

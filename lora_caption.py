@@ -11,12 +11,14 @@ against all references of each image, before fine-tuning (the zero-shot baseline
     python lora_caption.py --caption photo1.jpg photo2.jpg --adapter runs/lora_caption/<run>/adapter
     python lora_caption.py --merge --adapter runs/lora_caption/<run>/adapter --out-dir merged/
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
+    torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
 
 --data-dir holds captions.csv (image,caption; several rows per image allowed, the layout of Kaggle's
 Flickr8k captions.txt, which is read too) and the images (in images/ or beside the CSV), with an
 optional splits.json ({"train": [...], "val": [...], "test": [...]} image names). Bad rows and images
 are reported and skipped before training starts. Outputs in --out-dir: config.json, metrics.jsonl,
-summary.json, adapter/ (peft adapter only), training_state.pt. Measured figures: BENCHMARKS.md.
+summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html. Measured
+figures: BENCHMARKS.md.
 Needs common.py.
 """
 import argparse
@@ -66,7 +68,7 @@ def parse_args(argv=None):
     # optimisation
     a("--epochs", type=int, default=3, help="passes over the training (image, caption) pairs")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--batch-size", type=int, default=16, help="(image, caption) pairs per forward pass")
+    a("--batch-size", type=int, default=16, help="(image, caption) pairs per forward pass and process")
     a("--grad-accum", type=int, default=1, help="forward passes per optimizer step (effective batch = batch x this)")
     a("--lr", type=float, default=2e-4, help="peak AdamW learning rate of the adapters")
     a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")

@@ -11,9 +11,12 @@ input-bound, and attention runs through PyTorch's fused scaled_dot_product_atten
     python vit_scratch.py --epochs 10 --compile                 # GPU: fewer, larger kernel launches
     python vit_scratch.py --epochs 1 --limit-train 5000 --limit-test 1000 --device cpu   # CPU smoke run
     python vit_scratch.py --resume runs/vit_scratch/<run>/last.pt                       # continue a run
+    python vit_scratch.py --show-attention runs/vit_scratch/<run>/best.pt               # attention.png only
+    torchrun --standalone --nproc_per_node=4 vit_scratch.py --epochs 10 --batch-size 64 # 4 GPUs, global batch 256
 
 Expected results and their cost, measured, are in BENCHMARKS.md (with hardware and command).
-Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt. Needs common.py.
+Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt and the pictures
+attention.png, curves.png, confusion.png (charts need matplotlib). Needs common.py.
 """
 import argparse
 import math
@@ -58,7 +61,7 @@ def parse_args(argv=None):
     a("--dropout", type=float, default=0.1, help="dropout after the embedding and inside each MLP, in [0, 1)")
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set")
-    a("--batch-size", type=int, default=256, help="images per step")
+    a("--batch-size", type=int, default=256, help="images per step and process (under torchrun the global batch is this x processes)")
     a("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     a("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay (not on norms, biases, CLS, positions)")
     a("--warmup", type=float, default=0.1, help="linear warm-up, as a fraction of all steps; cosine decay to 0 after")
