@@ -70,3 +70,13 @@ def test_compare_on_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cnn_baseline.main(["--compare", str(tmp_path)])
     assert "no summary.json found" in capsys.readouterr().err
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = ResidualCNN(widths=(8, 16, 32)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), reference, atol=1e-5, rtol=1e-5)

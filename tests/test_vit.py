@@ -58,3 +58,11 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[55] == pytest.approx(0.5) and factors[100] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+
+
+def test_compiled_model_matches_eager():
+    torch.manual_seed(0)
+    model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2, dropout=0.0).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), atol=1e-5, rtol=1e-5)
