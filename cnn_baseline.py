@@ -472,13 +472,16 @@ def newest_summaries(root):
 
 
 def comparison_table(summaries):
-    """A Markdown table: one row per run."""
+    """A Markdown table: one row per run. Fields a script does not have (a captioner's accuracy) show '-'."""
+    def cell(value, spec):
+        return "-" if value is None else format(value, spec)
+
     header = "| model | params | epochs | test acc | train s | img/s | peak MB | device | run |"
     rows = [header, "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for s in summaries:
-        rows.append(f"| {s['script']} | {s['params'] / 1e6:.2f}M | {s['epochs']} | {s['test_acc']:.2%} | "
-                    f"{s['train_seconds']:.1f} | {s['images_per_second']:,.0f} | {s['peak_memory_mb']:,.0f} | "
-                    f"{s['device_name']} | {s['run']} |")
+        rows.append(f"| {s['script']} | {s['params'] / 1e6:.2f}M | {s['epochs']} | {cell(s.get('test_acc'), '.2%')} | "
+                    f"{cell(s.get('train_seconds'), '.1f')} | {cell(s.get('images_per_second'), ',.0f')} | "
+                    f"{cell(s.get('peak_memory_mb'), ',.0f')} | {s.get('device_name', '-')} | {s['run']} |")
     return "\n".join(rows)
 
 

@@ -58,12 +58,16 @@ def test_compare_prints_the_newest_run_of_each_script(tmp_path, capsys):
     _fake_summary(tmp_path / "cnn_baseline" / "a", "cnn_baseline", 0.9, 1_500)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "summary.json").write_text("{not json")
-    table = cnn_baseline.main(["--compare", str(tmp_path)]).splitlines()
+    _fake_summary(tmp_path / "lora_caption" / "a", "lora_caption", None, 1_700)  # captioning: no accuracy
+    printed = cnn_baseline.main(["--compare", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == printed
+    table = printed.splitlines()
     assert table[0].startswith("| model | params | epochs | test acc | train s | img/s | peak MB | device |")
-    assert len(table) == 4 and table[2].startswith("| cnn_baseline |") and "90.00%" in table[2]
+    assert len(table) == 5 and table[2].startswith("| cnn_baseline |") and "90.00%" in table[2]
+    assert table[3].startswith("| lora_caption | 3.20M | 10 | - | 20.5 |")
+    table = table[:3] + table[4:]
     assert table[3].startswith("| vit_scratch | 3.20M | 10 | 75.00% | 20.5 | 25,000 | 1,234 | NVIDIA H100 |")
     assert table[3].endswith(f"{tmp_path / 'vit_scratch' / 'new'} |")
-    assert capsys.readouterr().out.strip() == "\n".join(table)
 
 
 def test_compare_on_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
