@@ -442,7 +442,8 @@ def train(args, run, state, data, tokens):
     with progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar:
         bar.update(state["step"])
         while state["step"] < run["total_steps"]:
-            order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(args.seed * 100_003 + state["epoch"]))
+            shuffle = torch.Generator().manual_seed(args.seed * 100_003 + state["epoch"])
+            order = torch.randperm(len(tokens["pair_image"]), generator=shuffle)
             steps = order[:len(order) // per_step * per_step].split(per_step)
             while state["batch"] < len(steps) and state["step"] < run["total_steps"]:
                 t0 = time.perf_counter()
@@ -501,7 +502,8 @@ def after_step(args, run, state, data, loss):
     row = {"step": step, "epoch": state["epoch"], "train_loss": loss, "lr": run["schedule"].get_last_lr()[0]}
     if step % args.eval_every == 0 or step == run["total_steps"]:
         if len(data["val"].names):
-            row["val_loss"] = validation_loss(run["model"], run["pixels"], data["val"], run["val_tokens"], run["amp_dtype"], args.batch_size)
+            row["val_loss"] = validation_loss(run["model"], run["pixels"], data["val"], run["val_tokens"], run["amp_dtype"],
+                                              args.batch_size)
             samples = generate_captions(run["model"], run["tokenizer"], run["pixels"], data["val"].images[:3], args)
             print(f"step {step}/{run['total_steps']} | train loss {loss:.4f} | val loss {row['val_loss']:.4f} | "
                   f"lr {row['lr']:.2e}", flush=True)
@@ -582,15 +584,7 @@ def train_main(args, ckpt, device, rank=0):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
     if ckpt:
-        unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
-        if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
-            fail(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
-                 f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt["rng"], device)
-        state = ckpt["state"]
+        state = restore_training(ckpt, args, model, optimizer, schedule, scaler, device)
         print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
     else:
         state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
@@ -618,6 +612,19 @@ def train_main(args, ckpt, device, rank=0):
     return summary
 
 
+def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
+    """Adapters, optimizer, schedule, scaler and RNG from a training_state.pt; returns its counters."""
+    unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
+    if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
+        fail(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
+             f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], device)
+    return ckpt["state"]
+
+
 def write_summary(args, run, state, data, after, counts):
     device, out_dir = run["pixels"].device, run["out_dir"]
     base = state["baseline"] or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
@@ -628,7 +635,8 @@ def write_summary(args, run, state, data, after, counts):
         "test_images": len(after[1]), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
-        "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None, "train_seconds": state["train_seconds"],
+        "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None,
+        "train_seconds": state["train_seconds"],
         "images_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0], "args": vars(args),
         "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"], "cider_before": base["scores"]["cider"],
