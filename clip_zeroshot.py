@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (DataError, confusion_matrix, load_cifar10, peak_memory_mb, per_class_accuracy, plot_confusion,
-                    prepare_out_dir, progress_bar, stratified_subset, write_json)
+                    prepare_out_dir, progress_bar, stops_cleanly, stratified_subset, write_json)
 
 SCRIPT = "clip_zeroshot"
 SINGLE_TEMPLATE = ["a photo of a {}."]
@@ -239,19 +239,29 @@ def main(argv=None):
     write_json(out_dir / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
     print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | out {out_dir}")
 
+    nothing = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
+    with stops_cleanly(SCRIPT, None, nothing):
+        return classify(args, out_dir, model, tokenizer, processor, device, data, templates, test_idx, train_idx)
+
+
+def classify(args, out_dir, model, tokenizer, processor, device, data, templates, test_idx, train_idx):
+    """Zero-shot on the test images (timed: preprocessing + encoding), then the optional linear probe."""
     preprocess = TensorPreprocess(processor, device)
     text_weights = text_classifier(model, tokenizer, data.classes, templates, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    test_features = encode_images(model, preprocess, data.test_x[test_idx], args.batch_size, device, "test images", args.no_progress)
+    test_features = encode_images(model, preprocess, data.test_x[test_idx], args.batch_size, device, "test images",
+                                  args.no_progress)
     seconds = time.perf_counter() - t0  # torch.cat above waited for the device
     logits = zero_shot_logits(test_features, text_weights, model.logit_scale.exp().item())
     targets = data.test_y[test_idx].to(device)
     probe = None
     if args.linear_probe:
-        train_features = encode_images(model, preprocess, data.train_x[train_idx], args.batch_size, device, "train images", args.no_progress)
-        probe = linear_probe(train_features, data.train_y[train_idx].to(device), test_features, targets, len(data.classes), args.seed)
+        train_features = encode_images(model, preprocess, data.train_x[train_idx], args.batch_size, device,
+                                       "train images", args.no_progress)
+        probe = linear_probe(train_features, data.train_y[train_idx].to(device), test_features, targets,
+                             len(data.classes), args.seed)
     return write_summary(args, out_dir, model, device, data, templates, logits, targets, seconds, probe)
 
 

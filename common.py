@@ -665,11 +665,11 @@ def save_checkpoint(obj, path):
 def stops_cleanly(script, checkpoint, saved, memory_hint="--batch-size"):
     """Ctrl-C, running out of GPU memory, a non-finite loss or a failed checkpoint write end the run with
     a message saying what is saved and what to do, not a traceback. `saved()` describes the last
-    checkpoint at that moment; `checkpoint` is the file --resume takes."""
+    checkpoint at that moment; `checkpoint` is the file --resume takes (None: the script has none)."""
     try:
         yield
     except KeyboardInterrupt:
-        resume = f"\nresume with: python {script}.py --resume {checkpoint}" if Path(checkpoint).exists() else ""
+        resume = f"\nresume with: python {script}.py --resume {checkpoint}" if checkpoint and Path(checkpoint).exists() else ""
         print(f"\n{script}.py: interrupted; {saved()}{resume}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except torch.OutOfMemoryError:

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import clip_zeroshot
 import cnn_baseline
 import common
 import lora_caption
@@ -229,6 +230,8 @@ BAD_ARGS = [
     (vit_scratch, ["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
     (lora_caption, ["--grad-accum", "0", "--data-dir", "."], "--grad-accum must be positive"),
     (lora_caption, ["--caption", "x.jpg"], "--caption and --merge need --adapter DIR"),
+    (clip_zeroshot, ["--batch-size", "0"], "--batch-size, --limit-test and --limit-train must be positive"),
+    (clip_zeroshot, ["--prompts", "nowhere.txt"], "--prompts nowhere.txt: not 'single', 'ensemble' or a file"),
 ]
 if not torch.cuda.is_available():
     BAD_ARGS.append((vit_scratch, ["--device", "cuda"], "--device cuda, but PyTorch sees no CUDA GPU"))
@@ -329,6 +332,17 @@ def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(script,
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "out of GPU memory; try a smaller --batch-size" in err and "(epoch 1)" in err
     assert torch.load(tmp_path / "last.pt", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_clip_out_of_memory_and_ctrl_c(tiny_clip, tiny_cifar, tmp_path, monkeypatch, capsys):
+    flags = ["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path)]
+    for error, code, message in [(torch.OutOfMemoryError("CUDA out of memory"), 1, "out of GPU memory; try a smaller --batch-size"),
+                                 (KeyboardInterrupt(), 130, "interrupted; nothing to resume")]:
+        monkeypatch.setattr(clip_zeroshot, "encode_images", lambda *a, e=error, **k: (_ for _ in ()).throw(e))
+        with pytest.raises(SystemExit) as stop:
+            clip_zeroshot.main(flags)
+        err = capsys.readouterr().err
+        assert stop.value.code == code and message in err and "resume with" not in err
 
 
 def test_lora_out_of_memory_suggests_grad_accum(tiny_captioner, tmp_path, monkeypatch, capsys):
