@@ -13,7 +13,7 @@ gradient clipping at 1.0, channels_last on CUDA, flip test-time augmentation wit
     python cnn_baseline.py --compare runs/          # table of the newest run of each script under runs/
     torchrun --standalone --nproc_per_node=4 cnn_baseline.py --sync-bn --batch-size 32   # 4 GPUs, global batch 128
 
-Measured: the CPU run above reaches 33.7% test accuracy in 33 s on a 2-core x86 CPU (the ViT: 22.6% on
+Measured: the CPU run above reaches 33.7% test accuracy in 30 s on a 2-core x86 CPU (the ViT: 23.2% on
 the same command); GPU figures are not measured yet. BENCHMARKS.md holds every figure with its command.
 Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt, curves.png,
 confusion.png. Needs common.py.

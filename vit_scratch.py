@@ -14,7 +14,7 @@ input-bound, and attention runs through PyTorch's fused scaled_dot_product_atten
     python vit_scratch.py --show-attention runs/vit_scratch/<run>/best.pt               # attention.png only
     torchrun --standalone --nproc_per_node=4 vit_scratch.py --epochs 10 --batch-size 64 # 4 GPUs, global batch 256
 
-Measured: the CPU smoke run above reaches 22.6% test accuracy (chance 10%) in 112 s on a 2-core x86 CPU
+Measured: the CPU smoke run above reaches 23.2% test accuracy (chance 10%) in 61 s on a 2-core x86 CPU
 (CIFAR-10 JPEG copy). The GPU target, at least 75% in 20 s of training for --epochs 10 --compile, is not
 measured yet; BENCHMARKS.md holds every figure with its hardware and command.
 Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt and the pictures
