@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DataError, NonFiniteLoss, TensorLoader, all_reduce_sum, append_jsonl, confusion_matrix,
-                    gather_shards, init_distributed, load_checkpoint, load_cifar10, peak_memory_mb,
+                    gather_shards, init_distributed, load_checkpoint, load_cifar10, load_weights, peak_memory_mb,
                     per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl,
                     restore_rng, rng_state, save_checkpoint, set_global_batch, stops_cleanly, stratified_subset,
                     trim_metrics, wrap_distributed, write_json)
@@ -270,19 +270,6 @@ def evaluate(model, loader, amp_dtype, tta=False):
 # ----------------------------------------------------------------------------------------------------
 # Resuming: the checkpoint (common.load_checkpoint) holds plain values and the flags of the run
 
-def load_weights(model, ckpt, path, expected_config=None):
-    """Weights into the model the checkpoint's flags and the data describe; a mismatch is one clear line."""
-    saved = ckpt.get("model_config", {})
-    differ = [k for k in (expected_config or {}) if saved.get(k) != expected_config[k]]
-    if differ:
-        fail(f"{path}: its weights do not fit the model its flags and data describe ("
-             + ", ".join(f"{k}: saved {saved.get(k)}, now {expected_config[k]}" for k in differ) + ")")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError) as e:
-        fail(f"{path}: its weights do not fit the model its flags describe ({str(e).strip().splitlines()[-1].strip()})")
-
-
 def resumed_args(ckpt, cli_args):
     """The experiment as the checkpoint recorded it, with this machine's runtime flags."""
     args = argparse.Namespace(**ckpt["args"])
@@ -347,7 +334,10 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = {"epoch": 0, "step": 0, "best_acc": -1.0, "train_seconds": 0.0, "images_seen": 0}
     if ckpt:
-        load_weights(model, ckpt, cli.resume, model_config(args, len(data.classes)))
+        try:
+            load_weights(model, ckpt, cli.resume, model_config(args, len(data.classes)))
+        except DataError as e:
+            fail(str(e))
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         scaler.load_state_dict(ckpt["scaler"])

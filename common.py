@@ -734,6 +734,21 @@ def load_checkpoint(path, script):
     return ckpt
 
 
+def load_weights(model, ckpt, path, expected_config=None):
+    """A checkpoint's weights into `model`, which its flags and the data describe (`expected_config`).
+    A mismatch is a DataError naming the fields (or the first tensor) that differ, not a traceback."""
+    saved = ckpt.get("model_config", {})
+    differ = [k for k in (expected_config or {}) if saved.get(k) != expected_config[k]]
+    if differ:
+        raise DataError(f"{path}: its weights do not fit the model its flags and data describe ("
+                        + ", ".join(f"{k}: saved {saved.get(k)}, now {expected_config[k]}" for k in differ) + ")")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise DataError(f"{path}: its weights do not fit the model its flags describe "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+
+
 def trim_metrics(path, epochs_done):
     """Drop metric lines of epochs a checkpoint does not contain (the run died after logging them)."""
     path = Path(path)
