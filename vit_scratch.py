@@ -385,8 +385,9 @@ def load_data(args, log):
         test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed)
     except DataError as e:
         fail(str(e))
-    if len(train_idx) < args.batch_size:
-        fail(f"--batch-size {args.batch_size} is larger than the {len(train_idx)} training images")
+    if len(train_idx) < args.global_batch:
+        processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
+        fail(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} training images")
     return data, train_idx, test_idx
 
 
