@@ -4,7 +4,7 @@
 # most 8): gpu.txt, checks.log (every check's output) and summaries.txt (one line per training run).
 #
 # Prepare on the development machine (the data must travel with the checkout):
-#     mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.gz .gpu/ && echo /.gpu/ >> .git/info/exclude
+#     mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.gz .gpu/      # .gpu/ is git-ignored
 # Then, on the lent machine, from the repository root (carry .gpu):
 #     bash benchmarks/gpu_checks.sh
 # Copy the figures into BENCHMARKS.md with the card's name, the date and these commands.
