@@ -22,7 +22,7 @@ def single(script, *flags, **kw):
                           env=ENV, timeout=300, **kw)
 
 
-def torchrun(script, *flags, **kw):
+def torchrun(script, *flags):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
             *map(str, flags)]
 
