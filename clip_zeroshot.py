@@ -1,3 +1,8 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "ftfy>=6.1", "regex>=2023.10.3", "numpy",
+#                 "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
+# ///
 """CLIP zero-shot classification of CIFAR-10 from class-name prompts, and a linear probe beyond it.
 
 The study guide's transfer-learning lesson: a model pre-trained on 400M image-text pairs classifies
@@ -17,18 +22,15 @@ mean/std, with the model's own CLIPImageProcessor settings), so 10,000 images go
 without a PIL round-trip per image. Published figures for the released weights are in the README;
 figures measured here are in BENCHMARKS.md. Outputs: --out-dir/config.json, summary.json. Needs common.py.
 """
-import argparse
-import sys
 import time
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, confusion_matrix, load_cifar10, peak_memory_mb, per_class_accuracy, plot_confusion,
-                    prepare_out_dir, progress_bar, stops_cleanly, stratified_subset, write_json)
+from common import (DataError, accuracy_from, confusion_matrix, load_cifar10, make_parser, one_line_errors, peak_memory_mb,
+                    per_class_accuracy, plot_confusion, prepare_out_dir, progress_bar, stratified_subset, write_json)
 
 SCRIPT = "clip_zeroshot"
 SINGLE_TEMPLATE = ["a photo of a {}."]
@@ -43,7 +45,7 @@ CIFAR10_TEMPLATES = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     a = p.add_argument
     a("--model", default="openai/clip-vit-base-patch32", help="hub id or local folder (save_pretrained) of a CLIPModel with its tokenizer and image processor")
     a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
@@ -55,17 +57,11 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=500, help="images per encoder batch")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0, help="seeds subsets and the probe's held-out split")
-    a("--out-dir", default=None, help="where results go (default runs/clip_zeroshot/<timestamp>)")
+    a("--out-dir", default=None, help="where results go (default: a new folder runs/clip_zeroshot/<date-time>)")
+    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no confusion.png")
-    p.error = fail  # one line, not the usage block
     return p.parse_args(argv)
-
-
-def fail(msg):
-    """One line on stderr and exit status 2: the way every bad input ends, before any work is done."""
-    print(f"{SCRIPT}.py: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def load_templates(spec):
@@ -75,11 +71,11 @@ def load_templates(spec):
         return CIFAR10_TEMPLATES
     path = Path(spec)
     if not path.is_file():
-        fail(f"--prompts {spec}: not 'single', 'ensemble' or a file of templates")
+        raise DataError(f"--prompts {spec}: not 'single', 'ensemble' or a file of templates")
     templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
-        fail(f"--prompts {spec}: each line must hold one template with exactly one '{{}}' for the class name"
+        raise DataError(f"--prompts {spec}: each line must hold one template with exactly one '{{}}' for the class name"
              f"{f' (first bad line: {bad[0]!r})' if bad else ''}")
     return templates
 
@@ -88,9 +84,9 @@ def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
     return torch.device(name)
 
 
@@ -111,7 +107,7 @@ def load_clip(name, device):
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
     except OSError as e:
-        fail(f"cannot load CLIP model {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
+        raise DataError(f"cannot load CLIP model {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
              f"to a local copy (a save_pretrained folder), or unset HF_HUB_OFFLINE with internet access")
     return model, tokenizer, processor
 
@@ -222,25 +218,21 @@ def most_confused(cm, classes, k=5):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
-        fail("--batch-size, --limit-test and --limit-train must be positive")
-    templates = load_templates(args.prompts)
-    device = pick_device(args.device)
-    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        prepare_out_dir(out_dir)
+    with one_line_errors(SCRIPT) as report:
+        args = parse_args(argv)
+        if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
+            raise DataError("--batch-size, --limit-test and --limit-train must be positive")
+        templates = load_templates(args.prompts)
+        device = pick_device(args.device)
+        out_dir = prepare_out_dir(args.out_dir, report, args.overwrite)
         data = load_cifar10(args.data_dir, download=not args.no_download)
-        test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed)
-        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed) if args.linear_probe else None
-    except DataError as e:
-        fail(str(e))
-    model, tokenizer, processor = load_clip(args.model, device)
-    write_json(out_dir / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
-    print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | out {out_dir}")
-
-    nothing = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
-    with stops_cleanly(SCRIPT, None, nothing):
+        test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
+        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train") \
+            if args.linear_probe else None
+        model, tokenizer, processor = load_clip(args.model, device)
+        write_json(out_dir / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+        print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | out {out_dir}")
+        report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
         return classify(args, out_dir, model, tokenizer, processor, device, data, templates, test_idx, train_idx)
 
 
@@ -271,7 +263,7 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(targets),
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": 0, "steps": 0, "test_acc": cm.diag().sum().item() / len(targets), "top5_acc": top5,
+        "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
         "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
         "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": 0, "args": vars(args), "model": args.model, "templates": templates,

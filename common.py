@@ -1,23 +1,24 @@
-"""Shared code for the course scripts: CIFAR-10 loading, transforms, image patching, metrics (classification
-and captioning), run outputs.
+"""Shared code for the course scripts: command-line plumbing, CIFAR-10 loading and on-device
+augmentation, torchrun helpers, image patching, classification metrics, charts and run outputs.
 
-Kept small and dependency-light on purpose: every script imports it, and a script copied into another
-repository needs only this file beside it. Training loops, devices and optimisers live in the scripts.
+Kept small and dependency-light on purpose: a script copied into another repository needs only this
+file beside it. What only one script uses lives in that script; training loops, devices, precision
+and optimisers live in each script too.
 """
+import argparse
 import hashlib
 import json
-import math
 import os
 import pickle
-import re
 import resource
+import shutil
 import signal
 import sys
 import tempfile
 import threading
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,12 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Errors and the command line: every way a run ends early is one line on stderr
+
 class DataError(Exception):
-    """Input data is missing or unusable; the message says what to do. Scripts print it and exit 2."""
+    """Bad input (a flag, the data, a checkpoint): the message says what is wrong and what to do.
+    `one_line_errors` prints it as one line and exits with status 2."""
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -39,6 +44,121 @@ class NonFiniteLoss(ArithmeticError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, ...); the previous one is intact."""
+
+
+class RunReport:
+    """What `one_line_errors` says about a run that stops: set `saved` (a callable describing what is
+    on disk at that moment), `resume` (the file --resume takes) and `out_dir` as they become known."""
+
+    def __init__(self, script):
+        self.script_name, self.saved = script, lambda: "nothing was saved"
+        self.resume, self.out_dir, self.created_out_dir = None, None, False
+
+
+@contextmanager
+def one_line_errors(script, memory_hint="--batch-size"):
+    """The one mechanism from a failure to its message: bad input (DataError, raised anywhere, argparse
+    included) exits 2; Ctrl-C exits 130 with the resume command; running out of GPU memory, a non-finite
+    loss or a failed checkpoint write exit 1 saying what is saved. An output folder this run created and
+    left empty is removed."""
+    report = RunReport(script)
+    try:
+        yield report
+    except DataError as e:
+        _stop(script, str(e), 2, report)
+    except KeyboardInterrupt:
+        resume = report.resume and Path(report.resume).exists()
+        hint = f"\nresume with: python {script}.py --resume {report.resume}" if resume else ""
+        _stop(script, f"interrupted; {report.saved()}{hint}", 130, report, prefix="")
+    except torch.OutOfMemoryError:
+        _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {report.saved()}", 1, report)
+    except NonFiniteLoss as e:
+        _stop(script, f"{e}; try a lower --lr (or a smaller --grad-clip); {report.saved()}", 1, report)
+    except CheckpointWriteError as e:
+        _stop(script, f"{e}; free some space or pick another --out-dir", 1, report)
+
+
+def _stop(script, message, code, report, prefix="error: "):
+    if report.created_out_dir and report.out_dir and Path(report.out_dir).is_dir() \
+            and not any(Path(report.out_dir).iterdir()):
+        Path(report.out_dir).rmdir()  # a failed run leaves no empty folder behind
+    print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default once, and only where it says something (not None, not a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def make_parser(doc):
+    """An ArgumentParser whose description is the docstring's first paragraph, whose epilog lists the
+    docstring's example commands, and whose errors are DataErrors (one line, exit 2)."""
+    examples = [line for line in doc.splitlines() if line.startswith("    ") and line.split()[0] in ("python", "torchrun")]
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     epilog="examples:\n" + "\n".join(examples) if examples else None)
+
+    def error(message):
+        raise DataError(message)
+    parser.error = error
+    return parser
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags typed on the command line, whatever their values."""
+    actions = [a for a in parser._actions if a.option_strings]
+    defaults = [a.default for a in actions]
+    for a in actions:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in zip(actions, defaults):
+            a.default = d
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def resumed_args(saved, cli, given, runtime, extendable=()):
+    """The experiment as a checkpoint recorded it (`saved`, a dict of flags). Runtime flags come from the
+    command line. An experiment flag typed on the command line must equal the saved one, except the
+    `extendable` ones (more epochs or steps), which take effect; anything else is a DataError naming the
+    flag, both values and what to do."""
+    args = argparse.Namespace(**saved)
+    for name in runtime:
+        setattr(args, name, getattr(cli, name))
+    for name in sorted(given - set(runtime) - {"resume", "out_dir", "data_dir"}):
+        new, old = getattr(cli, name), saved.get(name)
+        if new == old:
+            continue
+        if name not in extendable:
+            raise DataError(f"{flag(name)} {_shown(new)} differs from the checkpoint's {_shown(old)}: a resumed run keeps "
+                            f"its settings; drop {flag(name)}, or start a new run to change it")
+        setattr(args, name, new)
+    if "out_dir" in given and Path(cli.out_dir).resolve() != Path(cli.resume).parent.resolve():
+        raise DataError(f"--out-dir {cli.out_dir}: a resumed run continues in its own folder "
+                        f"({Path(cli.resume).parent}); copy that folder first to branch off")
+    args.resume, args.out_dir = cli.resume, str(Path(cli.resume).parent)
+    if "data_dir" in given:
+        args.data_dir = cli.data_dir  # the script checks that it holds the run's data
+    return args
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def derived_seed(*parts):
+    """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank). Hashing the parts keeps
+    the streams of different purposes, epochs and processes apart, whatever the user's seed."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,6 +172,13 @@ class ImageDataset:
     test_y: torch.Tensor
     classes: list
     source: str  # "imagefolder" or "torchvision"
+
+    def fingerprint(self):
+        """A short hash of the labels, shapes and a sample of pixels: tells whether two folders hold the same data."""
+        h = hashlib.sha1(repr((self.classes, tuple(self.train_x.shape), tuple(self.test_x.shape))).encode())
+        for t in (self.train_y, self.test_y, self.train_x[::997], self.test_x[::997]):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def load_cifar10(data_dir, download=True, image_size=32, log=print):
@@ -86,10 +213,10 @@ def _download_cifar10(root):
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR's batches are pickles. Allow only what they hold (dicts, lists, bytes, numpy arrays) so
-    that a tampered file cannot run code."""
+    """CIFAR's batches are pickles. Allow only what they hold (dicts, lists, bytes, numpy arrays; protocol-2
+    files written by Python 3 spell bytes as _codecs.encode) so that a tampered file cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -107,33 +234,41 @@ def _read_batch(path):
         raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}); delete the folder to re-download") from None
 
 
+def _as_text(value):
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
 def _load_torchvision_batches(batches):
     def split(names):
-        parts = [_read_batch(batches / n) for n in names]
+        parts = [{_as_text(k): v for k, v in _read_batch(batches / n).items()} for n in names]
         x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
         y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
         return torch.from_numpy(x), torch.from_numpy(y)
 
     train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = split(["test_batch"])
-    classes = list(_read_batch(batches / "batches.meta")["label_names"])
-    return ImageDataset(train_x, train_y, test_x, test_y, classes, "torchvision")
+    meta = {_as_text(k): v for k, v in _read_batch(batches / "batches.meta").items()}
+    return ImageDataset(train_x, train_y, test_x, test_y, [_as_text(c) for c in meta["label_names"]], "torchvision")
+
+
+def _visible(paths):
+    """Hidden entries (.ipynb_checkpoints, .DS_Store, ...) are never classes or images."""
+    return [p for p in paths if not p.name.startswith(".")]
 
 
 def _list_imagefolder(root, log):
     """{split: [(relative path, class index)]} and the sorted class names; errors if the splits disagree.
-    Files that are not images (by suffix) are reported and ignored."""
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    Files that are not images (by suffix) are reported and ignored; hidden files and folders are skipped."""
+    classes = sorted(d.name for d in _visible((root / "train").iterdir()) if d.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
-    test_classes = sorted(d.name for d in (root / "test").iterdir() if d.is_dir())
+    test_classes = sorted(d.name for d in _visible((root / "test").iterdir()) if d.is_dir())
     if test_classes != classes:
         missing = sorted(set(classes) ^ set(test_classes))
         raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
     files, others = {}, []
     for split in ("train", "test"):
-        paths = [(p, k) for k, c in enumerate(classes) for p in sorted((root / split / c).iterdir())
-                 if p.is_file() and not p.name.startswith(".")]
+        paths = [(p, k) for k, c in enumerate(classes) for p in sorted(_visible((root / split / c).iterdir())) if p.is_file()]
         files[split] = [(f"{split}/{p.parent.name}/{p.name}", k) for p, k in paths if p.suffix.lower() in IMAGE_SUFFIXES]
         others += [f"{split}/{p.parent.name}/{p.name}" for p, _ in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not files[split]:
@@ -160,15 +295,26 @@ def _cache_paths(root, image_size):
     return [root / name, user / f"{key}{name}"]
 
 
+def _read_cache(path, fingerprint, log):
+    """The cached arrays if `path` holds this tree's; None otherwise. A cache that cannot be read (cut
+    short, corrupted) is a miss: it is rebuilt, with a word."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return None
+            return [torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")]
+    except Exception as e:
+        log(f"the decode cache {path} could not be read ({type(e).__name__}); decoding the images again")
+        return None
+
+
 def _load_imagefolder_cached(root, image_size, log):
     files, classes = _list_imagefolder(root, log)
     fingerprint = _fingerprint(root, files, image_size)
     for path in _cache_paths(root, image_size):
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == fingerprint:
-                    return ImageDataset(*(torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")),
-                                        classes, "imagefolder")
+        cached = _read_cache(path, fingerprint, log) if path.is_file() else None
+        if cached:
+            return ImageDataset(*cached, classes, "imagefolder")
     arrays = {}
     for split in ("train", "test"):
         arrays[f"{split}_x"], arrays[f"{split}_y"] = _decode_split(root, files[split], image_size, log)
@@ -217,12 +363,12 @@ def _resize(x, size):
     return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).round().clamp(0, 255).to(torch.uint8)
 
 
-def stratified_subset(labels, n, seed=0):
+def stratified_subset(labels, n, seed=0, name="--limit"):
     """Indices of a deterministic, class-balanced subset of size n (sorted); n=None keeps everything."""
     if n is None or n == len(labels):
         return torch.arange(len(labels))
     if not 0 < n <= len(labels):
-        raise DataError(f"asked for a subset of {n} images but the split holds {len(labels)}")
+        raise DataError(f"{name} {n}: asked for a subset of {n} images but the split holds {len(labels)}")
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
     per_class = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
@@ -240,19 +386,7 @@ def stratified_subset(labels, n, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Transforms: the guide's PIL pipelines, and the same augmentation as batched tensor ops on the device
-
-def train_transform(padding=4):
-    """The study guide's training pipeline for a PIL DataLoader."""
-    from torchvision import transforms as T
-    return T.Compose([T.RandomCrop(32, padding=padding), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(CIFAR_MEAN, CIFAR_STD)])
-
-
-def test_transform():
-    from torchvision import transforms as T
-    return T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
-
+# The guide's augmentation as batched tensor ops on the device
 
 def normalize(x, mean=CIFAR_MEAN, std=CIFAR_STD):
     """uint8 [B,3,H,W] -> float [B,3,H,W], as ToTensor + Normalize."""
@@ -270,7 +404,8 @@ def crop_flip_params(batch, padding=4, generator=None, device="cpu"):
 
 
 def apply_crop_flip(x, params, padding=4):
-    """Crop each zero-padded image at its (dy, dx) and mirror it where flip is set: one gather."""
+    """RandomCrop(size, padding) + RandomHorizontalFlip on a whole batch: crop each zero-padded image at
+    its (dy, dx) and mirror it where flip is set, in one gather, with no host synchronisation."""
     B, C, H, W = x.shape
     dy, dx, flip = params
     padded = F.pad(x, (padding,) * 4)  # zeros, like torchvision's default fill
@@ -282,12 +417,6 @@ def apply_crop_flip(x, params, padding=4):
     return padded[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
 
 
-def random_crop_flip(x, padding=4, generator=None):
-    """RandomCrop(size, padding) + RandomHorizontalFlip on a whole batch: an independent crop offset and
-    flip per image, zero padding, on x's device with no host synchronisation."""
-    return apply_crop_flip(x, crop_flip_params(len(x), padding, generator, x.device), padding)
-
-
 def shard_bounds(n, rank, world_size):
     """[start, stop) of this process's contiguous share of n items."""
     return n * rank // world_size, n * (rank + 1) // world_size
@@ -295,7 +424,8 @@ def shard_bounds(n, rank, world_size):
 
 class TensorLoader:
     """Batches from uint8 images held on the training device; training batches are shuffled and
-    augmented there, so the GPU never waits for a CPU pipeline. Shuffling and augmentation depend only
+    augmented there, so the GPU never waits for a CPU pipeline (and nothing in a batch waits on the
+    host: the normalisation constants live on the device too). Shuffling and augmentation depend only
     on (seed, epoch), which makes a resumed run draw exactly the batches the uninterrupted run would have.
 
     Under torchrun each process takes its slice of every global batch (batch_size per process, the same
@@ -307,10 +437,12 @@ class TensorLoader:
         if not train:
             lo, hi = shard_bounds(len(labels), rank, world_size)
             images, labels = images[lo:hi], labels[lo:hi]
-        self.images, self.labels = images.to(device), labels.to(device)
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
         self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
+        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
 
     def __len__(self):
         if self.train:
@@ -320,19 +452,22 @@ class TensorLoader:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def normalize(self, x):
+        return (x.float().div_(255) - self.mean) / self.std  # as normalize(), constants already on the device
+
     def __iter__(self):
         if not self.train:
             for i in range(0, len(self.labels), self.batch_size):
-                yield normalize(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
+                yield self.normalize(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
             return
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, "batches", self.epoch))
         order = torch.randperm(self.total, device=self.device, generator=g)
         global_batch = self.batch_size * self.world_size
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for i in range(len(self)):
             idx = order[i * global_batch:(i + 1) * global_batch][mine]
             params = [p[mine] for p in crop_flip_params(global_batch, generator=g, device=self.device)]
-            yield normalize(apply_crop_flip(self.images[idx], params)), self.labels[idx]
+            yield self.normalize(apply_crop_flip(self.images[idx], params)), self.labels[idx]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,11 +550,7 @@ def img_to_patch(x, patch_size, flatten_channels=True):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Metrics
-
-def accuracy(preds, targets):
-    return (preds == targets).float().mean().item()
-
+# Classification metrics
 
 def confusion_matrix(preds, targets, num_classes):
     """[K, K] counts, rows = true class, columns = predicted class."""
@@ -427,132 +558,18 @@ def confusion_matrix(preds, targets, num_classes):
     return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
+def accuracy_from(cm):
+    """Top-1 accuracy from a confusion matrix, computed on integers (no float32 noise in the summary)."""
+    return int(cm.diag().sum()) / max(int(cm.sum()), 1)
+
+
 def per_class_accuracy(cm):
-    return (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
+    """Per true class, the fraction predicted right; None for a class with no test image."""
+    return [int(cm[k, k]) / int(cm[k].sum()) if cm[k].sum() else None for k in range(len(cm))]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Caption metrics: corpus BLEU-4 and CIDEr-D against every reference of each image
-
-def caption_tokens(text):
-    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def _ngrams(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu4(hypotheses, references):
-    """Corpus BLEU-4 in [0, 1] (Papineni et al. 2002) over token lists: clipped n-gram precisions
-    summed over the corpus, geometric mean, brevity penalty against the closest reference length (ties:
-    the shorter). No smoothing: any empty n-gram order gives 0. Equals sacrebleu's corpus BLEU with
-    tokenize='none', smooth_method='none', divided by 100."""
-    matches, totals = [0] * 4, [0] * 4
-    hyp_len = ref_len = 0
-    for hyp, refs in zip(hypotheses, references):
-        hyp_len += len(hyp)
-        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-        for n in range(1, 5):
-            counts = _ngrams(hyp, n)
-            max_ref = Counter()
-            for r in refs:
-                max_ref |= _ngrams(r, n)
-            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if min(matches) == 0 or hyp_len == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return brevity * math.exp(log_precision)
-
-
-def cider_d(hypotheses, references, sigma=6.0):
-    """CIDEr-D (Vedantam et al. 2015, the COCO evaluation server's variant) over token lists: TF-IDF
-    vectors of 1- to 4-grams (document frequency over the references of the corpus), cosine similarity
-    with the hypothesis' weights clipped at the reference's, a Gaussian penalty on the length
-    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams."""
-    ref_counts = [[_all_ngrams(r) for r in refs] for refs in references]
-    doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
-    log_n = math.log(len(references))
-
-    def vector(counts):
-        vec, norm = [{} for _ in range(4)], [0.0] * 4
-        for g, tf in counts.items():
-            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, doc_freq[g])))
-            norm[len(g) - 1] += vec[len(g) - 1][g] ** 2
-        return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
-
-    scores = []
-    for hyp, refs in zip(hypotheses, ref_counts):
-        h_vec, h_norm, h_len = vector(_all_ngrams(hyp))
-        total = 0.0
-        for ref in refs:
-            r_vec, r_norm, r_len = vector(ref)
-            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
-            for n in range(4):
-                dot = sum(min(w, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, w in h_vec[n].items())
-                if h_norm[n] and r_norm[n]:
-                    dot /= h_norm[n] * r_norm[n]
-                total += dot * penalty / 4
-        scores.append(10.0 * total / len(refs))
-    return sum(scores) / len(scores)
-
-
-def _all_ngrams(tokens):
-    return sum((_ngrams(tokens, n) for n in range(1, 5)), Counter())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pictures: overlays and grids with PIL alone; charts with matplotlib when it is installed
-
-_INFERNO = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=torch.float32)
-
-
-def colormap(values):
-    """[...] values in [0, 1] -> [..., 3] uint8 colours on a dark-to-bright (inferno-like) scale."""
-    pos = values.clamp(0, 1) * (len(_INFERNO) - 1)
-    lo = pos.floor().long().clamp(max=len(_INFERNO) - 2)
-    frac = (pos - lo).unsqueeze(-1)
-    return (_INFERNO[lo] * (1 - frac) + _INFERNO[lo + 1] * frac).round().to(torch.uint8)
-
-
-def heat_overlay(image, heat, size, alpha=0.55):
-    """uint8 image (3, H, W) and a heat map (h, w) in [0, 1] -> uint8 (3, size, size): both upsampled
-    bilinearly to the same square, the coloured map blended over the image."""
-    img = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
-    heat = F.interpolate(heat[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    colour = colormap(heat).permute(2, 0, 1).float()
-    return ((1 - alpha) * img + alpha * colour).round().clamp(0, 255).to(torch.uint8)
-
-
-def _font(size):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one fixed bitmap font
-        return ImageFont.load_default()
-
-
-def draw_grid(cells, header, row_labels, cell, pad=4):
-    """A PIL image: rows of uint8 (3, h, w) tensors (each resized to cell x cell), column titles on
-    top and a label under the first cell of each row."""
-    from PIL import Image, ImageDraw
-    font, text_h = _font(13), 18
-    cols = max(map(len, cells))
-    width, row_h = pad + cols * (cell + pad), cell + text_h + pad
-    sheet = Image.new("RGB", (width, text_h + pad + len(cells) * row_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, title in enumerate(header):
-        draw.text((pad + j * (cell + pad) + cell // 2, pad), title, fill="black", font=font, anchor="ma")
-    for i, row in enumerate(cells):
-        y = text_h + pad + i * row_h
-        for j, img in enumerate(row):
-            tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((cell, cell), Image.BILINEAR)
-            sheet.paste(tile, (pad + j * (cell + pad), y))
-        draw.text((pad + cell // 2, y + cell + 1), row_labels[i], fill="black", font=font, anchor="ma")
-    return sheet
-
+# Charts with matplotlib when it is installed
 
 def _pyplot(name, log):
     try:
@@ -615,6 +632,54 @@ def plot_confusion(cm, classes, path, log=print):
 # ----------------------------------------------------------------------------------------------------
 # Run outputs: written atomically, so an interrupted run never leaves a half-written file behind
 
+# What makes a folder another run's: a config.json alone is a run that stopped before any result, and is reused.
+RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter")
+
+
+def new_run_dir(script):
+    """runs/<script>/<YYYYmmdd-HHMMSS>, with -2, -3, ... appended if another run took that name: created
+    here (mkdir is atomic), so runs started in the same second never share a folder."""
+    base = Path("runs") / script / f"{datetime.now():%Y%m%d-%H%M%S}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise DataError(f"could not make a new folder under {base.parent}; pass --out-dir")
+
+
+def prepare_out_dir(path, report, overwrite=False, resuming=False):
+    """The run's output folder, created (a new one under runs/ when `path` is None) and proven writable
+    before any work. A folder holding another run's results is refused unless `overwrite` (which removes
+    those results) or `resuming`; DataError otherwise."""
+    if path is None:
+        path, report.created_out_dir = new_run_dir(report.script_name), True
+    path = Path(path)
+    try:
+        report.created_out_dir = report.created_out_dir or not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
+    report.out_dir = path
+    previous = [name for name in RESULT_FILES if (path / name).exists()]
+    if previous and not resuming:
+        if not overwrite:
+            resume = next((f" (resume it with --resume {path / n})" for n in ("last.pt", "training_state.pt") if n in previous), "")
+            raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
+                            f"pick a new folder, or add --overwrite to replace them")
+        for name in previous:
+            shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
+    for stale in path.glob(".*.tmp"):  # left by a run killed while writing; the real files are intact
+        stale.unlink(missing_ok=True)
+    return path
+
+
 @contextmanager
 def _ctrl_c_deferred():
     """Hold Ctrl-C (SIGINT) until the block ends, so that a file being written is finished first (an
@@ -652,37 +717,27 @@ def _write_then_rename(path, write):
         raise
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous file intact."""
+def save_checkpoint(obj, path, also=None):
+    """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous file intact.
+    `also` (e.g. best.pt) gets the same file as a hard link (a copy where links are not supported)."""
     try:
         _atomic_write(path, lambda f: torch.save(obj, f))
+        if also:
+            with _ctrl_c_deferred():
+                _link_then_rename(path, also)
     except OSError as e:
         raise CheckpointWriteError(f"could not write {path} ({e.strerror or e}); the previous {Path(path).name}, "
                                    f"if any, is intact") from None
 
 
-@contextmanager
-def stops_cleanly(script, checkpoint, saved, memory_hint="--batch-size"):
-    """Ctrl-C, running out of GPU memory, a non-finite loss or a failed checkpoint write end the run with
-    a message saying what is saved and what to do, not a traceback. `saved()` describes the last
-    checkpoint at that moment; `checkpoint` is the file --resume takes (None: the script has none)."""
+def _link_then_rename(src, dst):
+    tmp = Path(dst).with_name(f".{Path(dst).name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
     try:
-        yield
-    except KeyboardInterrupt:
-        resume = f"\nresume with: python {script}.py --resume {checkpoint}" if checkpoint and Path(checkpoint).exists() else ""
-        print(f"\n{script}.py: interrupted; {saved()}{resume}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except torch.OutOfMemoryError:
-        _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {saved()}")
-    except NonFiniteLoss as e:
-        _stop(script, f"{e}; try a lower --lr (or a smaller --grad-clip); {saved()}")
-    except CheckpointWriteError as e:
-        _stop(script, f"{e}; free some space or pick another --out-dir")
-
-
-def _stop(script, message):
-    print(f"{script}.py: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(1)
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def write_json(path, obj):
@@ -693,24 +748,9 @@ def write_text_atomic(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def prepare_out_dir(path):
-    """Create the output folder and prove it is writable, before any work; DataError otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
-    for stale in path.glob(".*.tmp"):  # left by a run killed while writing; the real files are intact
-        stale.unlink(missing_ok=True)
-    return path
-
-
 def read_jsonl(path):
     path = Path(path)
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def append_jsonl(path, obj):
@@ -718,19 +758,32 @@ def append_jsonl(path, obj):
         f.write(json.dumps(obj) + "\n")
 
 
-def load_checkpoint(path, script):
+def trim_metrics(path, keep):
+    """Drop metric lines a checkpoint does not cover (the run died after logging them): keep(row) says
+    which stay, e.g. lambda r: r["epoch"] <= epochs_done."""
+    path = Path(path)
+    if path.exists():
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
+
+
+def load_checkpoint(path, script, option="--resume"):
     """A checkpoint of plain values (weights_only=True: nothing in it can run code), checked to come from
-    `script`. Raises DataError with a message meant for the user."""
+    `script`. Raises DataError with a message meant for the user, naming the `option` it came from."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DataError(f"--resume {path}: no such file") from None
+        raise DataError(f"{option} {path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{option} {path}: a folder, not a checkpoint file") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"--resume {path}: not a checkpoint of plain values, refused ({type(e).__name__}: {first})") from None
+        if "weights only" in str(e).lower():  # torch refused a pickled object: it could run code
+            first = str(e).strip().splitlines()[0]
+            raise DataError(f"{option} {path}: not a checkpoint of plain values, refused ({first})") from None
+        raise DataError(f"{option} {path}: not a PyTorch checkpoint ({type(e).__name__}); pass the last.pt "
+                        f"of a run") from None
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise DataError(f"--resume {path}: written by {found!r}, not by {script}.py")
+        raise DataError(f"{option} {path}: written by {found!r}, not by {script}.py")
     return ckpt
 
 
@@ -749,12 +802,12 @@ def load_weights(model, ckpt, path, expected_config=None):
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
 
 
-def trim_metrics(path, epochs_done):
-    """Drop metric lines of epochs a checkpoint does not contain (the run died after logging them)."""
-    path = Path(path)
-    if path.exists():
-        rows = [r for r in read_jsonl(path) if r["epoch"] <= epochs_done]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def check_same_data(ckpt, data, data_dir):
+    """On --resume with a --data-dir of its own: that folder must hold the data the run was trained on."""
+    saved = ckpt.get("data_fingerprint")
+    if saved and saved != data.fingerprint():
+        raise DataError(f"--data-dir {data_dir} holds other data than the run was trained on "
+                        f"({ckpt['args'].get('data_dir')}); drop --data-dir to use that folder")
 
 
 def rng_state(device):

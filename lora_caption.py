@@ -1,3 +1,8 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "peft>=0.13", "numpy", "pillow",
+#                 "tqdm>=4.66", "matplotlib>=3.7"]
+# ///
 """LoRA fine-tuning of the ViT-GPT2 image captioner's decoder on a custom image-caption set.
 
 Reproduces the study guide's LoRA exercise: the captioner nlpconnect/vit-gpt2-image-captioning (a ViT
@@ -21,40 +26,40 @@ summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, capti
 figures: BENCHMARKS.md.
 Needs common.py.
 """
-import argparse
 import csv
 import json
 import math
 import os
 import random
+import re
 import shutil
-import sys
 import time
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, caption_tokens,
-                    cider_d, corpus_bleu4, init_distributed, load_checkpoint, peak_memory_mb, plot_curves,
-                    prepare_out_dir, progress_bar, read_jsonl, restore_rng, rng_state, save_checkpoint,
-                    set_global_batch, stops_cleanly, wrap_distributed, write_json, write_text_atomic)
+from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag,
+                    given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
+                    plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args, rng_state,
+                    save_checkpoint, set_global_batch, trim_metrics, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
-RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "data_dir", "resume")
+# Flags that describe the machine, not the experiment: on --resume they come from the command line.
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite")
 SHEET_IMAGES = 8  # validation images shown in captions.html, the same ones every run
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = make_parser(__doc__)
     a = p.add_argument
     a("--data-dir", default=None, help="captions.csv (image,caption) + images; see the top of this file")
     a("--model", default=None, help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
@@ -89,38 +94,32 @@ def parse_args(argv=None):
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout")
-    a("--out-dir", default=None, help="where results go (default runs/lora_caption/<timestamp>)")
-    a("--resume", default=None, help="continue from a training_state.pt; the experiment's flags come from it")
+    a("--out-dir", default=None, help="where results go (default: a new folder runs/lora_caption/<date-time>)")
+    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
+    a("--resume", default=None, help="continue from a training_state.pt; its flags are kept (--epochs and --max-steps may grow)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no pictures (curves.png, captions.html)")
-    p.error = fail  # one line, not the usage block
-    return p.parse_args(argv)
-
-
-def fail(msg):
-    """One line on stderr and exit status 2: the way every bad input ends, before any work is done."""
-    print(f"{SCRIPT}.py: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+    return p
 
 
 def check_args(args):
-    for flag in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "num_beams", "max_new_tokens", "eval_every", "save_every"):
-        if getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.alpha <= 0:
-        fail("--lr and --alpha must be positive")
-    for flag in ("lora_dropout", "warmup"):
-        if not 0 <= getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(args, flag)}")
-    for flag in ("max_steps", "eval_images"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive")
+    for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "num_beams", "max_new_tokens", "eval_every", "save_every"):
+        if getattr(args, name) <= 0:
+            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.alpha) and args.alpha > 0):
+        raise DataError("--lr and --alpha must be positive")
+    for name in ("lora_dropout", "warmup"):
+        if not 0 <= getattr(args, name) < 1:
+            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
+    for name in ("max_steps", "eval_images"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise DataError(f"{flag(name)} must be positive")
     if (args.caption or args.merge) and not args.adapter:
-        fail("--caption and --merge need --adapter DIR (the adapter/ folder of a training run)")
+        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run)")
     if args.merge and not args.out_dir:
-        fail("--merge needs --out-dir for the merged model")
+        raise DataError("--merge needs --out-dir for the merged model")
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
-        fail("training needs --data-dir (a folder with captions.csv and the images)")
+        raise DataError("training needs --data-dir (a folder with captions.csv and the images)")
 
 
 def pick_device(name, local_rank=0):
@@ -128,9 +127,9 @@ def pick_device(name, local_rank=0):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
@@ -296,7 +295,7 @@ def load_captioner(name, device):
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
     except OSError as e:
-        fail(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
+        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
              f"to a local copy (a save_pretrained folder with tokenizer and image processor)")
     # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
     tokenizer.pad_token = tokenizer.eos_token
@@ -325,7 +324,7 @@ def add_lora(model, args):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             return get_peft_model(model, config)
     except ValueError as e:
-        fail(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}")
+        raise DataError(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}")
 
 
 def count_params(model):
@@ -398,6 +397,78 @@ def pair_tokens(tokenizer, split, max_length):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Caption metrics: corpus BLEU-4 and CIDEr-D against every reference of each image
+
+def caption_tokens(text):
+    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu4(hypotheses, references):
+    """Corpus BLEU-4 in [0, 1] (Papineni et al. 2002) over token lists: clipped n-gram precisions
+    summed over the corpus, geometric mean, brevity penalty against the closest reference length (ties:
+    the shorter). No smoothing: any empty n-gram order gives 0. Equals sacrebleu's corpus BLEU with
+    tokenize='none', smooth_method='none', divided by 100."""
+    matches, totals = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+        for n in range(1, 5):
+            counts = _ngrams(hyp, n)
+            max_ref = Counter()
+            for r in refs:
+                max_ref |= _ngrams(r, n)
+            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    if min(matches) == 0 or hyp_len == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(log_precision)
+
+
+def cider_d(hypotheses, references, sigma=6.0):
+    """CIDEr-D (Vedantam et al. 2015, the COCO evaluation server's variant) over token lists: TF-IDF
+    vectors of 1- to 4-grams (document frequency over the references of the corpus), cosine similarity
+    with the hypothesis' weights clipped at the reference's, a Gaussian penalty on the length
+    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams."""
+    ref_counts = [[_all_ngrams(r) for r in refs] for refs in references]
+    doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
+    log_n = math.log(len(references))
+
+    def vector(counts):
+        vec, norm = [{} for _ in range(4)], [0.0] * 4
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, doc_freq[g])))
+            norm[len(g) - 1] += vec[len(g) - 1][g] ** 2
+        return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
+
+    scores = []
+    for hyp, refs in zip(hypotheses, ref_counts):
+        h_vec, h_norm, h_len = vector(_all_ngrams(hyp))
+        total = 0.0
+        for ref in refs:
+            r_vec, r_norm, r_len = vector(ref)
+            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                dot = sum(min(w, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, w in h_vec[n].items())
+                if h_norm[n] and r_norm[n]:
+                    dot /= h_norm[n] * r_norm[n]
+                total += dot * penalty / 4
+        scores.append(10.0 * total / len(refs))
+    return sum(scores) / len(scores)
+
+
+def _all_ngrams(tokens):
+    return sum((_ngrams(tokens, n) for n in range(1, 5)), Counter())
+
+
+# ----------------------------------------------------------------------------------------------------
 # Saving: the adapter folder is swapped in whole; the training state is one atomic file
 
 def load_step(path):
@@ -442,13 +513,13 @@ def train(args, run, state, data, tokens):
     with progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar:
         bar.update(state["step"])
         while state["step"] < run["total_steps"]:
-            shuffle = torch.Generator().manual_seed(args.seed * 100_003 + state["epoch"])
+            shuffle = torch.Generator().manual_seed(derived_seed(args.seed, "batches", state["epoch"]))
             order = torch.randperm(len(tokens["pair_image"]), generator=shuffle)
             steps = order[:len(order) // per_step * per_step].split(per_step)
             while state["batch"] < len(steps) and state["step"] < run["total_steps"]:
                 t0 = time.perf_counter()
                 # LoRA dropout draws depend on (seed, step, process) only: resumable at any process count.
-                torch.manual_seed(args.seed * 1_000_003 + state["step"] * 1_009 + run["rank"])
+                torch.manual_seed(derived_seed(args.seed, "dropout", state["step"], run["rank"]))
                 loss = optimizer_step(args, run, data["train"], tokens, steps[state["batch"]])
                 state["batch"] += 1
                 state["step"] += 1
@@ -517,53 +588,44 @@ def after_step(args, run, state, data, loss):
 # ----------------------------------------------------------------------------------------------------
 # Modes: train (default), --caption, --merge
 
-def resumed_args(ckpt, cli):
-    """The experiment as the checkpoint recorded it, with this machine's runtime flags (and --data-dir
-    only when given: the data may have moved)."""
-    args = argparse.Namespace(**ckpt["args"])
-    for flag in RUNTIME_FLAGS:
-        if flag != "data_dir" or cli.data_dir:
-            setattr(args, flag, getattr(cli, flag))
-    args.out_dir = str(Path(cli.resume).parent)
-    return args
+def experiment_args(argv):
+    """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
+    differs is refused; more --epochs or --max-steps extend the run)."""
+    parser = build_parser()
+    cli, given = parser.parse_args(argv), given_flags(parser, argv)
+    if not cli.resume:
+        if cli.data_dir:
+            cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        return cli, None
+    ckpt = load_checkpoint(cli.resume, SCRIPT)
+    return resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps")), ckpt
 
 
 def main(argv=None):
-    cli = parse_args(argv)
-    try:
-        ckpt = load_checkpoint(cli.resume, SCRIPT) if cli.resume else None
-    except DataError as e:
-        fail(str(e))
-    args = resumed_args(ckpt, cli) if ckpt else cli
-    check_args(args)
-    if args.caption or args.merge:
-        device = pick_device(args.device)
-        return caption_files(args, device) if args.caption else merge_adapter(args, device)
-    rank, world_size, local_rank = init_distributed(args.device)
-    try:
+    with one_line_errors(SCRIPT, memory_hint="--batch-size (and a larger --grad-accum to keep the effective batch)") as report:
+        args, ckpt = experiment_args(argv)
+        check_args(args)
+        if args.caption or args.merge:
+            device = pick_device(args.device)
+            return caption_files(args, device) if args.caption else merge_adapter(args, device)
+        rank, world_size, local_rank = init_distributed(args.device)
         set_global_batch(args, world_size, resuming=ckpt is not None)
-    except DataError as e:
-        fail(str(e))
-    return train_main(args, ckpt, pick_device(args.device, local_rank), rank)
+        return train_main(args, ckpt, pick_device(args.device, local_rank), rank, report)
 
 
-def train_main(args, ckpt, device, rank=0):
-    out_dir = Path(args.out_dir or f"runs/{SCRIPT}/{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        prepare_out_dir(out_dir)
-    except DataError as e:
-        fail(str(e))
+def train_main(args, ckpt, device, rank, report):
+    out_dir = Path(args.out_dir or ".")
+    if rank == 0:  # the other processes write nothing
+        out_dir = prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None)
+        args.out_dir = str(out_dir)
     torch.manual_seed(args.seed)
     model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
     size, resample = processor_geometry(processor)
-    try:
-        data = load_caption_data(args.data_dir, size, resample, args.seed)
-    except DataError as e:
-        fail(str(e))
+    data = load_caption_data(args.data_dir, size, resample, args.seed)
     tokens = pair_tokens(tokenizer, data["train"], args.max_length)
     steps_per_epoch = len(tokens["pair_image"]) // (args.global_batch * args.grad_accum)
     if steps_per_epoch == 0:
-        fail(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} process(es) is more "
+        raise DataError(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} process(es) is more "
              f"than the {len(tokens['pair_image'])} training pairs")
     pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
     baseline, sheet = None, sheet_split(data)
@@ -597,10 +659,10 @@ def train_main(args, ckpt, device, rank=0):
                rank=rank, main_process=rank == 0,
                val_tokens=pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None)
     last = out_dir / "training_state.pt"
-    saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
-                     if last.exists() else f"nothing was saved yet (the first save comes at step {args.save_every})")
-    with stops_cleanly(SCRIPT, last, saved, memory_hint="--batch-size (and a larger --grad-accum to keep the effective batch)"):
-        train(args, run, state, data, tokens)
+    report.resume = last
+    report.saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
+                            if last.exists() else f"nothing was saved yet (the first save comes at step {args.save_every})")
+    train(args, run, state, data, tokens)
     summary = None
     if rank == 0:
         after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
@@ -616,12 +678,14 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
     """Adapters, optimizer, schedule, scaler and RNG from a training_state.pt; returns its counters."""
     unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
     if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
-        fail(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
+        raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
              f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"], device)
+    # rows logged after the last save are logged again by the resumed run
+    trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["step"] <= ckpt["state"]["step"])
     return ckpt["state"]
 
 
@@ -704,7 +768,7 @@ def write_caption_sheet(path, split, before, after, model_name):
 def load_with_adapter(args, device):
     from peft import PeftConfig, PeftModel
     if not (Path(args.adapter) / "adapter_config.json").is_file():
-        fail(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
+        raise DataError(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
     base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path or DEFAULT_MODEL
     model, tokenizer, processor = load_captioner(base, device)
     return PeftModel.from_pretrained(model, args.adapter).to(device).eval(), tokenizer, processor
@@ -720,7 +784,7 @@ def caption_files(args, device):
             images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
                                     interpolation=resample, antialias=True))
         except Exception as e:
-            fail(f"--caption {path}: cannot read it as an image ({type(e).__name__})")
+            raise DataError(f"--caption {path}: cannot read it as an image ({type(e).__name__})")
     captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
     for path, caption in zip(args.caption, captions):
         print(f"{path}: {caption}")

@@ -3,7 +3,20 @@ that vit_scratch.py is measured and tested against: same parameters, same output
 import torch
 import torch.nn as nn
 
-from common import img_to_patch
+from common import CIFAR_MEAN, CIFAR_STD, img_to_patch
+
+
+def train_transform(padding=4):
+    """The study guide's training pipeline for a PIL DataLoader."""
+    from torchvision import transforms as T
+    return T.Compose([T.RandomCrop(32, padding=padding), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+
+def test_transform():
+    """The study guide's test pipeline."""
+    from torchvision import transforms as T
+    return T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
 
 class AttentionBlock(nn.Module):

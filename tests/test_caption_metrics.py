@@ -1,10 +1,10 @@
-"""BLEU-4 and CIDEr-D in common.py against the reference implementations (sacrebleu, pycocoevalcap)."""
+"""BLEU-4 and CIDEr-D in lora_caption.py against the reference implementations (sacrebleu, pycocoevalcap)."""
 import csv
 import random
 
 import pytest
 
-from common import caption_tokens, cider_d, corpus_bleu4
+from lora_caption import caption_tokens, cider_d, corpus_bleu4
 from conftest import ROOT
 
 sacrebleu = pytest.importorskip("sacrebleu")

@@ -7,8 +7,13 @@ import torch
 from PIL import Image
 
 import common
-from common import (CIFAR_MEAN, CIFAR_STD, DataError, TensorLoader, confusion_matrix, img_to_patch, load_cifar10,
-                    normalize, per_class_accuracy, random_crop_flip, stratified_subset)
+from common import (CIFAR_MEAN, CIFAR_STD, DataError, TensorLoader, accuracy_from, apply_crop_flip, confusion_matrix,
+                    crop_flip_params, img_to_patch, load_cifar10, normalize, per_class_accuracy, stratified_subset)
+from guide_vit import test_transform as guide_test_transform
+
+
+def random_crop_flip(x, padding=4, generator=None):
+    return apply_crop_flip(x, crop_flip_params(len(x), padding, generator, x.device), padding)
 
 
 def test_img_to_patch_matches_naive_loop():
@@ -26,7 +31,7 @@ def test_img_to_patch_matches_naive_loop():
 def test_normalize_matches_the_guides_test_transform():
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-    torch.testing.assert_close(normalize(img[None])[0], common.test_transform()(pil), atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalize(img[None])[0], guide_test_transform()(pil), atol=1e-6, rtol=0)
     assert CIFAR_MEAN == (0.4914, 0.4822, 0.4465) and CIFAR_STD == (0.2023, 0.1994, 0.2010)
 
 
@@ -146,7 +151,7 @@ def test_confusion_matrix_and_per_class_accuracy():
     cm = confusion_matrix(preds, targets, 3)
     assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
     assert per_class_accuracy(cm) == pytest.approx([0.5, 1.0, 2 / 3])
-    assert common.accuracy(preds, targets) == pytest.approx(4 / 6)
+    assert accuracy_from(cm) == 4 / 6
 
 
 class _Payload:

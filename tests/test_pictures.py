@@ -46,7 +46,7 @@ def test_heat_overlay_puts_the_hot_patch_where_it_is():
     image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
     heat = torch.zeros(8, 8)
     heat[1, 6] = 1.0  # patch in row 1, column 6 (row-major like img_to_patch)
-    out = common.heat_overlay(image, heat, 96).float().sum(0)
+    out = vit_scratch.heat_overlay(image, heat, 96).float().sum(0)
     r, c = divmod(int(out.argmax()), 96)
     assert 12 <= r < 24 and 72 <= c < 84  # that patch's 12 x 12 square in the 96 px overlay
 
