@@ -38,12 +38,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
-                    check_same_data, confusion_matrix, flag, gather_shards, given_flags,
-                    init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, one_line_errors,
-                    peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir, progress_bar,
-                    read_jsonl, restore_rng, resumed_args, rng_state, save_checkpoint, set_global_batch,
-                    stratified_subset, trim_metrics, wrap_distributed, write_json)
+from common import (
+    DataError,
+    NonFiniteLoss,
+    TensorLoader,
+    accuracy_from,
+    all_reduce_sum,
+    append_jsonl,
+    check_same_data,
+    confusion_matrix,
+    flag,
+    gather_shards,
+    given_flags,
+    init_distributed,
+    load_checkpoint,
+    load_cifar10,
+    load_weights,
+    make_parser,
+    one_line_errors,
+    peak_memory_mb,
+    per_class_accuracy,
+    plot_confusion,
+    plot_curves,
+    prepare_out_dir,
+    progress_bar,
+    read_jsonl,
+    restore_rng,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_global_batch,
+    stratified_subset,
+    trim_metrics,
+    wrap_distributed,
+    write_json,
+)
 
 SCRIPT = "cnn_baseline"
 CHECKPOINT_VERSION = 2
@@ -55,22 +84,27 @@ def build_parser():
     p = make_parser(__doc__)
     a = p.add_argument
     # data
-    a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
+    a("--data-dir", default="./data",
+      help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10; fail if --data-dir has none")
     a("--limit-train", type=int, help="use a class-stratified subset of N training images")
     a("--limit-test", type=int, help="use a class-stratified subset of N test images")
     # model
-    a("--widths", type=int, nargs="+", default=[32, 64, 256, 256], help="stem width, then one width per stage (each stage halves the resolution)")
+    a("--widths", type=int, nargs="+", default=[32, 64, 256, 256],
+      help="stem width, then one width per stage (each stage halves the resolution)")
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set")
-    a("--batch-size", type=int, default=128, help="images per step and process (under torchrun the global batch is this x processes)")
+    a("--batch-size", type=int, default=128,
+      help="images per step and process (under torchrun the global batch is this x processes)")
     a("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    a("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay (not on BatchNorm weights and biases)")
+    a("--weight-decay", type=float, default=0.05,
+      help="AdamW decoupled weight decay (not on BatchNorm weights and biases)")
     a("--warmup", type=float, default=0.1, help="linear warm-up, as a fraction of all steps; cosine decay to 0 after")
     a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing in [0, 1)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    a("--tta", action=argparse.BooleanOptionalAction, default=True, help="evaluate with flip test-time augmentation (mean of image and mirror logits)")
+    a("--tta", action=argparse.BooleanOptionalAction, default=True,
+      help="evaluate with flip test-time augmentation (mean of image and mirror logits)")
     a("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling and augmentation")
     # machine
@@ -406,7 +440,8 @@ def load_data(args, ckpt, log=print):
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
     if len(train_idx) < args.global_batch:
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
-        raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} training images")
+        raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} "
+                        f"training images")
     return data, train_idx, test_idx
 
 
@@ -513,7 +548,7 @@ def save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data, 
     ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng_state(device), "state": asdict(progress), "args": vars(args),
-            "data_fingerprint": data.fingerprint()}
+            "data_fingerprint": data.fingerprint}
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
 
 
@@ -537,8 +572,10 @@ def write_summary(args, model, progress, data, preds, targets, device, out_dir):
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
         "train_images": args.limit_train or len(data.train_y), "test_images": len(targets),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size, "global_batch": args.global_batch,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size,
+        "global_batch": args.global_batch,
         "test_acc": accuracy_from(cm), "best_test_acc": progress.best_acc, "train_seconds": progress.train_seconds,
         "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
@@ -552,7 +589,8 @@ def write_summary(args, model, progress, data, preds, targets, device, out_dir):
         plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
-    print("per class: " + ", ".join(f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()))
+    shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
+    print("per class: " + ", ".join(shown))
     return summary
 
 
@@ -592,9 +630,10 @@ def comparison_table(summaries):
     rows = [header, "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for s in summaries:
         name = s["script"] + (f" ({s['finetune']})" if s.get("finetune") else "")
-        rows.append(f"| {name} | {s['params'] / 1e6:.2f}M | {s.get('epochs', '-')} | {cell(s.get('test_acc'), '.2%')} | "
-                    f"{cell(s.get('train_seconds'), '.1f')} | {cell(s.get('images_per_second'), ',.0f')} | "
-                    f"{cell(s.get('peak_memory_mb'), ',.0f')} | {s.get('device_name', '-')} | {s['run']} |")
+        rows.append(f"| {name} | {s['params'] / 1e6:.2f}M | {s.get('epochs', '-')} | "
+                    f"{cell(s.get('test_acc'), '.2%')} | {cell(s.get('train_seconds'), '.1f')} | "
+                    f"{cell(s.get('images_per_second'), ',.0f')} | {cell(s.get('peak_memory_mb'), ',.0f')} | "
+                    f"{s.get('device_name', '-')} | {s['run']} |")
     return "\n".join(rows)
 
 

@@ -6,6 +6,7 @@ file beside it. What only one script uses lives in that script; training loops, 
 and optimisers live in each script too.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -16,10 +17,12 @@ import signal
 import sys
 import tempfile
 import threading
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,8 +37,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Errors and the command line: every way a run ends early is one line on stderr
 
 class DataError(Exception):
-    """Bad input (a flag, the data, a checkpoint): the message says what is wrong and what to do.
-    `one_line_errors` prints it as one line and exits with status 2."""
+    """Bad input (a flag, the data, a checkpoint); the message says what is wrong and what to do."""
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -46,22 +48,15 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, ...); the previous one is intact."""
 
 
-class RunReport:
-    """What `one_line_errors` says about a run that stops: set `saved` (a callable describing what is
-    on disk at that moment), `resume` (the file --resume takes) and `out_dir` as they become known."""
-
-    def __init__(self, script):
-        self.script_name, self.saved = script, lambda: "nothing was saved"
-        self.resume, self.out_dir, self.created_out_dir = None, None, False
-
-
 @contextmanager
 def one_line_errors(script, memory_hint="--batch-size"):
     """The one mechanism from a failure to its message: bad input (DataError, raised anywhere, argparse
     included) exits 2; Ctrl-C exits 130 with the resume command; running out of GPU memory, a non-finite
-    loss or a failed checkpoint write exit 1 saying what is saved. An output folder this run created and
-    left empty is removed."""
-    report = RunReport(script)
+    loss or a failed checkpoint write exit 1 saying what is saved. The script fills in the yielded report
+    as it learns: saved() describes what is on disk, resume is the file --resume takes. An output folder
+    this run created and left empty is removed."""
+    report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
+                             created_out_dir=False)
     try:
         yield report
     except DataError as e:
@@ -79,9 +74,9 @@ def one_line_errors(script, memory_hint="--batch-size"):
 
 
 def _stop(script, message, code, report, prefix="error: "):
-    if report.created_out_dir and report.out_dir and Path(report.out_dir).is_dir() \
-            and not any(Path(report.out_dir).iterdir()):
-        Path(report.out_dir).rmdir()  # a failed run leaves no empty folder behind
+    out = Path(report.out_dir or "")
+    if report.created_out_dir and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # a failed run leaves no empty folder behind
     print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -99,7 +94,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def make_parser(doc):
     """An ArgumentParser whose description is the docstring's first paragraph, whose epilog lists the
     docstring's example commands, and whose errors are DataErrors (one line, exit 2)."""
-    examples = [line for line in doc.splitlines() if line.startswith("    ") and line.split()[0] in ("python", "torchrun")]
+    examples = [line for line in doc.splitlines() if line.split()[:1] in (["python"], ["torchrun"])]
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
                                      epilog="examples:\n" + "\n".join(examples) if examples else None)
 
@@ -139,7 +134,8 @@ def resumed_args(saved, cli, given, runtime, extendable=()):
         if new == old:
             continue
         if name not in extendable:
-            raise DataError(f"{flag(name)} {_shown(new)} differs from the checkpoint's {_shown(old)}: a resumed run keeps "
+            shown = [" ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in (new, old)]
+            raise DataError(f"{flag(name)} {shown[0]} differs from the checkpoint's {shown[1]}: a resumed run keeps "
                             f"its settings; drop {flag(name)}, or start a new run to change it")
         setattr(args, name, new)
     if "out_dir" in given and Path(cli.out_dir).resolve() != Path(cli.resume).parent.resolve():
@@ -149,10 +145,6 @@ def resumed_args(saved, cli, given, runtime, extendable=()):
     if "data_dir" in given:
         args.data_dir = cli.data_dir  # the script checks that it holds the run's data
     return args
-
-
-def _shown(value):
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def derived_seed(*parts):
@@ -173,12 +165,14 @@ class ImageDataset:
     classes: list
     source: str  # "imagefolder" or "torchvision"
 
+    @functools.cached_property
     def fingerprint(self):
-        """A short hash of the labels, shapes and a sample of pixels: tells whether two folders hold the same data."""
-        h = hashlib.sha1(repr((self.classes, tuple(self.train_x.shape), tuple(self.test_x.shape))).encode())
-        for t in (self.train_y, self.test_y, self.train_x[::997], self.test_x[::997]):
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """A hash of the classes, labels and pixels (a fraction of a second for CIFAR-10): tells whether two
+        folders hold the same data."""
+        h = hashlib.blake2b(repr(self.classes).encode(), digest_size=8)
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(t.contiguous().numpy().data)
+        return h.hexdigest()
 
 
 def load_cifar10(data_dir, download=True, image_size=32, log=print):
@@ -234,99 +228,77 @@ def _read_batch(path):
         raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}); delete the folder to re-download") from None
 
 
-def _as_text(value):
-    return value.decode("latin1") if isinstance(value, bytes) else value
-
-
 def _load_torchvision_batches(batches):
+    text = lambda v: v.decode("latin1") if isinstance(v, bytes) else v  # keys and names are bytes in some files
+
     def split(names):
-        parts = [{_as_text(k): v for k, v in _read_batch(batches / n).items()} for n in names]
+        parts = [{text(k): v for k, v in _read_batch(batches / n).items()} for n in names]
         x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
         y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
         return torch.from_numpy(x), torch.from_numpy(y)
 
     train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = split(["test_batch"])
-    meta = {_as_text(k): v for k, v in _read_batch(batches / "batches.meta").items()}
-    return ImageDataset(train_x, train_y, test_x, test_y, [_as_text(c) for c in meta["label_names"]], "torchvision")
+    meta = {text(k): v for k, v in _read_batch(batches / "batches.meta").items()}
+    return ImageDataset(train_x, train_y, test_x, test_y, [text(c) for c in meta["label_names"]], "torchvision")
 
 
-def _visible(paths):
+def _visible(folder):
     """Hidden entries (.ipynb_checkpoints, .DS_Store, ...) are never classes or images."""
-    return [p for p in paths if not p.name.startswith(".")]
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def _list_imagefolder(root, log):
     """{split: [(relative path, class index)]} and the sorted class names; errors if the splits disagree.
     Files that are not images (by suffix) are reported and ignored; hidden files and folders are skipped."""
-    classes = sorted(d.name for d in _visible((root / "train").iterdir()) if d.is_dir())
+    classes = [d.name for d in _visible(root / "train") if d.is_dir()]
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
-    test_classes = sorted(d.name for d in _visible((root / "test").iterdir()) if d.is_dir())
+    test_classes = [d.name for d in _visible(root / "test") if d.is_dir()]
     if test_classes != classes:
         missing = sorted(set(classes) ^ set(test_classes))
         raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
     files, others = {}, []
     for split in ("train", "test"):
-        paths = [(p, k) for k, c in enumerate(classes) for p in sorted(_visible((root / split / c).iterdir())) if p.is_file()]
-        files[split] = [(f"{split}/{p.parent.name}/{p.name}", k) for p, k in paths if p.suffix.lower() in IMAGE_SUFFIXES]
-        others += [f"{split}/{p.parent.name}/{p.name}" for p, _ in paths if p.suffix.lower() not in IMAGE_SUFFIXES]
+        paths = [(f"{split}/{c}/{p.name}", k) for k, c in enumerate(classes) for p in _visible(root / split / c)
+                 if p.is_file()]
+        files[split] = [(rel, k) for rel, k in paths if Path(rel).suffix.lower() in IMAGE_SUFFIXES]
+        others += [rel for rel, _ in paths if Path(rel).suffix.lower() not in IMAGE_SUFFIXES]
         if not files[split]:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if others:
-        log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}")
+        log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' * (len(others) > 3)}")
     return files, classes
 
 
-def _fingerprint(root, files, image_size):
-    h = hashlib.sha1(f"v1 {image_size}".encode())
-    for split in ("train", "test"):
-        for rel, k in files[split]:
-            st = os.stat(root / rel)
-            h.update(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _cache_paths(root, image_size):
-    """Beside the data if that folder is writable, else under ~/.cache (e.g. a read-only shared copy)."""
-    name = f".decoded-{image_size}px.npz"
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-course"
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / name, user / f"{key}{name}"]
-
-
-def _read_cache(path, fingerprint, log):
-    """The cached arrays if `path` holds this tree's; None otherwise. A cache that cannot be read (cut
-    short, corrupted) is a miss: it is rebuilt, with a word."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fingerprint:
-                return None
-            return [torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")]
-    except Exception as e:
-        log(f"the decode cache {path} could not be read ({type(e).__name__}); decoding the images again")
-        return None
-
-
 def _load_imagefolder_cached(root, image_size, log):
+    """Decode the tree once: the arrays are cached beside it (under ~/.cache when that folder is read-only),
+    keyed by the files' names, sizes and times. A cache that cannot be read is rebuilt, with a word."""
     files, classes = _list_imagefolder(root, log)
-    fingerprint = _fingerprint(root, files, image_size)
-    for path in _cache_paths(root, image_size):
-        cached = _read_cache(path, fingerprint, log) if path.is_file() else None
-        if cached:
-            return ImageDataset(*cached, classes, "imagefolder")
-    arrays = {}
-    for split in ("train", "test"):
-        arrays[f"{split}_x"], arrays[f"{split}_y"] = _decode_split(root, files[split], image_size, log)
-    for path in _cache_paths(root, image_size):
+    key = hashlib.sha1(f"v1 {image_size}".encode())
+    for rel, k in files["train"] + files["test"]:
+        st = os.stat(root / rel)
+        key.update(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n".encode())
+    name, names = f".decoded-{image_size}px.npz", ("train_x", "train_y", "test_x", "test_y")
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-course"
+    paths = [root / name, user / f"{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}{name}"]
+    for path in filter(Path.is_file, paths):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == key.hexdigest():
+                    return ImageDataset(*(torch.from_numpy(z[k]) for k in names), classes, "imagefolder")
+        except Exception as e:  # cut short or corrupted: a miss
+            log(f"the decode cache {path} could not be read ({type(e).__name__}); decoding the images again")
+    arrays = dict(zip(names, [*_decode_split(root, files["train"], image_size, log),
+                              *_decode_split(root, files["test"], image_size, log)]))
+    for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, lambda f: np.savez(f, fingerprint=fingerprint, **arrays))
+            _atomic_write(path, lambda f: np.savez(f, fingerprint=key.hexdigest(), **arrays))
             break
         except OSError:
             continue  # read-only data folder: try the user cache
-    return ImageDataset(*(torch.from_numpy(arrays[k]) for k in ("train_x", "train_y", "test_x", "test_y")),
-                        classes, "imagefolder")
+    return ImageDataset(*(torch.from_numpy(arrays[k]) for k in names), classes, "imagefolder")
 
 
 def _decode_one(path, image_size):
@@ -339,28 +311,25 @@ def _decode_one(path, image_size):
 
 
 def _decode_split(root, files, image_size, log):
-    """Decode every image (sequentially: tiny images decode faster than threads hand them around);
-    unreadable files are reported and skipped."""
-    def decode(item):
+    """(images, labels) of one split, decoded sequentially (tiny images decode faster than threads hand them
+    around); unreadable files are reported and skipped."""
+    images, labels, bad = [], [], []
+    for rel, k in files:
         try:
-            return _decode_one(root / item[0], image_size)
+            images.append(_decode_one(root / rel, image_size))
+            labels.append(k)
         except Exception as e:
-            return f"{item[0]} ({type(e).__name__})"
-
-    decoded = [decode(item) for item in files]
-    bad = [d for d in decoded if isinstance(d, str)]
+            bad.append(f"{rel} ({type(e).__name__})")
     if bad:
         log(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
-    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-    if not keep:
+    if not images:
         raise DataError(f"no readable images under {root}")
-    x = np.stack([decoded[i] for i in keep])
-    y = np.array([files[i][1] for i in keep], dtype=np.int64)
-    return x, y
+    return np.stack(images), np.array(labels, dtype=np.int64)
 
 
 def _resize(x, size):
-    return F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def stratified_subset(labels, n, seed=0, name="--limit"):
@@ -389,9 +358,8 @@ def stratified_subset(labels, n, seed=0, name="--limit"):
 # The guide's augmentation as batched tensor ops on the device
 
 def normalize(x, mean=CIFAR_MEAN, std=CIFAR_STD):
-    """uint8 [B,3,H,W] -> float [B,3,H,W], as ToTensor + Normalize."""
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    """uint8 [B,3,H,W] -> float [B,3,H,W], as ToTensor + Normalize (mean, std: sequences or device tensors)."""
+    mean, std = (torch.as_tensor(v, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
     return (x.float().div_(255) - mean) / std
 
 
@@ -423,14 +391,11 @@ def shard_bounds(n, rank, world_size):
 
 
 class TensorLoader:
-    """Batches from uint8 images held on the training device; training batches are shuffled and
-    augmented there, so the GPU never waits for a CPU pipeline (and nothing in a batch waits on the
-    host: the normalisation constants live on the device too). Shuffling and augmentation depend only
-    on (seed, epoch), which makes a resumed run draw exactly the batches the uninterrupted run would have.
-
-    Under torchrun each process takes its slice of every global batch (batch_size per process, the same
-    permutation and augmentation draws on all of them), so N processes at batch b see exactly what one
-    process at batch N x b sees. Evaluation loaders hold a contiguous shard of the set each."""
+    """Batches from uint8 images held on the training device, shuffled and augmented there: the GPU never
+    waits for a CPU pipeline, and no batch waits on the host. Draws depend only on (seed, epoch), so a
+    resumed run sees the batches the uninterrupted run would have. Under torchrun each process takes its
+    slice of every global batch (N processes at batch b see what one process at N x b sees); evaluation
+    loaders hold a contiguous shard each."""
 
     def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
         self.total = len(labels)
@@ -441,8 +406,7 @@ class TensorLoader:
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
         self.rank, self.world_size = rank, world_size
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = torch.tensor(CIFAR_MEAN, device=self.device), torch.tensor(CIFAR_STD, device=self.device)
 
     def __len__(self):
         if self.train:
@@ -452,13 +416,11 @@ class TensorLoader:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def normalize(self, x):
-        return (x.float().div_(255) - self.mean) / self.std  # as normalize(), constants already on the device
-
     def __iter__(self):
         if not self.train:
             for i in range(0, len(self.labels), self.batch_size):
-                yield self.normalize(self.images[i:i + self.batch_size]), self.labels[i:i + self.batch_size]
+                rows = slice(i, i + self.batch_size)
+                yield normalize(self.images[rows], self.mean, self.std), self.labels[rows]
             return
         g = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, "batches", self.epoch))
         order = torch.randperm(self.total, device=self.device, generator=g)
@@ -467,7 +429,7 @@ class TensorLoader:
         for i in range(len(self)):
             idx = order[i * global_batch:(i + 1) * global_batch][mine]
             params = [p[mine] for p in crop_flip_params(global_batch, generator=g, device=self.device)]
-            yield self.normalize(apply_crop_flip(self.images[idx], params)), self.labels[idx]
+            yield normalize(apply_crop_flip(self.images[idx], params), self.mean, self.std), self.labels[idx]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,20 +454,19 @@ def init_distributed(device_name):
 
 
 def set_global_batch(args, world_size, resuming):
-    """--batch-size is per process; the global batch is batch x processes (args.global_batch). A resumed
-    run keeps the global batch it was started with, and so its schedule, whatever the number of
-    processes now. DataError if it does not split evenly."""
+    """--batch-size is per process; the global batch is batch x processes. A resumed run keeps its global
+    batch, and so its schedule, whatever the number of processes now (DataError if it does not split)."""
     if resuming:
         if args.global_batch % world_size:
-            raise DataError(f"--resume: the run's global batch {args.global_batch} does not split over {world_size} processes")
+            raise DataError(f"--resume: the run's global batch {args.global_batch} does not split over "
+                            f"{world_size} processes")
         args.batch_size = args.global_batch // world_size
     args.world_size, args.global_batch = world_size, args.batch_size * world_size
 
 
 def wrap_distributed(model, device, world_size, sync_bn=False):
-    """DistributedDataParallel under torchrun (gradients of the parameters that require them averaged
-    over processes); the model itself otherwise. sync_bn converts BatchNorm in place (SyncBatchNorm
-    keeps BatchNorm's state_dict keys, so checkpoints load either way)."""
+    """DistributedDataParallel under torchrun, the model itself otherwise. sync_bn converts BatchNorm in
+    place (SyncBatchNorm keeps BatchNorm's state_dict keys, so checkpoints load either way)."""
     if world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -519,8 +480,7 @@ def gather_shards(local, total, world_size):
     if world_size == 1:
         return local
     import torch.distributed as dist
-    size = -(-total // world_size)
-    padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded = local.new_zeros(-(-total // world_size), *local.shape[1:])  # shards differ by one at most
     padded[:len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
@@ -582,8 +542,10 @@ def _pyplot(name, log):
         return None
 
 
-def plot_curves(rows, path, x="epoch", panels=(("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")),
-                                               ("learning rate", ("lr",))), log=print):
+CURVES = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")), ("learning rate", ("lr",)))
+
+
+def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
     """One figure, a panel per (title, metric keys), each key plotted against `x`. None without matplotlib."""
     plt = _pyplot(Path(path).name, log)
     if plt is None:
@@ -594,7 +556,8 @@ def plot_curves(rows, path, x="epoch", panels=(("loss", ("train_loss", "test_los
         for key in keys:
             points = [(r[x], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3, label=key.replace("_", " "))
+                ax.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3,
+                        label=key.replace("_", " "))
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -637,12 +600,11 @@ RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training
 
 
 def new_run_dir(script):
-    """runs/<script>/<YYYYmmdd-HHMMSS>, with -2, -3, ... appended if another run took that name: created
-    here (mkdir is atomic), so runs started in the same second never share a folder."""
+    """runs/<script>/<YYYYmmdd-HHMMSS>, or -2, -3, ... after it if taken: made here with an atomic mkdir,
+    so runs started in the same second never share a folder."""
     base = Path("runs") / script / f"{datetime.now():%Y%m%d-%H%M%S}"
     base.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+    for path in [base, *(base.with_name(f"{base.name}-{n}") for n in range(2, 10_000))]:
         try:
             path.mkdir()
             return path
@@ -652,14 +614,11 @@ def new_run_dir(script):
 
 
 def prepare_out_dir(path, report, overwrite=False, resuming=False):
-    """The run's output folder, created (a new one under runs/ when `path` is None) and proven writable
-    before any work. A folder holding another run's results is refused unless `overwrite` (which removes
-    those results) or `resuming`; DataError otherwise."""
-    if path is None:
-        path, report.created_out_dir = new_run_dir(report.script_name), True
-    path = Path(path)
+    """The run's output folder (a new one under runs/ for None), created and proven writable before any
+    work. A folder holding another run's results is refused unless resuming or `overwrite` (which removes them)."""
+    report.created_out_dir = path is None or not Path(path).exists()
+    path = new_run_dir(report.script) if path is None else Path(path)
     try:
-        report.created_out_dir = report.created_out_dir or not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.touch()
@@ -667,14 +626,14 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
     except OSError as e:
         raise DataError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
     report.out_dir = path
-    previous = [name for name in RESULT_FILES if (path / name).exists()]
-    if previous and not resuming:
-        if not overwrite:
-            resume = next((f" (resume it with --resume {path / n})" for n in ("last.pt", "training_state.pt") if n in previous), "")
-            raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
-                            f"pick a new folder, or add --overwrite to replace them")
-        for name in previous:
-            shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
+    previous = [name for name in RESULT_FILES if (path / name).exists()] if not resuming else []
+    if previous and not overwrite:
+        resume = next((f" (resume it with --resume {path / n})" for n in ("last.pt", "training_state.pt")
+                       if n in previous), "")
+        raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
+                        f"pick a new folder, or add --overwrite to replace them")
+    for name in previous:  # --overwrite
+        shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
     for stale in path.glob(".*.tmp"):  # left by a run killed while writing; the real files are intact
         stale.unlink(missing_ok=True)
     return path
@@ -698,46 +657,38 @@ def _ctrl_c_deferred():
 
 
 def _atomic_write(path, write):
-    with _ctrl_c_deferred():
-        _write_then_rename(path, write)
-
-
-def _write_then_rename(path, write):
+    """write(file) into a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _ctrl_c_deferred():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def save_checkpoint(obj, path, also=None):
     """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous file intact.
-    `also` (e.g. best.pt) gets the same file as a hard link (a copy where links are not supported)."""
+    `also` (best.pt) becomes the same file: a hard link (a copy where links fail), renamed into place."""
     try:
         _atomic_write(path, lambda f: torch.save(obj, f))
         if also:
-            with _ctrl_c_deferred():
-                _link_then_rename(path, also)
+            tmp = Path(also).with_name(f".{Path(also).name}.link.tmp")  # a stale one is removed at the next start
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, also)
     except OSError as e:
         raise CheckpointWriteError(f"could not write {path} ({e.strerror or e}); the previous {Path(path).name}, "
                                    f"if any, is intact") from None
-
-
-def _link_then_rename(src, dst):
-    tmp = Path(dst).with_name(f".{Path(dst).name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def write_json(path, obj):
@@ -769,18 +720,15 @@ def trim_metrics(path, keep):
 def load_checkpoint(path, script, option="--resume"):
     """A checkpoint of plain values (weights_only=True: nothing in it can run code), checked to come from
     `script`. Raises DataError with a message meant for the user, naming the `option` it came from."""
+    if not Path(path).is_file():
+        raise DataError(f"{option} {path}: no such file")
+    if not zipfile.is_zipfile(path):  # what torch.save writes
+        raise DataError(f"{option} {path}: not a PyTorch checkpoint; pass the last.pt of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{option} {path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{option} {path}: a folder, not a checkpoint file") from None
-    except Exception as e:
-        if "weights only" in str(e).lower():  # torch refused a pickled object: it could run code
-            first = str(e).strip().splitlines()[0]
-            raise DataError(f"{option} {path}: not a checkpoint of plain values, refused ({first})") from None
-        raise DataError(f"{option} {path}: not a PyTorch checkpoint ({type(e).__name__}); pass the last.pt "
-                        f"of a run") from None
+    except Exception as e:  # torch refused a pickled object (it could run code), or the archive is damaged
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{option} {path}: not a checkpoint of plain values, refused ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataError(f"{option} {path}: written by {found!r}, not by {script}.py")
@@ -788,13 +736,12 @@ def load_checkpoint(path, script, option="--resume"):
 
 
 def load_weights(model, ckpt, path, expected_config=None):
-    """A checkpoint's weights into `model`, which its flags and the data describe (`expected_config`).
-    A mismatch is a DataError naming the fields (or the first tensor) that differ, not a traceback."""
+    """A checkpoint's weights into `model`, which its flags and the data describe (`expected_config`);
+    a mismatch is a DataError naming the fields (or the first tensor) that differ."""
     saved = ckpt.get("model_config", {})
-    differ = [k for k in (expected_config or {}) if saved.get(k) != expected_config[k]]
+    differ = [f"{k}: saved {saved.get(k)}, now {v}" for k, v in (expected_config or {}).items() if saved.get(k) != v]
     if differ:
-        raise DataError(f"{path}: its weights do not fit the model its flags and data describe ("
-                        + ", ".join(f"{k}: saved {saved.get(k)}, now {expected_config[k]}" for k in differ) + ")")
+        raise DataError(f"{path}: its weights do not fit the model its flags and data describe ({', '.join(differ)})")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
@@ -804,8 +751,7 @@ def load_weights(model, ckpt, path, expected_config=None):
 
 def check_same_data(ckpt, data, data_dir):
     """On --resume with a --data-dir of its own: that folder must hold the data the run was trained on."""
-    saved = ckpt.get("data_fingerprint")
-    if saved and saved != data.fingerprint():
+    if ckpt.get("data_fingerprint") not in (None, data.fingerprint):
         raise DataError(f"--data-dir {data_dir} holds other data than the run was trained on "
                         f"({ckpt['args'].get('data_dir')}); drop --data-dir to use that folder")
 

@@ -39,12 +39,44 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
-                    check_same_data, confusion_matrix, derived_seed, flag, gather_shards, given_flags, img_to_patch,
-                    init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, normalize,
-                    one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
-                    progress_bar, read_jsonl, restore_rng, resumed_args, rng_state, save_checkpoint, set_global_batch,
-                    stratified_subset, trim_metrics, wrap_distributed, write_json)
+from common import (
+    DataError,
+    NonFiniteLoss,
+    TensorLoader,
+    accuracy_from,
+    all_reduce_sum,
+    append_jsonl,
+    check_same_data,
+    confusion_matrix,
+    derived_seed,
+    flag,
+    gather_shards,
+    given_flags,
+    img_to_patch,
+    init_distributed,
+    load_checkpoint,
+    load_cifar10,
+    load_weights,
+    make_parser,
+    normalize,
+    one_line_errors,
+    peak_memory_mb,
+    per_class_accuracy,
+    plot_confusion,
+    plot_curves,
+    prepare_out_dir,
+    progress_bar,
+    read_jsonl,
+    restore_rng,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_global_batch,
+    stratified_subset,
+    trim_metrics,
+    wrap_distributed,
+    write_json,
+)
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2
@@ -64,7 +96,8 @@ def build_parser():
     p = make_parser(__doc__)
     a = p.add_argument
     # data
-    a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
+    a("--data-dir", default="./data",
+      help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10; fail if --data-dir has none")
     a("--limit-train", type=int, help="use a class-stratified subset of N training images")
     a("--limit-test", type=int, help="use a class-stratified subset of N test images")
@@ -76,19 +109,26 @@ def build_parser():
     a("--num-heads", type=int, default=8, help="attention heads")
     a("--num-layers", type=int, default=6, help="transformer blocks")
     # recipe: each default below comes from --recipe
-    a("--recipe", default="fast", choices=sorted(RECIPES), help="fast: measured best; guide: the study guide's settings")
+    a("--recipe", default="fast", choices=sorted(RECIPES),
+      help="fast: measured best; guide: the study guide's settings")
     a("--epochs", type=int, default=10, help="passes over the training set")
-    a("--batch-size", type=int, help="images per step and process; under torchrun the global batch is this x processes (recipe: 256 / 128)")
-    a("--optimizer", choices=["muon", "adamw"], help="muon: Muon on the blocks' 2-D weights, AdamW on the rest; adamw: AdamW on all (recipe)")
+    a("--batch-size", type=int,
+      help="images per step and process; under torchrun the global batch is this x processes (recipe: 256 / 128)")
+    a("--optimizer", choices=["muon", "adamw"],
+      help="muon: Muon on the blocks' 2-D weights, AdamW on the rest; adamw: AdamW on all (recipe)")
     a("--lr", type=float, help="peak AdamW learning rate (recipe: 1e-3 / 3e-4)")
     a("--muon-lr", type=float, help="peak Muon learning rate, with --optimizer muon (recipe: 0.01)")
-    a("--weight-decay", type=float, help="AdamW decoupled weight decay, not on norms, biases, CLS, positions (recipe: 0.05 / 0.01)")
-    a("--schedule", choices=["step", "epoch"], help="cosine decay stepped per iteration (after --warmup) or per epoch as the guide (recipe)")
+    a("--weight-decay", type=float,
+      help="AdamW decoupled weight decay, not on norms, biases, CLS, positions (recipe: 0.05 / 0.01)")
+    a("--schedule", choices=["step", "epoch"],
+      help="cosine decay stepped per iteration (after --warmup) or per epoch as the guide (recipe)")
     a("--warmup", type=float, help="linear warm-up as a fraction of all steps, with --schedule step (recipe: 0.1 / 0)")
     a("--label-smoothing", type=float, help="cross-entropy label smoothing in [0, 1) (recipe: 0.1 / 0)")
     a("--dropout", type=float, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
-    a("--init-std", type=float, help="standard deviation of the CLS token and positions at initialisation (recipe: 0.02 / the guide's 1)")
-    a("--tta", action=argparse.BooleanOptionalAction, help="evaluate with flip test-time augmentation, the mean of image and mirror logits (recipe: on / off)")
+    a("--init-std", type=float,
+      help="standard deviation of the CLS token and positions at initialisation (recipe: 0.02 / the guide's 1)")
+    a("--tta", action=argparse.BooleanOptionalAction,
+      help="evaluate with flip test-time augmentation, the mean of image and mirror logits (recipe: on / off)")
     a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling, augmentation and dropout")
@@ -102,12 +142,14 @@ def build_parser():
     a("--resume", help="continue from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no pictures (attention.png, curves.png, confusion.png)")
-    a("--show-attention", metavar="CHECKPOINT", help="only draw attention.png for a saved checkpoint (into --out-dir, default beside it)")
+    a("--show-attention", metavar="CHECKPOINT",
+      help="only draw attention.png for a saved checkpoint (into --out-dir, default beside it)")
     return p
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size", "image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads", "num_layers"):
+    for name in ("epochs", "batch_size", "image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads",
+                 "num_layers"):
         if getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("lr", "muon_lr"):
@@ -177,7 +219,8 @@ class Attention(nn.Module):
 
     def qkv(self, x):
         B, T, D = x.shape
-        return self.to_qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+        qkv = self.to_qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
 
     def probs(self, x):
         """The attention weights (B, h, T, T), which the fused kernel never materialises: for pictures."""
@@ -246,7 +289,7 @@ def model_config(args, num_classes):
 
 def hidden_matrices(model):
     """The blocks' 2-D weights (attention and MLP projections): what Muon trains in the fast recipe."""
-    return [m.weight for block in model.blocks for m in (block.attn.to_qkv, block.attn.to_out, block.mlp[0], block.mlp[3])]
+    return [m.weight for b in model.blocks for m in (b.attn.to_qkv, b.attn.to_out, b.mlp[0], b.mlp[3])]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,7 +469,8 @@ def undo_warmup(model, optimizers, stats):
     """A function that puts back what steps taken from now on change: weights and buffers, optimizer
     state (state they create starts from zero, as a fresh optimizer's), statistics and the CUDA RNG."""
     weights = [t.detach().clone() for t in model.state_dict().values()]
-    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for opt in optimizers for p, s in opt.state.items()}
+    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+              for opt in optimizers for p, s in opt.state.items()}
     rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
     saved_stats, rng_state = stats.clone(), rng.get_rng_state()
 
@@ -535,7 +579,8 @@ def load_data(args, ckpt, log=print):
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
     if len(train_idx) < args.global_batch:
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
-        raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} training images")
+        raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} "
+                        f"training images")
     return data, train_idx, test_idx
 
 
@@ -578,9 +623,10 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
     report.resume = last
     report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
                             "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
-    print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | recipe {args.recipe} ({args.optimizer}) | "
-          f"{device} {amp_dtype or torch.float32}{' graph' if capture else ''} | train {len(train_idx):,} test "
-          f"{len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.global_batch}"
+    print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | recipe {args.recipe} "
+          f"({args.optimizer}) | {device} {amp_dtype or torch.float32}{' graph' if capture else ''} | "
+          f"train {len(train_idx):,} test {len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} "
+          f"epochs, batch {args.global_batch}"
           f"{f' ({world_size} processes x {args.batch_size})' if world_size > 1 else ''} | out {out_dir}", flush=True)
 
     compiled = list(model.blocks) if args.compile else []
@@ -638,7 +684,7 @@ def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data,
     ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
             "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
             "scaler": scaler.state_dict(), "rng": rng_state(device), "state": asdict(progress), "args": vars(args),
-            "data_fingerprint": data.fingerprint()}
+            "data_fingerprint": data.fingerprint}
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
 
 
@@ -666,8 +712,10 @@ def write_summary(args, model, progress, data, preds, targets, device, out_dir):
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "recipe": args.recipe,
         "train_images": args.limit_train or len(data.train_y), "test_images": len(targets),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size, "global_batch": args.global_batch,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size,
+        "global_batch": args.global_batch,
         "test_acc": accuracy_from(cm), "best_test_acc": progress.best_acc, "train_seconds": progress.train_seconds,
         "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
@@ -680,7 +728,8 @@ def write_summary(args, model, progress, data, preds, targets, device, out_dir):
         save_pictures(out_dir, model, data, cm)
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
-    print("per class: " + ", ".join(f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()))
+    shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
+    print("per class: " + ", ".join(shown))
     return summary
 
 
@@ -792,7 +841,8 @@ def show_attention(args):
     """--show-attention: attention.png for a saved checkpoint, nothing trained. The checkpoint's data
     folder is used unless --data-dir is given."""
     ckpt = load_checkpoint(args.show_attention, SCRIPT, option="--show-attention")
-    data = load_cifar10(args.data_dir or ckpt.get("args", {}).get("data_dir", "./data"), download=not args.no_download, image_size=ckpt["model_config"]["image_size"])
+    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
+    data = load_cifar10(data_dir, download=not args.no_download, image_size=ckpt["model_config"]["image_size"])
     device = pick_device(args.device)
     model = VisionTransformer(**ckpt["model_config"]).to(device)
     load_weights(model, ckpt, args.show_attention)

@@ -1,4 +1,5 @@
 """common.py: loading, subsets, patching, augmentation, metrics."""
+
 import pickle
 
 import numpy as np
@@ -7,8 +8,21 @@ import torch
 from PIL import Image
 
 import common
-from common import (CIFAR_MEAN, CIFAR_STD, DataError, TensorLoader, accuracy_from, apply_crop_flip, confusion_matrix,
-                    crop_flip_params, img_to_patch, load_cifar10, normalize, per_class_accuracy, stratified_subset)
+from common import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DataError,
+    TensorLoader,
+    accuracy_from,
+    apply_crop_flip,
+    confusion_matrix,
+    crop_flip_params,
+    img_to_patch,
+    load_cifar10,
+    normalize,
+    per_class_accuracy,
+    stratified_subset,
+)
 from guide_vit import test_transform as guide_test_transform
 
 
@@ -21,7 +35,9 @@ def test_img_to_patch_matches_naive_loop():
     P = 4
     naive = []
     for b in range(2):
-        patches = [x[b, :, i:i + P, j:j + P].reshape(-1) for i in range(0, 8, P) for j in range(0, 12, P)]  # row-major
+        patches = [
+            x[b, :, i : i + P, j : j + P].reshape(-1) for i in range(0, 8, P) for j in range(0, 12, P)
+        ]  # row-major
         naive.append(torch.stack(patches))
     assert torch.equal(img_to_patch(x, P), torch.stack(naive))
     assert img_to_patch(x, P, flatten_channels=False).shape == (2, 6, 3, 4, 4)
@@ -41,8 +57,13 @@ def test_random_crop_flip_takes_a_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     flips, offsets = 0, set()
     for i in range(len(x)):
-        matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
-                   if torch.equal(out[i], (padded[i].flip(2) if f else padded[i])[:, dy:dy + 32, dx:dx + 32])]
+        matches = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (0, 1)
+            if torch.equal(out[i], (padded[i].flip(2) if f else padded[i])[:, dy : dy + 32, dx : dx + 32])
+        ]
         assert matches, f"image {i} is not a crop of its padded image"
         flips += matches[0][2]
         offsets.add(matches[0][:2])
@@ -113,7 +134,10 @@ def _write_torchvision_layout(root, n=20):
     batches.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, n)],
+        }
         (batches / name).write_bytes(pickle.dumps(batch))
     (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     return batches
@@ -123,7 +147,9 @@ def test_load_torchvision_layout(tmp_path):
     batches = _write_torchvision_layout(tmp_path)
     data = load_cifar10(tmp_path, download=False)
     first = pickle.loads((batches / "data_batch_1").read_bytes())
-    assert data.source == "torchvision" and data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
+    assert (
+        data.source == "torchvision" and data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
+    )
     assert torch.equal(data.train_x[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
     assert data.train_y[:20].tolist() == [int(v) for v in first["labels"]] and data.classes[3] == "c3"
 
@@ -134,6 +160,7 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("owned",))
+
     (batches / "test_batch").write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
     with pytest.raises(DataError, match="refusing to load builtins.print"):
         load_cifar10(tmp_path, download=False)

@@ -1,4 +1,5 @@
 """Pictures: attention maps and rollout against hand computations, overlays, charts, caption sheets."""
+
 import html.parser
 import math
 import subprocess
@@ -29,14 +30,18 @@ def test_attention_maps_equal_a_hand_computed_softmax():
             q = h @ W[:16][rows].T + b[:16][rows]  # q, k: the first and second thirds of the stacked projection
             k = h @ W[16:32][rows].T + b[16:32][rows]
             scores = torch.exp(q @ k.transpose(1, 2) / math.sqrt(8))
-            torch.testing.assert_close(maps[layer][:, head], scores / scores.sum(-1, keepdim=True), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                maps[layer][:, head], scores / scores.sum(-1, keepdim=True), atol=1e-5, rtol=1e-5
+            )
         tokens = block(tokens)
 
 
 def test_attention_rollout_on_two_layers_by_hand():
     a1 = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
     a2 = torch.tensor([[0.5, 0.5], [0.1, 0.9]])
-    heads = lambda a: torch.stack([a + 0.1 * torch.tensor([[1, -1], [-1, 1]]), a - 0.1 * torch.tensor([[1, -1], [-1, 1]])])[None]
+    heads = lambda a: torch.stack(
+        [a + 0.1 * torch.tensor([[1, -1], [-1, 1]]), a - 0.1 * torch.tensor([[1, -1], [-1, 1]])]
+    )[None]
     rollout = attention_rollout([heads(a1), heads(a2)])  # each layer: two heads whose mean is a1 / a2
     # 0.5 A + 0.5 I: [[.9, .1], [.2, .8]] and [[.75, .25], [.05, .95]]; rollout = second @ first
     torch.testing.assert_close(rollout[0], torch.tensor([[0.725, 0.275], [0.235, 0.765]]))
@@ -68,16 +73,30 @@ def test_charts_skip_cleanly_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     logged = []
     assert common.plot_curves([{"epoch": 1, "train_loss": 1.0}], tmp_path / "curves.png", log=logged.append) is None
-    assert common.plot_confusion(torch.eye(3, dtype=torch.long), ["a", "b", "c"], tmp_path / "c.png", log=logged.append) is None
-    assert logged == ["skipped curves.png: it needs matplotlib (pip install matplotlib)",
-                      "skipped c.png: it needs matplotlib (pip install matplotlib)"]
+    assert (
+        common.plot_confusion(torch.eye(3, dtype=torch.long), ["a", "b", "c"], tmp_path / "c.png", log=logged.append)
+        is None
+    )
+    assert logged == [
+        "skipped curves.png: it needs matplotlib (pip install matplotlib)",
+        "skipped c.png: it needs matplotlib (pip install matplotlib)",
+    ]
     assert not list(tmp_path.iterdir())
 
 
 def test_charts_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [{"epoch": e, "train_loss": 2 / e, "test_loss": 2.2 / e, "train_acc": 0.1 * e, "test_acc": 0.09 * e, "lr": 1e-3 / e}
-            for e in range(1, 6)]
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 2 / e,
+            "test_loss": 2.2 / e,
+            "train_acc": 0.1 * e,
+            "test_acc": 0.09 * e,
+            "lr": 1e-3 / e,
+        }
+        for e in range(1, 6)
+    ]
     assert Image.open(common.plot_curves(rows, tmp_path / "curves.png")).size == (1260, 330)
     classes = [f"class {i}" for i in range(10)]
     cm = torch.randint(0, 50, (10, 10))
@@ -90,14 +109,40 @@ def attention_png_size(layers, rows=20, cell=96, pad=4, text_h=18):
 
 def test_vit_run_draws_its_pictures_and_show_attention_redraws(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--epochs", "2", "--embed-dim", "32", "--hidden-dim", "64",
-             "--num-heads", "4", "--num-layers", "3", "--batch-size", "64"]
+    flags = [
+        "--data-dir",
+        str(tiny_cifar),
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+        "--embed-dim",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--num-heads",
+        "4",
+        "--num-layers",
+        "3",
+        "--batch-size",
+        "64",
+    ]
     vit_scratch.main([*flags, "--out-dir", str(out)])
     assert Image.open(out / "attention.png").size == attention_png_size(3)
     assert Image.open(out / "curves.png").size == (1260, 330) and Image.open(out / "confusion.png").size == (720, 630)
     (out / "attention.png").unlink()
-    vit_scratch.main(["--show-attention", str(out / "best.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu",
-                      "--out-dir", str(tmp_path / "shown")])
+    vit_scratch.main(
+        [
+            "--show-attention",
+            str(out / "best.pt"),
+            "--data-dir",
+            str(tiny_cifar),
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path / "shown"),
+        ]
+    )
     assert Image.open(tmp_path / "shown" / "attention.png").size == attention_png_size(3)
     assert not (out / "attention.png").exists()
     vit_scratch.main(["--show-attention", str(out / "best.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu"])
@@ -106,21 +151,70 @@ def test_vit_run_draws_its_pictures_and_show_attention_redraws(tiny_cifar, tmp_p
 
 def test_vit_without_matplotlib_still_draws_attention(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    code = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "vit_scratch.py"), "--data-dir", str(tiny_cifar),
-                           "--out-dir", str(out), "--device", "cpu", "--epochs", "1", "--embed-dim", "32", "--hidden-dim",
-                           "64", "--num-heads", "4", "--num-layers", "1", "--batch-size", "64"],
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(ROOT / "vit_scratch.py"),
+            "--data-dir",
+            str(tiny_cifar),
+            "--out-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--embed-dim",
+            "32",
+            "--hidden-dim",
+            "64",
+            "--num-heads",
+            "4",
+            "--num-layers",
+            "1",
+            "--batch-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "skipped curves.png: it needs matplotlib (pip install matplotlib)" in proc.stdout
-    assert (out / "attention.png").exists() and not (out / "curves.png").exists() and not (out / "confusion.png").exists()
+    assert (
+        (out / "attention.png").exists() and not (out / "curves.png").exists() and not (out / "confusion.png").exists()
+    )
 
 
 def test_no_plots_means_no_pictures(tiny_cifar, tmp_path):
-    vit_scratch.main(["--data-dir", str(tiny_cifar), "--device", "cpu", "--epochs", "1", "--embed-dim", "16", "--hidden-dim",
-                      "16", "--num-heads", "2", "--num-layers", "1", "--batch-size", "64", "--no-plots",
-                      "--out-dir", str(tmp_path)])
+    vit_scratch.main(
+        [
+            "--data-dir",
+            str(tiny_cifar),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--embed-dim",
+            "16",
+            "--hidden-dim",
+            "16",
+            "--num-heads",
+            "2",
+            "--num-layers",
+            "1",
+            "--batch-size",
+            "64",
+            "--no-plots",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -146,11 +240,18 @@ class _Checker(html.parser.HTMLParser):
 
 def test_caption_sheet_is_valid_html_with_every_image_and_caption(tmp_path):
     import lora_caption
+
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    split = lora_caption.CaptionSplit(["a.jpg", "b&c.jpg", "d.jpg"], images,
-                                      [["a dog <runs>", "a pet"], ["two cats"], ["a 'quoted' \"caption\""]])
-    lora_caption.write_caption_sheet(tmp_path / "captions.html", split, ["before a", None, "before d"],
-                                     ["after a", "after b & c", "after <d>"], "tiny/model")
+    split = lora_caption.CaptionSplit(
+        ["a.jpg", "b&c.jpg", "d.jpg"], images, [["a dog <runs>", "a pet"], ["two cats"], ["a 'quoted' \"caption\""]]
+    )
+    lora_caption.write_caption_sheet(
+        tmp_path / "captions.html",
+        split,
+        ["before a", None, "before d"],
+        ["after a", "after b & c", "after <d>"],
+        "tiny/model",
+    )
     page = (tmp_path / "captions.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
     checker = _Checker()
@@ -162,8 +263,19 @@ def test_caption_sheet_is_valid_html_with_every_image_and_caption(tmp_path):
         assert img["src"].startswith("data:image/jpeg;base64,")
         import base64
         import io
+
         assert Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).size == (32, 32)
     text = "".join(checker.text)
-    for caption in ("a dog <runs>", "a pet", "two cats", "a 'quoted' \"caption\"", "before a", "before d", "after a",
-                    "after b & c", "after <d>", "not computed"):
+    for caption in (
+        "a dog <runs>",
+        "a pet",
+        "two cats",
+        "a 'quoted' \"caption\"",
+        "before a",
+        "before d",
+        "after a",
+        "after b & c",
+        "after <d>",
+        "not computed",
+    ):
         assert caption in text

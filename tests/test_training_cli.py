@@ -1,4 +1,5 @@
 """The contract both CIFAR-10 training scripts keep: clear errors, outputs, learning, resume."""
+
 import json
 import subprocess
 import sys
@@ -11,25 +12,53 @@ import vit_scratch
 from conftest import ROOT
 
 TINY = {  # flags for a model small enough to train in seconds on a CPU
-    vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size", "32"],
+    vit_scratch: [
+        "--embed-dim",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--num-heads",
+        "4",
+        "--num-layers",
+        "2",
+        "--batch-size",
+        "32",
+    ],
     cnn_baseline: ["--widths", "8", "16", "32", "--batch-size", "32"],
 }
 SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
-SCHEMA = {"script", "dataset", "device", "device_name", "epochs", "steps", "test_acc", "train_seconds",
-          "images_per_second", "peak_memory_mb", "params", "trainable_params", "args"}
+SCHEMA = {
+    "script",
+    "dataset",
+    "device",
+    "device_name",
+    "epochs",
+    "steps",
+    "test_acc",
+    "train_seconds",
+    "images_per_second",
+    "peak_memory_mb",
+    "params",
+    "trainable_params",
+    "args",
+}
 
 
-@pytest.mark.parametrize("script, flags, message", [
-    (vit_scratch, ["--patch-size", "5"], "--image-size 32 is not divisible by --patch-size 5"),
-    (vit_scratch, ["--embed-dim", "250"], "--embed-dim 250 is not divisible by --num-heads 8"),
-    (vit_scratch, ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-    (cnn_baseline, ["--widths", "32"], "--widths needs a stem width and at least one stage width"),
-    (cnn_baseline, ["--widths", "8", "8", "8", "8", "8", "8", "8"], "can only be halved 5 times"),
-    (vit_scratch, ["--epochs", "0"], "--epochs must be positive"),
-    (cnn_baseline, ["--lr", "-1"], "--lr must be positive"),
-    (cnn_baseline, ["--batch-size", "1000"], "--batch-size 1000 is larger than the 300 training images"),
-    (vit_scratch, ["--limit-train", "100000"], "subset of 100000 images but the split holds 300"),
-], ids=lambda v: v.__name__ if hasattr(v, "__name__") else None)
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        (vit_scratch, ["--patch-size", "5"], "--image-size 32 is not divisible by --patch-size 5"),
+        (vit_scratch, ["--embed-dim", "250"], "--embed-dim 250 is not divisible by --num-heads 8"),
+        (vit_scratch, ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (cnn_baseline, ["--widths", "32"], "--widths needs a stem width and at least one stage width"),
+        (cnn_baseline, ["--widths", "8", "8", "8", "8", "8", "8", "8"], "can only be halved 5 times"),
+        (vit_scratch, ["--epochs", "0"], "--epochs must be positive"),
+        (cnn_baseline, ["--lr", "-1"], "--lr must be positive"),
+        (cnn_baseline, ["--batch-size", "1000"], "--batch-size 1000 is larger than the 300 training images"),
+        (vit_scratch, ["--limit-train", "100000"], "subset of 100000 images but the split holds 300"),
+    ],
+    ids=lambda v: v.__name__ if hasattr(v, "__name__") else None,
+)
 def test_impossible_configs_fail_in_one_line_before_any_work(script, flags, message, tiny_cifar, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--data-dir", str(tiny_cifar), "--out-dir", str(tmp_path / "run"), "--device", "cpu", *flags])
@@ -49,8 +78,21 @@ def test_missing_data_fails_with_both_options(script, tmp_path, capsys):
 @SCRIPTS
 def test_cli_smoke_run_learns_and_writes_the_summary(script, tiny_cifar, tmp_path):
     out, name = tmp_path / "run", script.__name__
-    cmd = [sys.executable, str(ROOT / f"{name}.py"), "--data-dir", str(tiny_cifar), "--out-dir", str(out),
-           "--epochs", "8", "--lr", "2e-3", "--device", "cpu", *TINY[script]]
+    cmd = [
+        sys.executable,
+        str(ROOT / f"{name}.py"),
+        "--data-dir",
+        str(tiny_cifar),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "8",
+        "--lr",
+        "2e-3",
+        "--device",
+        "cpu",
+        *TINY[script],
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "epoch   8/8" in proc.stdout and "test accuracy" in proc.stdout
@@ -59,11 +101,12 @@ def test_cli_smoke_run_learns_and_writes_the_summary(script, tiny_cifar, tmp_pat
     assert summary["script"] == name and summary["epochs"] == 8 and summary["steps"] == 8 * 9
     assert sum(map(sum, summary["confusion_matrix"])) == 100 and len(summary["per_class_acc"]) == 10
     assert summary["params"] == summary["trainable_params"] > 0 and summary["images_per_second"] > 0
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 9))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.05, "training loss did not go down"
     assert json.loads((out / "config.json").read_text())["epochs"] == 8
     from PIL import Image
+
     assert Image.open(out / "curves.png").size == (1260, 330) and Image.open(out / "confusion.png").size == (720, 630)
     for ckpt_name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / ckpt_name, weights_only=True)  # plain values only
@@ -82,15 +125,20 @@ def test_resume_after_interruption_gives_the_same_weights(script, tiny_cifar, tm
         if len(calls) == 3:
             raise KeyboardInterrupt  # Ctrl-C mid-epoch: epoch 2's checkpoint is all that survives
         return real_epoch(*a, **k)
+
     monkeypatch.setattr(script, "train_one_epoch", dies_in_epoch_three)
     with pytest.raises(SystemExit) as stop:
         script.main([*flags, "--out-dir", str(tmp_path / "cut")])
     monkeypatch.setattr(script, "train_one_epoch", real_epoch)
     assert stop.value.code == 130
-    assert f"resume with: python {script.__name__}.py --resume {tmp_path / 'cut' / 'last.pt'}" in capsys.readouterr().err
+    assert (
+        f"resume with: python {script.__name__}.py --resume {tmp_path / 'cut' / 'last.pt'}" in capsys.readouterr().err
+    )
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state"]["epoch"] == 2
 
-    summary = script.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu"])
+    summary = script.main(
+        ["--resume", str(tmp_path / "cut" / "last.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu"]
+    )
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
     assert full.keys() == resumed.keys()

@@ -1,4 +1,5 @@
 """vit_scratch.py: the model's contract and attention parity with the guide (CLI contract: test_training_cli.py)."""
+
 import argparse
 from functools import partial
 
@@ -8,6 +9,7 @@ import torch
 import vit_scratch
 from guide_vit import GuideVisionTransformer, guide_state_dict
 from vit_scratch import VisionTransformer
+
 
 def test_default_model_is_the_guides_size_and_shape():
     model = VisionTransformer()
@@ -56,9 +58,14 @@ def test_no_weight_decay_on_norms_biases_cls_and_positions():
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(model.cls_token) in no_decay_ids and id(model.pos_embedding) in no_decay_ids
     assert id(model.blocks[0].norm1.weight) in no_decay_ids and id(model.to_patch_embedding.bias) in no_decay_ids
-    assert {id(p) for p in decay["params"]} == {id(model.to_patch_embedding.weight), id(model.blocks[0].attn.to_qkv.weight),
-                                                id(model.blocks[0].attn.to_out.weight), id(model.blocks[0].mlp[0].weight),
-                                                id(model.blocks[0].mlp[3].weight), id(model.mlp_head[1].weight)}
+    assert {id(p) for p in decay["params"]} == {
+        id(model.to_patch_embedding.weight),
+        id(model.blocks[0].attn.to_qkv.weight),
+        id(model.blocks[0].attn.to_out.weight),
+        id(model.blocks[0].mlp[0].weight),
+        id(model.blocks[0].mlp[3].weight),
+        id(model.mlp_head[1].weight),
+    }
 
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():
@@ -78,11 +85,28 @@ def test_compiled_model_matches_eager():
 
 # The recipes and the training step (CUDA-graph capture itself needs a GPU: benchmarks/gpu_checks.sh)
 
+
 def test_recipe_guide_resolves_to_exactly_the_guides_settings():
     args, ckpt = vit_scratch.experiment_args(["--recipe", "guide"])
-    guide = {"batch_size": 128, "optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.01, "schedule": "epoch",
-             "warmup": 0.0, "label_smoothing": 0.0, "dropout": 0.1, "init_std": 1.0, "tta": False, "grad_clip": 1.0,
-             "epochs": 10, "embed_dim": 256, "hidden_dim": 512, "num_heads": 8, "num_layers": 6, "patch_size": 4}
+    guide = {
+        "batch_size": 128,
+        "optimizer": "adamw",
+        "lr": 3e-4,
+        "weight_decay": 0.01,
+        "schedule": "epoch",
+        "warmup": 0.0,
+        "label_smoothing": 0.0,
+        "dropout": 0.1,
+        "init_std": 1.0,
+        "tta": False,
+        "grad_clip": 1.0,
+        "epochs": 10,
+        "embed_dim": 256,
+        "hidden_dim": 512,
+        "num_heads": 8,
+        "num_layers": 6,
+        "patch_size": 4,
+    }
     assert ckpt is None and {k: getattr(args, k) for k in guide} == guide
     fast, _ = vit_scratch.experiment_args([])
     assert (fast.recipe, fast.optimizer, fast.batch_size, fast.dropout, fast.tta) == ("fast", "muon", 256, 0.0, True)
@@ -96,7 +120,9 @@ def test_per_epoch_schedule_equals_cosine_annealing_lr_stepped_per_epoch():
     reference = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
     for epoch in range(5):
         for step in range(epoch * 7, epoch * 7 + 7):  # 7 steps per epoch
-            assert 3e-4 * vit_scratch.schedule_factor(args, step, 7, 35) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+            assert 3e-4 * vit_scratch.schedule_factor(args, step, 7, 35) == pytest.approx(
+                opt.param_groups[0]["lr"], rel=1e-12
+            )
         opt.step()
         reference.step()
 
@@ -110,9 +136,12 @@ def test_device_tensor_learning_rate_follows_lr_factor_exactly():
     for step in range(0, 120, 7):
         vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, step, 40, 120))
         factor = vit_scratch.lr_factor(step, 12, 120)
-        assert [float(g["lr"]) for opt in optimizers for g in opt.param_groups] == \
-               [torch.tensor(peak * factor, dtype=torch.float32).item() for peak in (1e-3, 1e-3, 0.01)]
-        assert all(g["lr"] is t for g, t in zip((g for opt in optimizers for g in opt.param_groups), tensors))  # in place
+        assert [float(g["lr"]) for opt in optimizers for g in opt.param_groups] == [
+            torch.tensor(peak * factor, dtype=torch.float32).item() for peak in (1e-3, 1e-3, 0.01)
+        ]
+        assert all(
+            g["lr"] is t for g, t in zip((g for opt in optimizers for g in opt.param_groups), tensors)
+        )  # in place
 
 
 def test_train_step_gives_the_previous_loops_weights_on_cpu():
@@ -126,8 +155,9 @@ def test_train_step_gives_the_previous_loops_weights_on_cpu():
     args = argparse.Namespace(schedule="step", warmup=0.2, epochs=1, label_smoothing=0.1, grad_clip=1.0)
     optimizers = vit_scratch.make_optimizers(ours, optimizer_args(), torch.device("cpu"), capture=False)
     scaler, stats = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2)
-    step = vit_scratch.eager(partial(vit_scratch.train_step, ours, optimizers, scaler, None, 0.1, 1.0, stats=stats),
-                             optimizers)
+    step = vit_scratch.eager(
+        partial(vit_scratch.train_step, ours, optimizers, scaler, None, 0.1, 1.0, stats=stats), optimizers
+    )
     for i, (x, y) in enumerate(batches):
         vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, 6, 6))
         step(x, y)
@@ -154,10 +184,23 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
     """What CapturedStep does after its warm-up steps (on the GPU), checked here on the CPU."""
     torch.manual_seed(0)
     model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2, dropout=0.1)
-    optimizers = vit_scratch.make_optimizers(model, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False)
+    optimizers = vit_scratch.make_optimizers(
+        model, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False
+    )
     stats, x, y = torch.zeros(2), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    step = vit_scratch.eager(partial(vit_scratch.train_step, model, optimizers, torch.amp.GradScaler("cpu", enabled=False),
-                                     None, 0.1, 1.0, stats=stats), optimizers)
+    step = vit_scratch.eager(
+        partial(
+            vit_scratch.train_step,
+            model,
+            optimizers,
+            torch.amp.GradScaler("cpu", enabled=False),
+            None,
+            0.1,
+            1.0,
+            stats=stats,
+        ),
+        optimizers,
+    )
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     undo = vit_scratch.undo_warmup(model, optimizers, stats)
     for _ in range(3):
@@ -167,13 +210,28 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and stats.abs().sum() == 0
     assert torch.equal(torch.get_rng_state(), rng)
     for opt in optimizers:
-        assert opt.state and all(v.abs().sum() == 0 for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+        assert opt.state and all(
+            v.abs().sum() == 0 for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+        )
     # ...so that the next step is the first step of a fresh run
     fresh = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2, dropout=0.1)
     fresh.load_state_dict(before)
-    fresh_opts = vit_scratch.make_optimizers(fresh, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False)
-    fresh_step = vit_scratch.eager(partial(vit_scratch.train_step, fresh, fresh_opts, torch.amp.GradScaler("cpu", enabled=False),
-                                           None, 0.1, 1.0, stats=torch.zeros(2)), fresh_opts)
+    fresh_opts = vit_scratch.make_optimizers(
+        fresh, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False
+    )
+    fresh_step = vit_scratch.eager(
+        partial(
+            vit_scratch.train_step,
+            fresh,
+            fresh_opts,
+            torch.amp.GradScaler("cpu", enabled=False),
+            None,
+            0.1,
+            1.0,
+            stats=torch.zeros(2),
+        ),
+        fresh_opts,
+    )
     torch.manual_seed(5)
     step(x, y)
     torch.manual_seed(5)
@@ -184,7 +242,9 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
 
 def test_muon_trains_only_the_hidden_matrices_with_orthogonalised_updates():
     model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2)
-    adamw, muon = vit_scratch.make_optimizers(model, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False)
+    adamw, muon = vit_scratch.make_optimizers(
+        model, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False
+    )
     hidden = {id(p) for p in vit_scratch.hidden_matrices(model)}
     assert {id(p) for g in muon.param_groups for p in g["params"]} == hidden and len(hidden) == 8
     assert not hidden & {id(p) for g in adamw.param_groups for p in g["params"]}
@@ -193,5 +253,26 @@ def test_muon_trains_only_the_hidden_matrices_with_orthogonalised_updates():
     for M in (G, G.mT):
         singular = torch.linalg.svdvals(vit_scratch.newton_schulz(M).float())
         assert singular.min() > 0.5 and singular.max() < 1.5
-    torch.testing.assert_close(vit_scratch.newton_schulz(G).float().mT @ vit_scratch.newton_schulz(G).float(),
-                               torch.eye(32).expand(3, 32, 32), atol=0.5, rtol=0)
+    torch.testing.assert_close(
+        vit_scratch.newton_schulz(G).float().mT @ vit_scratch.newton_schulz(G).float(),
+        torch.eye(32).expand(3, 32, 32),
+        atol=0.5,
+        rtol=0,
+    )
+
+
+def test_regional_compilation_gives_the_eager_outputs_and_gradients():
+    """--compile compiles each block's forward (one compiled code, reused by every block)."""
+    torch.manual_seed(0)
+    eager_model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2, dropout=0.0)
+    compiled = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2, dropout=0.0)
+    compiled.load_state_dict(eager_model.state_dict())
+    for block in compiled.blocks:
+        block.forward = torch.compile(block.forward)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for model in (eager_model, compiled):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(compiled(x), eager_model(x), atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(compiled.named_parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert compiled.state_dict().keys() == eager_model.state_dict().keys()  # checkpoints stay interchangeable
