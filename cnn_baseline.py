@@ -499,8 +499,13 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
     if args.compile:
         trained.forward = torch.compile(trained.forward, mode=args.compile_mode)
     stats = torch.zeros(2, device=device)
+    t0 = time.perf_counter()
     run_step = make_step(trained, optimizer, scaler, amp_dtype, args, stats, train_loader, layout, capture) \
         if progress.step < total_steps else None
+    if isinstance(run_step, CapturedStep):  # capture (and compilation) count as training time
+        torch.cuda.synchronize(device)
+        progress.train_seconds += time.perf_counter() - t0
+        print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
 
     def learning_rate(step):
         factor = lr_factor(step, int(args.warmup * total_steps), total_steps)

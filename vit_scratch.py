@@ -350,7 +350,10 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(p.shape, []).append(p)
             for shape, params in by_shape.items():
                 grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:  # created once, before any graph capture
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
                 nesterov = torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"])  # (n, rows, cols)
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5
@@ -634,8 +637,13 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
         block.forward = torch.compile(block.forward, mode=args.compile_mode)
     trained = wrap_distributed(model, device, world_size)
     stats = torch.zeros(2, device=device)
+    t0 = time.perf_counter()
     run_step = make_step(trained, optimizers, scaler, amp_dtype, args, stats, train_loader, capture, compiled) \
         if progress.step < total_steps else None
+    if isinstance(run_step, CapturedStep):  # capture (and compilation) count as training time
+        torch.cuda.synchronize(device)
+        progress.train_seconds += time.perf_counter() - t0
+        print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
 
     def learning_rate(step):
         factor = schedule_factor(args, step, steps_per_epoch, total_steps)

@@ -42,6 +42,10 @@ summary() {  # a run folder -> one table row
 # 0. decode CIFAR-10 once (the scripts cache it beside the data): the targets are for a warm cache
 check decode 90 python -c "import common; common.load_cifar10('/tmp/cifar10', download=False)"
 
+# the captured step against the eager step (tests/test_gpu.py; CI has no GPU and skips it)
+check gpu_tests 60 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+{ echo "## tests/test_gpu.py"; grep -E "passed|failed|error" "$LOG" | tail -1; } >> "$RESULTS"
+
 # 1. issue 13: the main command as a user runs it (whole process timed), then the sweep in one process
 check vit_default 90 bash -c "s=\$SECONDS; python vit_scratch.py --epochs 10 --data-dir /tmp/cifar10 --no-progress --out-dir runs/gpu/vit-default; echo \"whole process \$((SECONDS - s)) s\""
 { echo; echo "## vit_scratch.py --epochs 10 (defaults), whole process"; echo "| run | test acc | train s | img/s | peak MB |"; echo "|---|---:|---:|---:|---:|"
