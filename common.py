@@ -50,11 +50,10 @@ class CheckpointWriteError(OSError):
 
 @contextmanager
 def one_line_errors(script, memory_hint="--batch-size"):
-    """The one mechanism from a failure to its message: bad input (DataError, raised anywhere, argparse
-    included) exits 2; Ctrl-C exits 130 with the resume command; running out of GPU memory, a non-finite
-    loss or a failed checkpoint write exit 1 saying what is saved. The script fills in the yielded report
-    as it learns: saved() describes what is on disk, resume is the file --resume takes. An output folder
-    this run created and left empty is removed."""
+    """The one path from a failure to its message: bad input (DataError, from anywhere, argparse included)
+    exits 2; Ctrl-C 130 with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint
+    write 1. The script fills in the report as it goes (saved(): what is on disk; resume: the file
+    --resume takes). An output folder this run created and left empty is removed."""
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
                              created_out_dir=False)
     try:
@@ -92,8 +91,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def make_parser(doc):
-    """An ArgumentParser whose description is the docstring's first paragraph, whose epilog lists the
-    docstring's example commands, and whose errors are DataErrors (one line, exit 2)."""
+    """A parser described by the docstring's first paragraph, its commands as epilog, errors as DataError."""
     examples = [line for line in doc.splitlines() if line.split()[:1] in (["python"], ["torchrun"])]
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
                                      epilog="examples:\n" + "\n".join(examples) if examples else None)
@@ -122,10 +120,8 @@ def flag(name):
 
 
 def resumed_args(saved, cli, given, runtime, extendable=()):
-    """The experiment as a checkpoint recorded it (`saved`, a dict of flags). Runtime flags come from the
-    command line. An experiment flag typed on the command line must equal the saved one, except the
-    `extendable` ones (more epochs or steps), which take effect; anything else is a DataError naming the
-    flag, both values and what to do."""
+    """The flags a checkpoint saved, with the `runtime` ones from the command line. Other typed flags must
+    equal the saved ones (DataError naming both values), except `extendable` ones, which take effect."""
     args = argparse.Namespace(**saved)
     for name in runtime:
         setattr(args, name, getattr(cli, name))
@@ -182,28 +178,20 @@ def load_cifar10(data_dir, download=True, image_size=32, log=print):
     if (root / "train").is_dir() and (root / "test").is_dir():
         return _load_imagefolder_cached(root, image_size, log)
     batches = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
+    missing = (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree (train/<class>/*, "
+               f"test/<class>/*) or at torchvision's folder holding cifar-10-batches-py (downloaded when online)")
     if not batches.is_dir() and download:
-        _download_cifar10(root)
+        from torchvision.datasets import CIFAR10
+        try:
+            CIFAR10(root=str(root), train=True, download=True)
+        except Exception as e:  # offline, proxy, disk full...: all mean the same thing to the user
+            raise DataError(f"{missing}; the download failed: {type(e).__name__}: {e}") from None
     if not batches.is_dir():
-        raise DataError(_missing_data_message(root))
+        raise DataError(missing)
     data = _load_torchvision_batches(batches)
     if image_size != 32:
         data.train_x, data.test_x = _resize(data.train_x, image_size), _resize(data.test_x, image_size)
     return data
-
-
-def _missing_data_message(root):
-    return (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree "
-            f"(train/<class>/*, test/<class>/*) or at torchvision's folder holding cifar-10-batches-py "
-            f"(downloaded there automatically when online)")
-
-
-def _download_cifar10(root):
-    from torchvision.datasets import CIFAR10
-    try:
-        CIFAR10(root=str(root), train=True, download=True)
-    except Exception as e:  # offline, proxy, disk full...: all mean the same thing to the user
-        raise DataError(f"{_missing_data_message(root)}; the download failed: {type(e).__name__}: {e}") from None
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -639,43 +627,33 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
     return path
 
 
-@contextmanager
-def _ctrl_c_deferred():
-    """Hold Ctrl-C (SIGINT) until the block ends, so that a file being written is finished first (an
-    interrupt inside torch.save's zip writer would otherwise surface as an unrelated RuntimeError)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            raise KeyboardInterrupt
-
-
 def _atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    with _ctrl_c_deferred():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    """write(file) into a temporary file beside `path`, then rename it over `path`: a crash or a full disk
+    leaves the previous file intact. Ctrl-C is held until the file is complete (inside torch.save's zip
+    writer it would surface as an unrelated RuntimeError), then raised."""
+    path, held = Path(path), []
+    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True)) if main else None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def save_checkpoint(obj, path, also=None):
-    """torch.save to a temporary file, then rename: a crash or a full disk leaves the previous file intact.
-    `also` (best.pt) becomes the same file: a hard link (a copy where links fail), renamed into place."""
+    """torch.save, atomically; `also` (best.pt) becomes the same file: a hard link (a copy where links fail)."""
     try:
         _atomic_write(path, lambda f: torch.save(obj, f))
         if also:
