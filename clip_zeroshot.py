@@ -1,38 +1,88 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "ftfy>=6.1", "regex>=2023.10.3", "numpy",
-#                 "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
+# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "peft>=0.13", "ftfy>=6.1",
+#                 "regex>=2023.10.3", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
 # ///
-"""CLIP zero-shot classification of CIFAR-10 from class-name prompts, and a linear probe beyond it.
+"""CLIP on CIFAR-10: zero-shot from class-name prompts, a linear probe, and its ViT fine-tuned (full or LoRA).
 
-The study guide's transfer-learning lesson: a model pre-trained on 400M image-text pairs classifies
-CIFAR-10 without seeing one labelled CIFAR image. Each class name goes into prompt templates
-("a photo of a {}."), the text encoder embeds them, and each image is assigned the class whose
-embedding is closest (cosine similarity x logit_scale). --prompts ensemble averages OpenAI's 18
-CIFAR-10 templates per class; --linear-probe fits logistic regression on frozen image features of the
-training set, the "beyond zero-shot" number.
+The study guide's transfer-learning lesson in three steps. Zero-shot: a model pre-trained on 400M
+image-text pairs classifies CIFAR-10 without seeing one labelled CIFAR image; each class name goes into
+prompt templates ("a photo of a {}."), the text encoder embeds them, and each image is assigned the
+class whose embedding is closest (cosine similarity x logit_scale); --prompts ensemble averages
+OpenAI's 18 CIFAR-10 templates per class. --linear-probe fits logistic regression on frozen image
+features of the training set. --finetune trains CLIP's image tower (a pre-trained ViT) on CIFAR-10,
+the guide's "pre-trained ViT, fine-tuned" row: all of its weights (full) or peft LoRA adapters on its
+attention projections (lora), under a linear head that starts as the zero-shot classifier, so training
+starts from the zero-shot accuracy.
 
     python clip_zeroshot.py                                    # openai/clip-vit-base-patch32, 10,000 test images
     python clip_zeroshot.py --model openai/clip-vit-large-patch14 --prompts ensemble
     python clip_zeroshot.py --model /path/to/local/clip --data-dir /tmp/cifar10 --linear-probe
-    python clip_zeroshot.py --prompts my_templates.txt         # one template per line, "{}" = class name
+    python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, one template per line, "{}" = class name
+    python clip_zeroshot.py --finetune full --epochs 2         # ViT-B/32 image tower, all weights
+    python clip_zeroshot.py --finetune lora --epochs 2 --rank 16 --wise 0.5   # LoRA; WiSE-FT mix reported too
+    python clip_zeroshot.py --finetune lora --model /path/to/local/clip --data-dir /tmp/cifar10
+    python clip_zeroshot.py --resume runs/clip_zeroshot/<run>/last.pt --epochs 4     # continue, or extend
+    python clip_zeroshot.py --finetune full --limit-train 2000 --limit-test 500 --max-steps 20 --device cpu
 
 Images are preprocessed as batched tensor ops on the device (bicubic resize, center crop, CLIP
-mean/std, with the model's own CLIPImageProcessor settings), so 10,000 images go through in large batches
-without a PIL round-trip per image. Published figures for the released weights are in the README;
-figures measured here are in BENCHMARKS.md. Outputs: --out-dir/config.json, summary.json. Needs common.py.
+mean/std, with the model's own CLIPImageProcessor settings), so 10,000 images go through in large
+batches without a PIL round-trip per image; fine-tuning first crops (padding 4) and flips each 32 px
+image, then resizes it to the tower's resolution the same way. Fine-tuning: AdamW with warm-up and
+cosine, weight decay, gradient clipping, bf16 autocast on CUDA, an evaluation after every epoch.
+Published figures for the released weights are in the README; figures measured here are in
+BENCHMARKS.md. Outputs in --out-dir: config.json, summary.json, confusion.png; fine-tuning adds
+metrics.jsonl, curves.png, last.pt and best.pt (LoRA: the adapters and the head only) and, for LoRA,
+adapter/ (peft; load_adapter() puts it on a fresh base). Charts need matplotlib. Needs common.py.
 """
+import math
+import os
+import shutil
+import string
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, accuracy_from, confusion_matrix, load_cifar10, make_parser, one_line_errors, peak_memory_mb,
-                    per_class_accuracy, plot_confusion, prepare_out_dir, progress_bar, stratified_subset, write_json)
+from common import (
+    CheckpointWriteError,
+    DataError,
+    NonFiniteLoss,
+    accuracy_from,
+    append_jsonl,
+    apply_crop_flip,
+    check_same_data,
+    confusion_matrix,
+    crop_flip_params,
+    derived_seed,
+    flag,
+    given_flags,
+    load_checkpoint,
+    load_cifar10,
+    make_parser,
+    one_line_errors,
+    peak_memory_mb,
+    per_class_accuracy,
+    plot_confusion,
+    plot_curves,
+    prepare_out_dir,
+    progress_bar,
+    read_jsonl,
+    restore_rng,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    stratified_subset,
+    trim_metrics,
+    write_json,
+)
 
 SCRIPT = "clip_zeroshot"
+CHECKPOINT_VERSION = 1
 SINGLE_TEMPLATE = ["a photo of a {}."]
 # The 18 CIFAR-10 templates OpenAI published with CLIP (prompt engineering notebook / data/prompts.md).
 CIFAR10_TEMPLATES = [
@@ -42,27 +92,115 @@ CIFAR10_TEMPLATES = [
     "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
     "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
 ]
+# Defaults that depend on the mode. Fine-tuning: a small learning rate for a pre-trained tower (the
+# WiSE-FT / FLYP recipes use 1e-5 to 3e-5 with weight decay 0.1), a larger one for freshly initialised
+# LoRA adapters; the head starts from the 18-template ensemble, the better zero-shot classifier.
+MODE_DEFAULTS = {
+    None: dict(batch_size=500, prompts="single"),
+    "full": dict(batch_size=128, prompts="ensemble", lr=1e-5, weight_decay=0.1),
+    "lora": dict(batch_size=128, prompts="ensemble", lr=1e-3, weight_decay=0.01),
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the image tower's attention projections
+FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
+LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
+# Flags that describe the machine, not the experiment: on --resume they come from the command line.
+RUNTIME_FLAGS = ("device", "no_download", "no_progress", "no_plots", "overwrite")
+PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
 
 
-def parse_args(argv=None):
+def build_parser():
     p = make_parser(__doc__)
     a = p.add_argument
-    a("--model", default="openai/clip-vit-base-patch32", help="hub id or local folder (save_pretrained) of a CLIPModel with its tokenizer and image processor")
-    a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
+    a("--model", default="openai/clip-vit-base-patch32",
+      help="hub id or local folder (save_pretrained) of a CLIPModel with its tokenizer and image processor")
+    a("--data-dir", default="./data",
+      help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10")
-    a("--prompts", default="single", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 18 templates) or a text file of templates")
+    a("--prompts", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 18 templates) or a UTF-8 file of "
+                        "templates (default: single; ensemble with --finetune)")
     a("--limit-test", type=int, default=None, help="classify a class-stratified subset of N test images")
     a("--linear-probe", action="store_true", help="also fit logistic regression on frozen features of the training set")
-    a("--limit-train", type=int, default=None, help="linear probe: use a class-stratified subset of N training images")
-    a("--batch-size", type=int, default=500, help="images per encoder batch")
+    a("--limit-train", type=int, default=None,
+      help="linear probe and fine-tuning: use a class-stratified subset of N training images")
+    a("--batch-size", type=int, help="images per encoder batch; with --finetune, per training step (default 500 / 128)")
+    # fine-tuning
+    a("--finetune", choices=["full", "lora"], help="train the image tower: all its weights, or LoRA adapters")
+    a("--epochs", type=int, default=2, help="fine-tuning: passes over the training set")
+    a("--lr", type=float, help="fine-tuning: peak AdamW learning rate (default 1e-5 full, 1e-3 lora)")
+    a("--weight-decay", type=float,
+      help="fine-tuning: AdamW decoupled weight decay, not on biases and norms (default 0.1 full, 0.01 lora)")
+    a("--warmup", type=float, default=0.1, help="fine-tuning: linear warm-up as a fraction of all steps, then cosine")
+    a("--grad-clip", type=float, default=1.0, help="fine-tuning: clip the gradient norm to this (0 = off)")
+    a("--max-steps", type=int, help="fine-tuning: stop after this many optimizer steps (smoke runs)")
+    a("--wise", type=float, help="fine-tuning: also report WiSE-FT, the weights (1 - a) x zero-shot + a x fine-tuned")
+    a("--rank", type=int, default=16, help="--finetune lora: LoRA rank r")
+    a("--alpha", type=float, default=32, help="--finetune lora: LoRA alpha (the update is scaled by alpha / r)")
+    a("--lora-dropout", type=float, default=0.05, help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
+    a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
+    a("--resume", help="continue fine-tuning from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
+    # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--seed", type=int, default=0, help="seeds subsets and the probe's held-out split")
+    a("--seed", type=int, default=0, help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/clip_zeroshot/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
-    a("--no-plots", action="store_true", help="no confusion.png")
-    return p.parse_args(argv)
+    a("--no-plots", action="store_true", help="no pictures (confusion.png, curves.png)")
+    return p
 
+
+def experiment_args(argv):
+    """(args, the flags typed, checkpoint or None): the command line with the mode's defaults filled in,
+    or on --resume the run's own flags (a flag that differs is refused, more --epochs or --max-steps
+    extend the run)."""
+    parser = build_parser()
+    cli, given = parser.parse_args(argv), given_flags(parser, argv)
+    if not cli.resume:
+        for name, value in MODE_DEFAULTS[cli.finetune].items():
+            if getattr(cli, name) is None:
+                setattr(cli, name, value)
+        cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        return cli, given, None
+    ckpt = load_checkpoint(cli.resume, SCRIPT)
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
+    if args.epochs < ckpt["state"]["epoch"]:
+        raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
+    return args, given, ckpt
+
+
+def check_args(args, given):
+    """Impossible or ignored flags stop the run before any work, naming the flag."""
+    if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
+        raise DataError("--batch-size, --limit-test and --limit-train must be positive")
+    misplaced = [name for name in FINETUNE_FLAGS + LORA_FLAGS + ("resume",) if name in given]
+    if misplaced and not args.finetune:
+        raise DataError(f"{flag(misplaced[0])} applies to fine-tuning; add --finetune full or --finetune lora")
+    lora_only = [name for name in LORA_FLAGS if name in given]
+    if lora_only and args.finetune == "full":
+        raise DataError(f"{flag(lora_only[0])} applies to --finetune lora, not full")
+    if args.finetune and args.linear_probe:
+        raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
+    if not args.finetune:
+        return
+    for name in ("epochs", "rank", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("lr", "alpha"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise DataError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise DataError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
+    for name in ("warmup", "lora_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
+    if args.wise is not None and not 0 <= args.wise <= 1:
+        raise DataError(f"--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got {args.wise}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt templates: checked in full before any model loads
 
 def load_templates(spec):
     if spec == "single":
@@ -72,12 +210,50 @@ def load_templates(spec):
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"--prompts {spec}: not 'single', 'ensemble' or a file of templates")
-    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    bad = [t for t in templates if t.count("{}") != 1]
-    if not templates or bad:
-        raise DataError(f"--prompts {spec}: each line must hold one template with exactly one '{{}}' for the class name"
-             f"{f' (first bad line: {bad[0]!r})' if bad else ''}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of a template
+    except UnicodeDecodeError as e:
+        raise DataError(f"--prompts {spec}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}, as in a "
+                        f"Latin-1 or Windows-1252 file); save it as UTF-8") from None
+    templates = [line.strip() for line in text.splitlines() if line.strip()]
+    if not templates:
+        raise DataError(f"--prompts {spec}: no templates in it (one per line, '{{}}' where the class name goes)")
+    for template in templates:
+        problem = template_problem(template)
+        if problem:
+            raise DataError(f"--prompts {spec}: {problem} (first bad line: {template!r})")
     return templates
+
+
+def template_problem(template):
+    """None for a good template: a str.format string whose only field is one '{}', for the class name."""
+    try:
+        fields = [(name, fmt, conv) for _, name, fmt, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # a lone brace: "a photo of a {} :-{"
+        return f"a template is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'"
+    if not fields:  # "a {{}} photo" is the literal text "a {} photo"
+        return "a template never inserts the class name ('{{}}' is a literal brace pair); put one '{}' where it goes"
+    other = [f"{{{name}{'!' + conv if conv else ''}{':' + fmt if fmt else ''}}}" for name, fmt, conv in fields
+             if (name, fmt, conv) != ("", "", None)]
+    if other or len(fields) > 1:
+        return f"a template holds {other[0] if other else f'{len(fields)} fields'}; the one field allowed is '{{}}', " \
+               f"for the class name"
+    return None
+
+
+def check_template_lengths(templates, classes, tokenizer, config, spec):
+    """CLIP's text tower has a fixed context (77 tokens for the released models); a longer prompt would
+    fail inside transformers after the weights load."""
+    context = min(config.text_config.max_position_embeddings, tokenizer.model_max_length)
+    for template in templates:
+        prompts = [template.format(c) for c in classes]
+        lengths = [len(ids) for ids in tokenizer(prompts, verbose=False)["input_ids"]]  # verbose: its own warning
+        longest = max(range(len(classes)), key=lengths.__getitem__)
+        if lengths[longest] > context:
+            shown = template if len(template) <= 60 else template[:57] + "..."
+            raise DataError(f"--prompts {spec}: {shown!r} with the class {classes[longest]!r} is {lengths[longest]} "
+                            f"tokens, more than the text tower's {context}; shorten the template")
 
 
 def pick_device(name):
@@ -90,26 +266,73 @@ def pick_device(name):
     return torch.device(name)
 
 
-def autocast(device):
-    """fp16/bf16 autocast on CUDA (the released CLIP weights were trained in fp16); fp32 elsewhere."""
+def amp_dtype_for(device):
+    """bf16 autocast on CUDA GPUs that have it, else fp16 (the released CLIP weights were trained in
+    fp16; training then uses a GradScaler); fp32 elsewhere. Weights stay fp32."""
     if device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device):
+    dtype = amp_dtype_for(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model, tokenizer and image processor through transformers
 
-def load_clip(name, device):
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+@contextmanager
+def quiet_transformers():
+    """No "Loading weights" progress bars from transformers: the script says what it loads itself."""
+    from transformers.utils import logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
     try:
-        model = CLIPModel.from_pretrained(name).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        processor = AutoImageProcessor.from_pretrained(name)
-    except OSError as e:
-        raise DataError(f"cannot load CLIP model {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
-             f"to a local copy (a save_pretrained folder), or unset HF_HUB_OFFLINE with internet access")
-    return model, tokenizer, processor
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def cannot_load(name, e):
+    return DataError(f"cannot load CLIP model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
+                     f"offline, pass --model PATH to a local copy (a save_pretrained folder), or unset "
+                     f"HF_HUB_OFFLINE with internet access")
+
+
+def load_clip_parts(name):
+    """Config, tokenizer and image processor: small files, read before the weights, so that a model that
+    is not CLIP, or a template too long for its text tower, stops the run before the weights load."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(name)
+            if config.model_type != "clip":
+                kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
+                raise DataError(f"--model {name} holds a {kind}, not a CLIPModel: pass a CLIP checkpoint with its "
+                                f"tokenizer and image processor (e.g. openai/clip-vit-base-patch32)")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise cannot_load(name, e) from None
+    return config, tokenizer, processor
+
+
+def load_clip_model(name, device):
+    from transformers import CLIPModel
+    with quiet_transformers():
+        try:
+            model = CLIPModel.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise cannot_load(name, e) from None
+    return model.to(device).eval()
+
+
+def load_clip(name, device):
+    """(model, tokenizer, image processor) of a CLIP checkpoint."""
+    _, tokenizer, processor = load_clip_parts(name)
+    return load_clip_model(name, device), tokenizer, processor
 
 
 def pooled(out):
@@ -197,6 +420,8 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed, grid=(1e-6
     order = torch.randperm(len(train_y), generator=g).to(train_x.device)
     n_val = max(1, len(order) // 5)
     val, fit = order[:n_val], order[n_val:]
+    if not len(fit):
+        raise DataError(f"the linear probe got {len(order)} training image(s): too few to hold 20% out")
     scores = {}
     for wd in grid:
         W, b = fit_logistic(train_x[fit], train_y[fit], num_classes, wd)
@@ -204,44 +429,419 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed, grid=(1e-6
     best = max(grid, key=lambda wd: (scores[wd], wd))  # ties: the stronger regularisation
     W, b = fit_logistic(train_x, train_y, num_classes, best)
     test_acc = ((test_x @ W + b).argmax(1) == test_y).float().mean().item()
-    return {"test_acc": test_acc, "weight_decay": best, "val_acc_by_weight_decay": {str(k): v for k, v in scores.items()}}
+    return {"test_acc": test_acc, "weight_decay": best,
+            "val_acc_by_weight_decay": {str(k): v for k, v in scores.items()}}
+
+
+def check_probe_size(n, num_classes):
+    if n < PROBE_MIN_PER_CLASS * num_classes:
+        raise DataError(f"--limit-train {n}: the linear probe needs at least {PROBE_MIN_PER_CLASS * num_classes} "
+                        f"training images ({PROBE_MIN_PER_CLASS} per class) to choose its L2 strength on a "
+                        f"held-out 20%")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fine-tuning: the image tower under a head that starts as the zero-shot classifier
+
+class ImageClassifier(nn.Module):
+    """CLIP's image tower and projection, then a linear head on the normalised image embedding. The head
+    starts as the zero-shot classifier (logit_scale x the classes' text embeddings, bias 0): before any
+    step its logits are the zero-shot logits (the zero-shot initialisation of WiSE-FT and FLYP)."""
+
+    def __init__(self, tower, projection, head_weight):
+        super().__init__()
+        self.tower, self.projection = tower, projection
+        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], device=head_weight.device)
+        with torch.no_grad():
+            self.head.weight.copy_(head_weight)
+            self.head.bias.zero_()
+
+    def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
+        features = self.projection(self.tower(pixel_values=pixels).pooler_output)  # (B, D)
+        return self.head(F.normalize(features, dim=-1))
+
+
+def zero_shot_classifier(model, tokenizer, classes, templates, device):
+    """The image side of a loaded CLIPModel with the zero-shot head; its text tower is not kept."""
+    text_weights = text_classifier(model, tokenizer, classes, templates, device)
+    head = model.logit_scale.exp().item() * text_weights  # (K, D)
+    return ImageClassifier(model.vision_model, model.visual_projection, head).float()
+
+
+def add_lora(classifier, args):
+    """peft LoRA on the tower's --targets; the head is trained whole (modules_to_save) and saved with the
+    adapters; every other weight is frozen."""
+    from peft import LoraConfig, get_peft_model
+    names = [name for name, _ in classifier.tower.named_modules()]
+    for target in args.targets:  # peft's own message for this is about its internals
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise DataError(f"--targets {target}: no module of the image tower has that name (its attention "
+                            f"projections are {', '.join(LORA_TARGETS)})")
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
+                        target_modules=list(args.targets), modules_to_save=["head"])
+    try:
+        return get_peft_model(classifier, config)
+    except ValueError as e:
+        raise DataError(f"--targets {' '.join(args.targets)}: {str(e).splitlines()[0]}") from None
+
+
+def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
+    """A fine-tuned LoRA classifier from a run's adapter/ folder on a fresh copy of its base CLIP. The
+    head comes from the folder, so no text is needed:
+        model = load_adapter("openai/clip-vit-base-patch32", "runs/clip_zeroshot/<run>/adapter", 10)
+        _, _, processor = load_clip_parts("openai/clip-vit-base-patch32")
+        logits = model(TensorPreprocess(processor, "cpu")(uint8_images))  # (B, 3, H, W) -> (B, 10)"""
+    from peft import PeftModel
+    config, _, _ = load_clip_parts(model_name)
+    model = load_clip_model(model_name, device)
+    base = ImageClassifier(model.vision_model, model.visual_projection,
+                           torch.zeros(num_classes, config.projection_dim, device=device))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+
+
+def count_params(model):
+    """(trainable, total); peft's saved copy of the head's initial weights (original_module) is not counted."""
+    params = [(n, p) for n, p in model.named_parameters() if "original_module" not in n]
+    return sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params)
+
+
+def make_optimizer(model, args, device):
+    """AdamW on what trains, without weight decay on biases, norms and the class embedding (1-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+def lr_factor(step, warmup_steps, total_steps):
+    """Linear warm-up to 1, then cosine to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augmented_batches(images, labels, batch_size, seed, epoch):
+    """Shuffled batches of uint8 images, each randomly cropped (zero padding 4) and flipped at its stored
+    32 px: the guide's augmentation, before the preprocessing scales it to the tower's resolution. The
+    draws depend only on (seed, epoch), so a resumed run sees the batches the uninterrupted one saw."""
+    g = torch.Generator(device=images.device).manual_seed(derived_seed(seed, "batches", epoch))
+    order = torch.randperm(len(labels), device=images.device, generator=g)
+    for i in range(len(labels) // batch_size):  # the ragged tail is dropped
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        params = crop_flip_params(batch_size, generator=g, device=images.device)
+        yield apply_crop_flip(images[idx], params), labels[idx]
+
+
+def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y, stats):
+    """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device."""
+    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        logits = model(preprocess(x))
+    loss = F.cross_entropy(logits.float(), y)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
+
+
+def train_one_epoch(run, args, epoch, step, bar):
+    """One pass over the shuffled, augmented training set, stopping at the run's last step; returns
+    (mean loss, accuracy, images, step reached, last learning rate). Statistics stay on the device and
+    are read every 20 steps (progress and the non-finite check) and at the end."""
+    model, optimizer = run["model"], run["optimizer"]
+    model.train()
+    torch.manual_seed(derived_seed(args.seed, "dropout", epoch))  # LoRA dropout draws: resumable
+    stats, seen, lr = torch.zeros(2, device=run["device"]), 0, 0.0
+    for x, y in augmented_batches(run["train_x"], run["train_y"], args.batch_size, args.seed, epoch):
+        lr = args.lr * lr_factor(step, run["warmup_steps"], run["total_steps"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_step(model, optimizer, run["scaler"], run["preprocess"], run["amp_dtype"], args.grad_clip, x, y, stats)
+        step, seen = step + 1, seen + len(y)
+        bar.update(1)
+        if step % 20 == 0:
+            check_progress(stats, seen, step, lr, bar)
+        if step >= run["total_steps"]:
+            break
+    loss, acc = check_progress(stats, seen, step, lr, bar)
+    return loss, acc, seen, step, lr
+
+
+def check_progress(stats, seen, step, lr, bar):
+    loss_sum, correct = stats.tolist()
+    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.2e}")
+    return loss, acc
+
+
+@torch.no_grad()
+def evaluate(model, preprocess, images, labels, batch_size, amp_dtype):
+    """(predictions, mean cross-entropy) over the whole test set, in order."""
+    model.eval()
+    preds, loss_sum = [], torch.zeros((), device=labels.device)
+    for i in range(0, len(labels), batch_size):
+        with torch.autocast(labels.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = model(preprocess(images[i:i + batch_size])).float()
+        loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum")
+        preds.append(logits.argmax(1))
+    return torch.cat(preds), loss_sum.item() / len(labels)
+
+
+def wise_weights(initial, final, alpha):
+    """WiSE-FT (Wortsman et al., 2022): (1 - alpha) x zero-shot + alpha x fine-tuned, tensor by tensor.
+    LoRA's A matrices are kept as trained: B starts at zero, so mixing B mixes the whole update B A."""
+    return {n: final[n] if "lora_A" in n else torch.lerp(initial[n], final[n], alpha) for n in final}
+
+
+def trainable_state(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class Progress:
+    """What a checkpoint records of the run besides weights and flags."""
+    epoch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    zero_shot_acc: float = 0.0
+
+
+def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
+    """--finetune full|lora: the zero-shot classifier's image side trained on CIFAR-10, evaluated after
+    every epoch (and before the first, the zero-shot start), saved every epoch; returns the summary."""
+    torch.manual_seed(args.seed)
+    model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
+    if args.finetune == "lora":
+        model = add_lora(model, args)
+    initial = trainable_state(model) if args.wise is not None else None  # zero-shot weights, for WiSE-FT
+    steps_per_epoch = len(train_idx) // args.batch_size
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    run = dict(model=model, device=device, preprocess=TensorPreprocess(processor, device),
+               train_x=data.train_x[train_idx].to(device), train_y=data.train_y[train_idx].to(device),
+               test_x=data.test_x[test_idx].to(device), test_y=data.test_y[test_idx].to(device),
+               optimizer=make_optimizer(model, args, device), amp_dtype=amp_dtype_for(device),
+               total_steps=total_steps, warmup_steps=int(args.warmup * total_steps), out_dir=Path(args.out_dir))
+    run["scaler"] = torch.amp.GradScaler(device.type, enabled=run["amp_dtype"] == torch.float16)
+    trainable, total = count_params(model)
+    print(f"{SCRIPT}: fine-tuning {args.model} ({args.finetune}) | trainable {trainable:,} of {total:,} parameters "
+          f"({trainable / total:.2%}) | {device} {run['amp_dtype'] or torch.float32} | train {len(train_idx):,} test "
+          f"{len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, "
+          f"lr {args.lr:g} | out {run['out_dir']}", flush=True)
+    progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, templates, data)
+    last = run["out_dir"] / "last.pt"
+    report.resume = last
+    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
+                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
+    preds = None
+    for epoch in range(progress.epoch + 1, args.epochs + 1):
+        if progress.step >= total_steps:
+            break
+        with progress_bar(min(steps_per_epoch, total_steps - progress.step), f"epoch {epoch}/{args.epochs}",
+                          args.no_progress) as bar:
+            sync(device)
+            t0 = time.perf_counter()
+            loss, acc, seen, progress.step, lr = train_one_epoch(run, args, epoch, progress.step, bar)
+            seconds = time.perf_counter() - t0  # the statistics' read-back above waited for the device
+        preds, test_loss = evaluate(model, run["preprocess"], run["test_x"], run["test_y"], args.batch_size,
+                                    run["amp_dtype"])
+        test_acc = accuracy_from(confusion_matrix(preds, run["test_y"], len(data.classes)))
+        progress.epoch, progress.train_seconds = epoch, progress.train_seconds + seconds
+        progress.images_seen += seen
+        log_epoch(args, run["out_dir"], dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc,
+                                             test_loss=test_loss, test_acc=test_acc, lr=lr, epoch_seconds=seconds,
+                                             images_per_second=seen / seconds))
+        save_run(args, run, progress, test_acc, data)
+    if preds is None:  # resumed a finished run: evaluate what it left
+        preds, _ = evaluate(model, run["preprocess"], run["test_x"], run["test_y"], args.batch_size, run["amp_dtype"])
+    wise = wise_accuracy(args, run, initial, len(data.classes)) if initial is not None else None
+    return write_finetune_summary(args, run, progress, data, preds, (trainable, total), templates, wise)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def start_run(args, run, templates, data):
+    """A new run: its config, then the zero-shot start evaluated as epoch 0 of the metrics."""
+    write_json(run["out_dir"] / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+    preds, test_loss = evaluate(run["model"], run["preprocess"], run["test_x"], run["test_y"], args.batch_size,
+                                run["amp_dtype"])
+    zero_shot_acc = accuracy_from(confusion_matrix(preds, run["test_y"], len(data.classes)))
+    log_epoch(args, run["out_dir"], dict(epoch=0, step=0, test_loss=test_loss, test_acc=zero_shot_acc))
+    return Progress(zero_shot_acc=zero_shot_acc)
+
+
+def log_epoch(args, out_dir, row):
+    append_jsonl(out_dir / "metrics.jsonl", row)
+    if row["epoch"] == 0:
+        print(f"epoch   0/{args.epochs} | zero-shot start | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}",
+              flush=True)
+        return
+    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
+          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
+          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
+
+
+def save_run(args, run, progress, test_acc, data):
+    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet):
+    the whole classifier for full fine-tuning, only what trains (adapters + head) for LoRA, which also
+    refreshes adapter/."""
+    is_best = test_acc > progress.best_acc
+    progress.best_acc = max(progress.best_acc, test_acc)
+    model, out_dir = run["model"], run["out_dir"]
+    weights = trainable_state(model) if args.finetune == "lora" else model.state_dict()
+    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "finetune": args.finetune, "model": weights,
+            "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
+            "rng": rng_state(run["device"]), "state": asdict(progress), "args": vars(args),
+            "data_fingerprint": data.fingerprint}
+    save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
+    if args.finetune == "lora":
+        save_adapter(model, out_dir)
+
+
+def save_adapter(model, out_dir):
+    """peft's save_pretrained into adapter.tmp/, then swapped in whole: the previous adapter/ stays intact
+    until the new one is complete."""
+    final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} "
+                                   f"is intact") from None
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_run(ckpt, args, run):
+    """Weights (LoRA: adapters + head), optimizer, scaler and RNG from a checkpoint; returns its Progress."""
+    model = run["model"]
+    try:
+        if args.finetune == "lora":
+            missing = trainable_state(model).keys() ^ ckpt["model"].keys()
+            if missing:
+                raise RuntimeError(f"unexpected or missing {sorted(missing)[0]}")
+            model.load_state_dict(ckpt["model"], strict=False)
+        else:
+            model.load_state_dict(ckpt["model"])
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DataError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+    run["scaler"].load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], run["device"])
+    trim_metrics(run["out_dir"] / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
+    progress = Progress(**ckpt["state"])
+    print(f"resuming {args.resume} after epoch {progress.epoch} (step {progress.step})")
+    return progress
+
+
+def wise_accuracy(args, run, initial, num_classes):
+    """Test accuracy of the WiSE-FT mix of the zero-shot and the fine-tuned weights; the fine-tuned
+    weights are put back afterwards."""
+    model, final = run["model"], trainable_state(run["model"])
+    model.load_state_dict(wise_weights(initial, final, args.wise), strict=False)
+    preds, _ = evaluate(model, run["preprocess"], run["test_x"], run["test_y"], args.batch_size, run["amp_dtype"])
+    model.load_state_dict(final, strict=False)
+    return {"alpha": args.wise, "test_acc": accuracy_from(confusion_matrix(preds, run["test_y"], num_classes))}
+
+
+def write_finetune_summary(args, run, progress, data, preds, counts, templates, wise):
+    device, out_dir = run["device"], run["out_dir"]
+    cm = confusion_matrix(preds, run["test_y"], len(data.classes))
+    adapter = out_dir / "adapter"
+    summary = {
+        "script": SCRIPT, "finetune": args.finetune, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
+        "train_images": len(run["train_y"]), "test_images": len(run["test_y"]), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "epochs": progress.epoch, "steps": progress.step, "test_acc": accuracy_from(cm),
+        "best_test_acc": progress.best_acc, "zero_shot_acc": progress.zero_shot_acc,
+        "train_seconds": progress.train_seconds,
+        "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
+        "args": vars(args), "model": args.model, "templates": templates, "classes": data.classes,
+        "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
+        "wise": wise, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
+        "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes),
+    }
+    write_json(out_dir / "summary.json", summary)
+    if not args.no_plots:
+        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+    print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
+          f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
+          f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
+          + (f" | adapter {summary['adapter_bytes'] / 2 ** 20:.2f} MiB" if summary["adapter_bytes"] else ""))
+    if wise:
+        print(f"WiSE-FT ({1 - wise['alpha']:g} x zero-shot + {wise['alpha']:g} x fine-tuned): test accuracy "
+              f"{wise['test_acc']:.2%}")
+    print_per_class(summary["per_class_acc"])
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------
 # The experiment
 
 def most_confused(cm, classes, k=5):
-    off = cm.clone().fill_diagonal_(0)
-    top = torch.topk(off.flatten(), min(k, off.numel())).indices
-    return [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)], "count": off.flatten()[i].item()}
-            for i in top.tolist() if off.flatten()[i] > 0]
+    off = cm.clone().fill_diagonal_(0).flatten()
+    top = torch.topk(off, min(k, off.numel())).indices
+    return [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)], "count": off[i].item()}
+            for i in top.tolist() if off[i] > 0]
+
+
+def print_per_class(accuracies):
+    """'-' for a class with no test image."""
+    print("per class: " + ", ".join(f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in accuracies.items()))
 
 
 def main(argv=None):
     with one_line_errors(SCRIPT) as report:
-        args = parse_args(argv)
-        if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
-            raise DataError("--batch-size, --limit-test and --limit-train must be positive")
+        args, given, ckpt = experiment_args(argv)
+        check_args(args, given)
         templates = load_templates(args.prompts)
         device = pick_device(args.device)
-        out_dir = prepare_out_dir(args.out_dir, report, args.overwrite)
+        args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
         data = load_cifar10(args.data_dir, download=not args.no_download)
+        if ckpt:
+            check_same_data(ckpt, data, args.data_dir)
         test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
         train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train") \
-            if args.linear_probe else None
-        model, tokenizer, processor = load_clip(args.model, device)
-        write_json(out_dir / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
-        print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | out {out_dir}")
+            if args.linear_probe or args.finetune else None
+        if args.linear_probe:
+            check_probe_size(len(train_idx), len(data.classes))
+        if args.finetune and len(train_idx) < args.batch_size:
+            raise DataError(f"--batch-size {args.batch_size} is larger than the {len(train_idx)} training images")
+        config, tokenizer, processor = load_clip_parts(args.model)
+        check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)  # before the weights load
+        if args.finetune:
+            return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
+        model = load_clip_model(args.model, device)
+        write_json(Path(args.out_dir) / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+        print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | "
+              f"out {args.out_dir}")
         report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
-        return classify(args, out_dir, model, tokenizer, processor, device, data, templates, test_idx, train_idx)
+        return classify(args, Path(args.out_dir), model, tokenizer, processor, device, data, templates, test_idx,
+                        train_idx)
 
 
 def classify(args, out_dir, model, tokenizer, processor, device, data, templates, test_idx, train_idx):
     """Zero-shot on the test images (timed: preprocessing + encoding), then the optional linear probe."""
     preprocess = TensorPreprocess(processor, device)
     text_weights = text_classifier(model, tokenizer, data.classes, templates, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     test_features = encode_images(model, preprocess, data.test_x[test_idx], args.batch_size, device, "test images",
                                   args.no_progress)
@@ -262,7 +862,8 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
     top5 = (logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]).any(1).float().mean().item()
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(targets),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
         "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
         "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
@@ -276,10 +877,12 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
         plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
           f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
-    print("per class: " + ", ".join(f"{c} {a:.1%}" for c, a in summary["per_class_acc"].items()))
-    print("most confused: " + ", ".join(f"{m['true']}->{m['predicted']} ({m['count']})" for m in summary["most_confused"]))
+    print_per_class(summary["per_class_acc"])
+    print("most confused: " + ", ".join(f"{m['true']}->{m['predicted']} ({m['count']})"
+                                        for m in summary["most_confused"]))
     if probe:
-        print(f"linear probe: test accuracy {probe['test_acc']:.2%} (L2 {probe['weight_decay']:g}, chosen on a held-out 20%)")
+        print(f"linear probe: test accuracy {probe['test_acc']:.2%} (L2 {probe['weight_decay']:g}, chosen on a "
+              f"held-out 20%)")
     return summary
 
 

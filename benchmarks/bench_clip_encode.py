@@ -30,7 +30,8 @@ def build(arch, device):
     if arch == "base":
         config, processor = CLIPConfig(), CLIPImageProcessor()  # ViT-B/32 text + vision towers, 224 px
     else:
-        config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4),
                             vision_config=dict(image_size=48, patch_size=16, hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=2, num_attention_heads=4), projection_dim=16)
         processor = CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48})

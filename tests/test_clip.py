@@ -1,5 +1,6 @@
 """clip_zeroshot.py on a tiny random CLIP saved to disk and loaded through the script's own path."""
 import json
+import os
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ def test_tensor_preprocessing_matches_the_models_image_processor(loaded, tiny_ci
     assert ours.shape == reference.shape == (16, 3, 48, 48)
     # transformers 5 processors resize with torchvision, as we do: equal up to float round-off (1e-5).
     # The PIL processors of transformers 4 round their bicubic kernel differently: 2 uint8 levels.
-    torchvision_backed = any("Torchvision" in c.__name__ or c.__name__.endswith("Fast") for c in type(processor).__mro__)
+    torchvision_backed = any("Torchvision" in c.__name__ or c.__name__.endswith("Fast")
+                             for c in type(processor).__mro__)
     tolerance = 1e-5 if torchvision_backed else 2 / 255 / min(processor.image_std)
     assert (ours - reference).abs().max() <= tolerance
 
@@ -40,12 +42,14 @@ def test_logits_equal_clipmodels_logits_per_image(loaded, tiny_cifar):
     classes = ["airplane", "cat", "ship"]
     images = load_cifar10(tiny_cifar, download=False).test_x[:8]
     prompts = [f"a photo of a {c}." for c in classes]
-    inputs = clip_zeroshot_processor(tokenizer, processor)(text=prompts, images=as_pil(images), return_tensors="pt", padding=True)
+    inputs = clip_zeroshot_processor(tokenizer, processor)(text=prompts, images=as_pil(images), return_tensors="pt",
+                                                           padding=True)
     with torch.no_grad():
         reference = model(**inputs).logits_per_image
     text = clip_zeroshot.text_classifier(model, tokenizer, classes, ["a photo of a {}."], torch.device("cpu"))
     with torch.no_grad():
-        feats = F.normalize(clip_zeroshot.pooled(model.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
+        feats = F.normalize(clip_zeroshot.pooled(model.get_image_features(pixel_values=inputs["pixel_values"])),
+                            dim=-1)
     ours = clip_zeroshot.zero_shot_logits(feats, text, model.logit_scale.exp().item())
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)  # same pixels: float32 round-off only
     end_to_end = clip_zeroshot.encode_images(model, clip_zeroshot.TensorPreprocess(processor, torch.device("cpu")),
@@ -61,9 +65,11 @@ def clip_zeroshot_processor(tokenizer, processor):
 
 def test_prompt_ensembling_math_on_hand_made_embeddings():
     emb = torch.tensor([[3.0, 0.0], [0.0, 0.5]])  # two templates of one class, very different norms
-    torch.testing.assert_close(clip_zeroshot.ensemble(emb), torch.tensor([1.0, 1.0]) / 2 ** 0.5)  # normalise first, then average
+    # normalise first, then average
+    torch.testing.assert_close(clip_zeroshot.ensemble(emb), torch.tensor([1.0, 1.0]) / 2 ** 0.5)
     assert clip_zeroshot.ensemble(torch.tensor([[2.0, 0.0]])).tolist() == [1.0, 0.0]
-    assert len(clip_zeroshot.CIFAR10_TEMPLATES) == 18 and all(t.count("{}") == 1 for t in clip_zeroshot.CIFAR10_TEMPLATES)
+    assert len(clip_zeroshot.CIFAR10_TEMPLATES) == 18
+    assert all(t.count("{}") == 1 for t in clip_zeroshot.CIFAR10_TEMPLATES)
 
 
 def test_linear_probe_recovers_labels_on_separable_features():
@@ -81,16 +87,18 @@ def test_cli_smoke_run_writes_the_summary(tiny_clip, tiny_cifar, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "clip_zeroshot.py"), "--model", str(tiny_clip), "--data-dir", str(tiny_cifar),
            "--out-dir", str(out), "--prompts", "ensemble", "--linear-probe", "--batch-size", "64", "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["script"] == "clip_zeroshot" and summary["test_images"] == 100
     assert summary["templates"] == clip_zeroshot.CIFAR10_TEMPLATES and summary["classes"][0] == "airplane"
     assert 0 <= summary["test_acc"] <= summary["top5_acc"] <= 1 and sum(map(sum, summary["confusion_matrix"])) == 100
     assert summary["params"] > 0 and summary["trainable_params"] == 0 and summary["images_per_second"] > 0
-    assert 0 <= summary["linear_probe"]["test_acc"] <= 1 and len(summary["linear_probe"]["val_acc_by_weight_decay"]) == 5
+    assert 0 <= summary["linear_probe"]["test_acc"] <= 1
+    assert len(summary["linear_probe"]["val_acc_by_weight_decay"]) == 5
     assert all(m["true"] != m["predicted"] for m in summary["most_confused"])
     assert "zero-shot top-1" in proc.stdout and "linear probe" in proc.stdout
+    assert proc.stderr == ""  # no transformers progress bars or warnings (issue 12, item 19)
     assert Image.open(out / "confusion.png").size == (720, 630)
 
 
@@ -98,7 +106,7 @@ def test_offline_without_a_local_copy_is_one_clear_error(tiny_cifar, tmp_path):
     cmd = [sys.executable, str(ROOT / "clip_zeroshot.py"), "--model", "openai/clip-vit-base-patch32",
            "--data-dir", str(tiny_cifar), "--out-dir", str(tmp_path / "r"), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "--model PATH" in last and "HF_HUB_OFFLINE" in last and "Traceback" not in proc.stderr
@@ -109,3 +117,97 @@ def test_a_bad_templates_file_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         clip_zeroshot.main(["--prompts", str(tmp_path / "t.txt")])
     assert "first bad line: 'no placeholder here'" in capsys.readouterr().err
+
+
+# Issue 12: what a new user tried -------------------------------------------------------------------
+
+def never_load_the_weights(monkeypatch):
+    """Checks that must come before the weights load: loading them fails the test."""
+    monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+
+
+LONG_TEMPLATE = "a photo of " * 10 + "a {}."  # the tiny tokenizer is per character (spaces dropped)
+BAD_TEMPLATES = [
+    (b"a photo of a {} :-{\n", "a template is not a valid format string (Single '{' encountered"),
+    (b"a {} in {style} style\n", "a template holds {style}; the one field allowed is '{}'"),
+    (b"a {{}} photo\n", "a template never inserts the class name ('{{}}' is a literal brace pair)"),
+    (b"a {} next to a {}\n", "a template holds 2 fields"),
+    ("une photo d'un {} déjà vu\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 19, as in a Latin-1"),
+    (f"a photo of a {{}}.\n{LONG_TEMPLATE}\n".encode(), "with the class 'automobile' is 94 tokens, more than the "
+                                                        "text tower's 77; shorten the template"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_TEMPLATES,
+                         ids=["lone-brace", "named-field", "doubled-braces", "two-fields", "latin-1", "too-long"])
+def test_bad_templates_are_one_line_before_the_model_loads(content, message, tiny_clip, tiny_cifar, tmp_path,
+                                                           monkeypatch, capsys):
+    (tmp_path / "templates.txt").write_bytes(content)
+    never_load_the_weights(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                            "--prompts", str(tmp_path / "templates.txt"), "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # the folder this run made is gone again
+
+
+def test_a_template_too_long_for_the_text_tower_is_one_line_without_the_tokenizers_warning(tiny_clip):
+    import logging
+    config, tokenizer, _ = clip_zeroshot.load_clip_parts(str(tiny_clip))
+    tokenizer.model_max_length = 77  # as the released tokenizers: they warn about longer sequences on stderr
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with pytest.raises(clip_zeroshot.DataError, match="is 94 tokens, more than the text tower's 77"):
+            clip_zeroshot.check_template_lengths([LONG_TEMPLATE], ["automobile"], tokenizer, config, "t.txt")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [r.getMessage() for r in logged] == []
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_part_of_the_templates(tmp_path):
+    (tmp_path / "t.txt").write_bytes("\ufeffa photo of a {}.\r\na drawing of a {}.\r\n".encode())
+    assert clip_zeroshot.load_templates(str(tmp_path / "t.txt")) == ["a photo of a {}.", "a drawing of a {}."]
+
+
+def test_every_template_a_class_name_goes_into_works():
+    good = ["a photo of a {}.", "a {} with {{braces}}", "{}"]
+    assert [clip_zeroshot.template_problem(t) for t in good] == [None] * 3
+    assert [t.format("cat") for t in good] == ["a photo of a cat.", "a cat with {braces}", "cat"]
+
+
+def test_linear_probe_refuses_a_training_set_too_small_to_hold_out(tiny_clip, tiny_cifar, tmp_path, monkeypatch,
+                                                                   capsys):
+    never_load_the_weights(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                            "--linear-probe", "--limit-train", "1", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert "--limit-train 1: the linear probe needs at least 50 training images (5 per class)" in err
+    with pytest.raises(clip_zeroshot.DataError, match="too few to hold 20% out"):  # the probe itself refuses too
+        clip_zeroshot.linear_probe(torch.ones(1, 4), torch.zeros(1, dtype=torch.long), torch.ones(1, 4),
+                                   torch.zeros(1, dtype=torch.long), 2, seed=0)
+
+
+def test_a_model_that_is_not_clip_is_one_line(tiny_captioner, tiny_cifar, tmp_path, monkeypatch, capsys):
+    never_load_the_weights(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        clip_zeroshot.main(["--model", str(tiny_captioner), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                            "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--model {tiny_captioner} holds a VisionEncoderDecoderModel, not a CLIPModel" in err
+
+
+def test_no_transformers_noise_on_stderr(tiny_clip, tiny_cifar, tmp_path, capfd):
+    from transformers.utils import logging
+    assert logging.is_progress_bar_enabled()  # transformers would draw its "Loading weights" bar
+    clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu", "--no-plots",
+                        "--out-dir", str(tmp_path / "run")])
+    out, err = capfd.readouterr()
+    assert "zero-shot top-1" in out and err == ""
+    assert logging.is_progress_bar_enabled()  # switched off while loading only
