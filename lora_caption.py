@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "peft>=0.13", "numpy", "pillow",
-#                 "tqdm>=4.66", "matplotlib>=3.7"]
+# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "peft>=0.13", "huggingface_hub", "numpy",
+#                 "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
 # ///
 """LoRA fine-tuning of the ViT-GPT2 image captioner's decoder on a custom image-caption set.
 
@@ -22,21 +22,29 @@ against all references of each image, before fine-tuning (the zero-shot baseline
 Flickr8k captions.txt, which is read too) and the images (in images/ or beside the CSV), with an
 optional splits.json ({"train": [...], "val": [...], "test": [...]} image names). Bad rows and images
 are reported and skipped before training starts. Outputs in --out-dir: config.json, metrics.jsonl,
-summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html. Measured
-figures: BENCHMARKS.md.
+summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
+
+The step is built for GPUs, and each speed-up is tested to leave the results unchanged: the frozen
+encoder's output is computed once per image and cached (on the GPU when it fits; --no-encoder-cache
+turns it off), frozen weights are stored in bf16 (what autocast casts them to at every step anyway),
+captions are padded to one length, the loss is computed once and read every 20 steps, and --compile
+compiles the decoder blocks. Measured figures: BENCHMARKS.md (benchmarks/bench_lora_vs_full.py).
 Needs common.py.
 """
 import csv
+import io
 import json
+import logging
 import math
 import os
 import random
 import re
 import shutil
 import time
+import unicodedata
 import warnings
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +52,46 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag,
-                    given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
-                    plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args, rng_state,
-                    save_checkpoint, set_global_batch, trim_metrics, wrap_distributed, write_json, write_text_atomic)
+from common import (
+    CheckpointWriteError,
+    DataError,
+    NonFiniteLoss,
+    all_reduce_sum,
+    append_jsonl,
+    derived_seed,
+    flag,
+    given_flags,
+    init_distributed,
+    load_checkpoint,
+    make_parser,
+    one_line_errors,
+    peak_memory_mb,
+    plot_curves,
+    prepare_out_dir,
+    progress_bar,
+    read_jsonl,
+    restore_rng,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_global_batch,
+    trim_metrics,
+    wrap_distributed,
+    write_json,
+    write_text_atomic,
+)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
-# Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite")
+# Flags that describe the machine, not the experiment: on --resume they come from the command line. The speed
+# flags are among them: each leaves the results unchanged.
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "compile", "compile_mode")
 SHEET_IMAGES = 8  # validation images shown in captions.html, the same ones every run
+SPLITS = ("train", "val", "test")
+LOG_EVERY = 20  # optimizer steps between reads of the training loss (each read waits for the device)
+CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this share of the free memory
 
 
 def build_parser():
@@ -63,23 +99,25 @@ def build_parser():
     a = p.add_argument
     a("--data-dir", default=None, help="captions.csv (image,caption) + images; see the top of this file")
     a("--model", default=None, help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
-                                    "with --adapter, the adapter's own base)")
+                                    "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
     a("--rank", type=int, default=16, help="LoRA rank r")
     a("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=DECODER_TARGETS, help="module name suffixes that get adapters")
-    a("--cross-attention", action="store_true", help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
+    a("--cross-attention", action="store_true",
+      help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
     # optimisation
     a("--epochs", type=int, default=3, help="passes over the training (image, caption) pairs")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--batch-size", type=int, default=16, help="(image, caption) pairs per forward pass and process")
+    a("--batch-size", type=int, default=32, help="(image, caption) pairs per forward pass and process")
     a("--grad-accum", type=int, default=1, help="forward passes per optimizer step (effective batch = batch x this)")
-    a("--lr", type=float, default=2e-4, help="peak AdamW learning rate of the adapters")
+    a("--lr", type=float, default=3e-4, help="peak AdamW learning rate of the adapters")
     a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
     a("--warmup", type=float, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
     a("--grad-clip", type=float, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
-    a("--max-length", type=int, default=40, help="caption tokens kept for training, EOS included")
+    a("--max-length", type=int, default=40, help="caption tokens kept for training, EOS included; every batch is "
+                                                 "padded to this (or to the longest caption if shorter)")
     # evaluation
     a("--num-beams", type=int, default=1, help="beam search width for generation (1 = greedy)")
     a("--max-new-tokens", type=int, default=30, help="longest generated caption, in tokens")
@@ -88,22 +126,31 @@ def build_parser():
     a("--save-every", type=int, default=500, help="save the adapter and training state every N steps")
     a("--no-baseline", action="store_true", help="skip scoring the model before fine-tuning")
     # modes
-    a("--caption", nargs="+", metavar="IMAGE", default=None, help="caption these image files with --adapter, then exit")
+    a("--caption", nargs="+", metavar="IMAGE", default=None,
+      help="caption these image files with --adapter (or a merged --model), then exit")
     a("--merge", action="store_true", help="merge --adapter into its base and save a standalone model to --out-dir")
     a("--adapter", default=None, help="an adapter folder written by a training run (for --caption / --merge)")
-    # machine
+    # machine and speed (none of these changes the results)
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
+    a("--no-encoder-cache", action="store_true",
+      help="run the frozen encoder at every step instead of caching its output once per image (saves that memory)")
+    a("--compile", action="store_true", help="torch.compile the decoder blocks for training (GPU; the first step "
+                                             "compiles, a failure falls back to eager with a word)")
+    a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+      help="torch.compile mode")
     a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/lora_caption/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", default=None, help="continue from a training_state.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--resume", default=None,
+      help="continue from a training_state.pt; its flags are kept (--epochs and --max-steps may grow)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no pictures (curves.png, captions.html)")
     return p
 
 
 def check_args(args):
-    for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "num_beams", "max_new_tokens", "eval_every", "save_every"):
+    for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "num_beams", "max_new_tokens",
+                 "eval_every", "save_every"):
         if getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.alpha) and args.alpha > 0):
@@ -114,8 +161,9 @@ def check_args(args):
     for name in ("max_steps", "eval_images"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive")
-    if (args.caption or args.merge) and not args.adapter:
-        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run)")
+    if (args.merge and not args.adapter) or (args.caption and not (args.adapter or args.model)):
+        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
+                        "--caption also takes a merged model as --model DIR")
     if args.merge and not args.out_dir:
         raise DataError("--merge needs --out-dir for the merged model")
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
@@ -135,7 +183,7 @@ def pick_device(name, local_rank=0):
 
 def amp_dtype_for(device):
     """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS.
-    Weights, the adapters included, stay in fp32: autocast only lowers the matmuls."""
+    The adapters stay in fp32: autocast only lowers the matmuls."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -173,28 +221,55 @@ def find_caption_table(root):
     raise DataError(f"{root}: no captions.csv (columns image,caption) or captions.txt found")
 
 
-def read_caption_rows(table):
-    """[(image, caption)] with malformed rows, empty captions and duplicates counted under `problems`."""
+def read_caption_text(table):
+    """The caption table as text: UTF-8, with or without a BOM. Anything else is one clear error naming the
+    encoding, not a UnicodeDecodeError or silently garbled words."""
+    raw = Path(table).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{table} is not UTF-8 text (line {line} holds the byte 0x{raw[e.start]:02x}), perhaps "
+                        f"Latin-1 / Windows-1252: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def caption_delimiter(header):
+    """The table's separator, guessed from its header line: comma, tab, semicolon or bar (comma if unclear)."""
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",\t;|").delimiter
+    except csv.Error:
+        return ","
+
+
+def read_caption_rows(table, log=print):
+    """[(image, caption)] with malformed rows, empty captions and duplicates counted under `problems`. Kaggle's
+    Flickr8k captions.txt leaves commas inside captions unquoted: when the caption is the last column, the
+    extra fields of a row are joined back into it."""
+    text = read_caption_text(table)
+    delimiter = caption_delimiter(text.split("\n", 1)[0])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "image" not in header or "caption" not in header:
+        raise DataError(f"{table}: needs the columns image,caption; its header is {','.join(header) or '(empty)'}")
+    i_img, i_cap = header.index("image"), header.index("caption")
     problems = {"malformed row": [], "empty caption": [], "duplicate row": []}
-    rows, seen = [], set()
-    with open(table, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if "image" not in header or "caption" not in header:
-            raise DataError(f"{table}: needs the columns image,caption; its header is {','.join(header) or '(empty)'}")
-        i_img, i_cap = header.index("image"), header.index("caption")
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(header) or not row[i_img].strip():
-                problems["malformed row"].append(f"line {line}")
-                continue
-            image, caption = row[i_img].strip(), row[i_cap].strip()
-            if not caption:
-                problems["empty caption"].append(f"line {line}")
-            elif (image, caption) in seen:
-                problems["duplicate row"].append(f"line {line}")
-            else:
-                seen.add((image, caption))
-                rows.append((image, caption))
+    rows, seen, joined = [], set(), 0
+    for line, row in enumerate(reader, start=2):
+        if len(row) > len(header) and i_cap == len(header) - 1:
+            row, joined = row[:i_cap] + [delimiter.join(row[i_cap:])], joined + 1
+        if len(row) != len(header) or not row[i_img].strip():
+            problems["malformed row"].append(f"line {line}")
+            continue
+        image, caption = row[i_img].strip(), row[i_cap].strip()
+        if not caption:
+            problems["empty caption"].append(f"line {line}")
+        elif (image, caption) in seen:
+            problems["duplicate row"].append(f"line {line}")
+        else:
+            seen.add((image, caption))
+            rows.append((image, caption))
+    if joined:
+        log(f"{table}: {joined} caption(s) hold an unquoted {delimiter!r}; their fields were joined back")
     return rows, problems
 
 
@@ -206,11 +281,12 @@ def report(problems, what, log):
 
 
 def load_caption_data(data_dir, image_size, resample, seed, log=print):
-    """{'train'|'val'|'test': CaptionSplit}, every image decoded and resized; problems reported, skipped."""
+    """{'train'|'val'|'test': CaptionSplit}, every image decoded and resized; problems reported, skipped. An
+    empty test split is said before any work: captions are then not scored."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: no such folder")
-    rows, problems = read_caption_rows(find_caption_table(root))
+    rows, problems = read_caption_rows(find_caption_table(root), log)
     report(problems, "caption row(s)", log)
     by_image = {}
     for image, caption in rows:
@@ -222,8 +298,13 @@ def load_caption_data(data_dir, image_size, resample, seed, log=print):
     splits = split_names(root, sorted(images), seed, log)
     if not splits["train"]:
         raise DataError(f"{root}: the training split is empty; nothing to train on")
-    return {k: CaptionSplit(v, torch.stack([images[n] for n in v]) if v else torch.zeros(0, 3, *image_size, dtype=torch.uint8),
-                            [by_image[n] for n in v]) for k, v in splits.items()}
+    if not splits["test"]:
+        why = "splits.json lists no readable test image" if (root / "splits.json").is_file() else \
+            f"{len(images)} image(s) are too few for a held-out split"
+        log(f"{root}: the test split is empty ({why}); captions will not be scored (bleu4 and cider are null)")
+    empty = torch.zeros(0, 3, *image_size, dtype=torch.uint8)
+    return {k: CaptionSplit(v, torch.stack([images[n] for n in v]) if v else empty, [by_image[n] for n in v])
+            for k, v in splits.items()}
 
 
 def decode_images(root, names, image_size, resample):
@@ -244,25 +325,43 @@ def decode_images(root, names, image_size, resample):
     return images, bad
 
 
+def read_splits(path):
+    """splits.json as {'train'|'val'|'test': [image names]} (a missing list is empty); anything else is one
+    clear error."""
+    expected = 'expected {"train": [...], "val": [...], "test": [...]} with image file names'
+    try:
+        listed = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); {expected}") from None
+    if not isinstance(listed, dict):
+        raise DataError(f"{path} holds a JSON {type(listed).__name__}; {expected}")
+    for k in SPLITS:
+        if not isinstance(listed.get(k, []), list) or not all(isinstance(n, str) for n in listed.get(k, [])):
+            raise DataError(f"{path}: its {k!r} entry is not a list of image names; {expected}")
+    return {k: listed.get(k, []) for k in SPLITS}
+
+
 def split_names(root, names, seed, log):
     """splits.json if present (names it lists that were skipped are dropped), else a seeded 80/10/10 split."""
     if (root / "splits.json").is_file():
-        listed = json.loads((root / "splits.json").read_text())
+        listed = read_splits(root / "splits.json")
         present = set(names)
-        splits = {k: [n for n in listed.get(k, []) if n in present] for k in ("train", "val", "test")}
-        dropped = sum(len(listed.get(k, [])) for k in splits) - sum(map(len, splits.values()))
+        splits = {k: [n for n in listed[k] if n in present] for k in SPLITS}
+        dropped = sum(map(len, listed.values())) - sum(map(len, splits.values()))
         if dropped:
             log(f"splits.json names {dropped} image(s) that were skipped or have no caption")
         return splits
     order = names[:]
     random.Random(seed).shuffle(order)
     n_held = max(1, len(order) // 10) if len(order) >= 3 else 0
-    return {"val": sorted(order[:n_held]), "test": sorted(order[n_held:2 * n_held]), "train": sorted(order[2 * n_held:])}
+    return {"val": sorted(order[:n_held]), "test": sorted(order[n_held:2 * n_held]),
+            "train": sorted(order[2 * n_held:])}
 
 
 def tokenize_captions(tokenizer, captions, max_length):
-    """Token ids + EOS, right-padded with the pad (= EOS) id; labels are the ids with -100 wherever the
-    attention mask is 0, so the caption's own EOS is learned and padding is not."""
+    """Token ids + EOS, right-padded with the pad (= EOS) id to the longest caption: one width for the whole
+    split, so every training step has the same shapes. Labels are the ids with -100 wherever the attention
+    mask is 0, so the caption's own EOS is learned and padding is not."""
     ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
     ids = [x + [tokenizer.eos_token_id] for x in ids]
     width = max(map(len, ids))
@@ -271,6 +370,22 @@ def tokenize_captions(tokenizer, captions, max_length):
     for i, x in enumerate(ids):
         input_ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
     return input_ids, mask, input_ids.masked_fill(mask == 0, -100)
+
+
+def pair_tokens(tokenizer, split, max_length):
+    """Every (image, caption) pair of a split, on the host: the image index per pair, the caption's tokens, the
+    decoder's input (the start token, then the caption shifted right: what the model builds from labels=)
+    and the number of tokens the loss counts."""
+    pair_image = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps], dtype=torch.long)
+    input_ids, mask, labels = tokenize_captions(tokenizer, [c for caps in split.captions for c in caps], max_length)
+    start = torch.full((len(input_ids), 1), tokenizer.bos_token_id, dtype=torch.long)  # the decoder start token
+    return {"pair_image": pair_image, "input_ids": input_ids, "mask": mask, "labels": labels,
+            "decoder_ids": torch.cat([start, input_ids[:, :-1]], 1), "count": mask.sum(1)}
+
+
+def on_device(tokens, device):
+    """The tensors a step indexes, copied to the training device once (no copy per step)."""
+    return {k: tokens[k].to(device) for k in ("pair_image", "decoder_ids", "labels")}
 
 
 class Pixels:
@@ -288,15 +403,43 @@ class Pixels:
 # ----------------------------------------------------------------------------------------------------
 # Model: the captioner through transformers, adapters through peft
 
+def _drop_attention_mask_warning(record):
+    """generate() warns that it gets no attention mask whenever pad = EOS; the decoder starts from one start
+    token per image, so nothing is padded and the warning does not apply."""
+    return "attention mask" not in record.getMessage()
+
+
+def quiet_transformers():
+    """Silence what the script handles itself: transformers' own progress bars ('Loading weights', 'Writing
+    model shards'; download bars stay) and generate()'s attention-mask warning."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+    downloads_shown = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if downloads_shown:
+        enable_progress_bars()
+    logging.getLogger("transformers.generation.utils").addFilter(_drop_attention_mask_warning)
+
+
+@contextmanager
+def no_peft_deprecation_warning():
+    """peft calls an API that transformers 5 deprecated (is_gradient_checkpointing); not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def load_captioner(name, device):
     from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+    quiet_transformers()
     try:
         model = VisionEncoderDecoderModel.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
     except OSError as e:
-        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass --model PATH "
-             f"to a local copy (a save_pretrained folder with tokenizer and image processor)")
+        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
+                        f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
+                        ) from None
     # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
     tokenizer.pad_token = tokenizer.eos_token
     for config in (model.config, model.generation_config):
@@ -320,11 +463,10 @@ def add_lora(model, args):
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
                         target_modules=targets, fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
     try:
-        with warnings.catch_warnings():  # peft calls a transformers 5 deprecated API; not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with no_peft_deprecation_warning():
             return get_peft_model(model, config)
     except ValueError as e:
-        raise DataError(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}")
+        raise DataError(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}") from None
 
 
 def count_params(model):
@@ -337,6 +479,171 @@ def lr_factor(step, warmup_steps, total_steps):
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fast step: frozen encoder cached, frozen weights in bf16, decoder blocks compiled. Each leaves the
+# results unchanged (tests/test_lora_fast.py) and each falls back to the plain path when it cannot apply.
+
+def base_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def encoder_cache_blocker(model):
+    """Why the encoder's output could change from one step to the next (None if it cannot): a trainable
+    parameter (a --targets that adapts the encoder) or dropout that is active in training."""
+    encoder = base_model(model).encoder
+    if any(p.requires_grad for p in encoder.parameters()):
+        return "the encoder trains (--targets adapts it)"
+    rates = [getattr(m, "p", 0) for m in encoder.modules() if "dropout" in type(m).__name__.lower()]
+    rates += [v for k, v in encoder.config.to_dict().items()
+              if ("dropout" in k or "drop_path" in k) and isinstance(v, float)]
+    return "the encoder uses dropout in training" if any(r > 0 for r in rates) else None
+
+
+class EncoderCache:
+    """The frozen encoder's output (what the decoder's cross-attention reads) for every image of a split,
+    computed once under the training autocast and stored in its dtype (bf16 on GPUs: 296 KiB per ViT-B/16
+    image at 224 px). The decoder trains on it through the model's own encoder_outputs= path, so each step is
+    the step the encoder would have fed. On the device when it takes at most CACHE_SHARE of the free memory,
+    else in host memory, whose rows each batch gathers into pinned memory and copies without waiting."""
+
+    def __init__(self, model, pixels, images, amp_dtype, batch_size=64, on_device=None):
+        self.device, self.states, self.on_device = pixels.device, None, on_device
+        encoder = base_model(model).encoder
+        was_training = encoder.training
+        encoder.eval()
+        for i in range(0, len(images), batch_size):
+            with torch.no_grad(), autocast(self.device, amp_dtype):
+                h = encoder(pixel_values=pixels(images[i:i + batch_size])).last_hidden_state  # [B, tokens, width]
+            if self.states is None:
+                self.states = self._allocate((len(images), *h.shape[1:]), amp_dtype or h.dtype)
+            self.states[i:i + len(h)] = h  # rounded to the autocast dtype exactly as the cross-attention would
+        encoder.train(was_training)
+
+    def _allocate(self, shape, dtype):
+        if self.on_device is None:
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else math.inf
+            self.on_device = math.prod(shape) * dtype.itemsize <= CACHE_SHARE * free
+        return torch.empty(shape, dtype=dtype, device=self.device if self.on_device else "cpu")
+
+    @property
+    def nbytes(self):
+        return 0 if self.states is None else self.states.numel() * self.states.element_size()
+
+    def inputs(self, image_idx, image_idx_on_device):
+        """The model's keyword arguments for these images (their indices on the host and on the device)."""
+        if self.on_device:
+            return {"encoder_outputs": (self.states[image_idx_on_device],)}
+        rows = torch.empty((len(image_idx), *self.states.shape[1:]), dtype=self.states.dtype,
+                           pin_memory=self.device.type == "cuda")
+        torch.index_select(self.states, 0, image_idx, out=rows)
+        return {"encoder_outputs": (rows.to(self.device, non_blocking=True),)}
+
+
+class PixelInputs:
+    """Without the cache: the encoder runs at every step on the batch's pixels (uint8 images on the host)."""
+
+    def __init__(self, pixels, images):
+        self.pixels, self.images = pixels, images
+
+    def inputs(self, image_idx, image_idx_on_device):
+        return {"pixel_values": self.pixels(self.images[image_idx])}
+
+
+def cast_frozen_weights(model, dtype=torch.bfloat16):
+    """Store frozen Linear, Conv1D and Conv2d weights and biases in `dtype`: autocast casts them to it at every
+    step anyway (~238M values for ViT-GPT2), so the results are identical and the casts and half of their
+    memory are saved. LayerNorms, embeddings and the lm_head tied to GPT-2's wte stay fp32, as do the adapters
+    and their optimizer state. Returns the bytes saved."""
+    from transformers.pytorch_utils import Conv1D
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = 0
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if (isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Conv2d)) and params and id(m.weight) not in embeddings
+                and not any(p.requires_grad or p.dtype != torch.float32 for p in params)):
+            saved += sum(p.numel() for p in params) * (4 - dtype.itemsize)
+            m.to(dtype)
+    return saved
+
+
+def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
+    """peft casts each adapter's input to fp32, and autocast casts it straight back to bf16 for the adapter's
+    matmul: two copies per adapted layer and step. Without the adapters' dropout the round trip changes no
+    value, so under autocast it is skipped (peft >= 0.15); with dropout, which would then draw and scale in
+    bf16, it stays."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:
+        return nullcontext()
+    return disable_input_dtype_casting(model, active=amp_dtype is not None and lora_dropout == 0)
+
+
+def repeated_blocks(module):
+    """The layers of the module's largest list of identical blocks (GPT-2's h, ViT's layer)."""
+    lists = [m for m in module.modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
+    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()), default=[]))
+
+
+class CompiledBlocks:
+    """torch.compile of repeated blocks (regional compilation: one block's code is compiled once and reused
+    by all, seconds instead of minutes). Installed for the training step's forward only: generation and
+    validation, whose shapes vary, run the plain blocks."""
+
+    def __init__(self, blocks, mode="default", **options):
+        self.forwards = [(block, torch.compile(block.forward, mode=mode, **options)) for block in blocks]
+        self.proven = False  # set once a step has run compiled
+
+    @contextmanager
+    def active(self):
+        for block, forward in self.forwards:
+            block.forward = forward
+        try:
+            yield
+        finally:
+            for block, _ in self.forwards:
+                del block.forward  # back to the class's own forward
+
+    def give_up(self, error):
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        print(f"torch.compile failed ({type(error).__name__}: {first}); training with the plain blocks", flush=True)
+        self.forwards, self.proven = [], True
+
+
+def fast_path(args, model, data, pixels, amp_dtype):
+    """Frozen weights in bf16 (with bf16 autocast), the encoder cache (when the encoder cannot change) and the
+    compiled blocks (--compile): ({split: inputs}, CompiledBlocks or None, words for the log). A part that
+    fails falls back to the plain path with a word: none of them is needed for the results."""
+    notes = []
+    if amp_dtype == torch.bfloat16:
+        try:
+            notes.append(f"frozen weights in bf16 (-{cast_frozen_weights(model) / 2 ** 20:,.0f} MiB)")
+        except Exception as e:  # modules already cast stay so: identical under autocast either way
+            notes.append(f"frozen weights stay fp32 ({type(e).__name__}: {str(e)[:100]})")
+    blocker = "--no-encoder-cache" if args.no_encoder_cache else encoder_cache_blocker(model)
+    if blocker is None:
+        t0 = time.perf_counter()
+        try:
+            inputs = {k: EncoderCache(model, pixels, data[k].images, amp_dtype) for k in ("train", "val")}
+            where = "on the device" if inputs["train"].on_device else "in host memory"
+            notes.append(f"encoder output cached ({sum(len(data[k].names) for k in inputs)} images, "
+                         f"{sum(c.nbytes for c in inputs.values()) / 2 ** 20:,.1f} MiB {where}, "
+                         f"{time.perf_counter() - t0:.1f}s)")
+        except Exception as e:  # out of memory included: the cache is an option
+            blocker = f"the cache failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+    if blocker is not None:
+        inputs = {k: PixelInputs(pixels, data[k].images) for k in ("train", "val")}
+        notes.append(f"encoder runs every step ({blocker})")
+    compiled = None
+    if args.compile:
+        trained = base_model(model)
+        blocks = repeated_blocks(trained.decoder) + (repeated_blocks(trained.encoder) if blocker else [])
+        compiled = CompiledBlocks(blocks, args.compile_mode)
+        notes.append(f"{len(blocks)} blocks compiled ({args.compile_mode})")
+    return inputs, compiled, notes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,47 +668,63 @@ def score_captions(hypotheses, references):
 
 
 def evaluate_captions(model, tokenizer, pixels, split, args, label):
+    """(scores, captions) on the first --eval-images test images; scores are None without a test image (the
+    data loader said so before any work)."""
     n = min(len(split.names), args.eval_images or len(split.names))
+    if n == 0:
+        return {"bleu4": None, "cider": None}, []
     captions = generate_captions(model, tokenizer, pixels, split.images[:n], args)
     scores = score_captions(captions, split.captions[:n])
     print(f"{label}: BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} on {n} test images", flush=True)
     return scores, captions
 
 
-def caption_token_loss(model, pixels, images, labels):
-    """Summed cross-entropy over the caption tokens (labels -100 on padding) and the number of tokens."""
-    logits = model(pixel_values=pixels(images), labels=labels).logits  # logits[t] predicts labels[t]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+def caption_loss(model, inputs, decoder_ids, labels):
+    """Summed cross-entropy over the caption tokens (labels -100 on padding), computed once: the model gets
+    no labels=, with which it would compute a loss of its own. `inputs` is pixel_values= (the encoder runs)
+    or encoder_outputs= (its cached output)."""
+    logits = model(**inputs, decoder_input_ids=decoder_ids, use_cache=False).logits  # logits[t] predicts labels[t]
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
-def validation_loss(model, pixels, split, tokens, amp_dtype, batch_size):
+def validation_loss(model, inputs, tokens, device_tokens, amp_dtype, batch_size):
     """Mean cross-entropy per caption token over every validation pair (as the training loss)."""
     model.eval()
-    total, count = 0.0, 0
+    device = device_tokens["labels"].device
+    total = torch.zeros((), device=device)
     for idx in torch.arange(len(tokens["pair_image"])).split(batch_size):
-        width = int(tokens["mask"][idx].sum(1).max())
-        with autocast(pixels.device, amp_dtype):
-            loss, n = caption_token_loss(model, pixels, split.images[tokens["pair_image"][idx]],
-                                         tokens["labels"][idx, :width].to(pixels.device))
-        total, count = total + loss.item(), count + n
-    return total / max(count, 1)
-
-
-def pair_tokens(tokenizer, split, max_length):
-    """Every (image, caption) pair of a split: the image index per pair and the caption's tokens."""
-    pair_image = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps], dtype=torch.long)
-    input_ids, mask, labels = tokenize_captions(tokenizer, [c for caps in split.captions for c in caps], max_length)
-    return {"pair_image": pair_image, "input_ids": input_ids, "mask": mask, "labels": labels}
+        idx_dev = idx.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            total += caption_loss(model, inputs.inputs(tokens["pair_image"][idx], device_tokens["pair_image"][idx_dev]),
+                                  device_tokens["decoder_ids"][idx_dev], device_tokens["labels"][idx_dev])
+    return total.item() / max(int(tokens["count"].sum()), 1)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Caption metrics: corpus BLEU-4 and CIDEr-D against every reference of each image
 
+_IDEOGRAPHS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # CJK ideographs
+
+
 def caption_tokens(text):
-    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics. Words are
+    runs of letters, digits and combining marks in any script (after NFKC normalisation, so 'Mädchen' is one
+    word however it was typed); each CJK ideograph is a word of its own, as in sacrebleu's Chinese tokenizer.
+    ASCII text gives exactly the [a-z0-9]+ runs sacrebleu and pycocoevalcap are compared on."""
+    if text.isascii():
+        return re.findall(r"[a-z0-9]+", text.lower())
+    words, word = [], ""
+    for ch in unicodedata.normalize("NFKC", text).lower():
+        if _IDEOGRAPHS.match(ch):
+            words += [word, ch] if word else [ch]
+            word = ""
+        elif unicodedata.category(ch)[0] in "LNM":
+            word += ch
+        elif word:
+            words.append(word)
+            word = ""
+    return words + [word] if word else words
 
 
 def _ngrams(tokens, n):
@@ -436,7 +759,10 @@ def cider_d(hypotheses, references, sigma=6.0):
     """CIDEr-D (Vedantam et al. 2015, the COCO evaluation server's variant) over token lists: TF-IDF
     vectors of 1- to 4-grams (document frequency over the references of the corpus), cosine similarity
     with the hypothesis' weights clipped at the reference's, a Gaussian penalty on the length
-    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams."""
+    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams.
+    An empty corpus scores 0."""
+    if not hypotheses:
+        return 0.0
     ref_counts = [[_all_ngrams(r) for r in refs] for refs in references]
     doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
     log_n = math.log(len(references))
@@ -482,7 +808,8 @@ def save_adapter(model, out_dir):
         model.save_pretrained(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} is intact") from None
+        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} "
+                                   f"is intact") from None
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)  # until here the previous adapter is intact under adapter/ or adapter.old/
@@ -494,9 +821,10 @@ def trainable_state(model):
 
 
 def save_training_state(run, state, args):
-    save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]), "optimizer": run["optimizer"].state_dict(),
-                     "schedule": run["schedule"].state_dict(), "scaler": run["scaler"].state_dict(),
-                     "rng": rng_state(run["pixels"].device), "state": dict(state), "args": vars(args)},
+    save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
+                     "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
+                     "scaler": run["scaler"].state_dict(), "rng": rng_state(run["device"]), "state": dict(state),
+                     "args": vars(args)},
                     run["out_dir"] / "training_state.pt")
     save_adapter(run["model"], run["out_dir"])
 
@@ -504,59 +832,102 @@ def save_training_state(run, state, args):
 # ----------------------------------------------------------------------------------------------------
 # Training
 
-def train(args, run, state, data, tokens):
-    """Optimizer steps until total_steps: shuffled pairs per epoch (seeded by seed and epoch, so a
-    resumed run sees the same batches), gradient accumulation, clipping, periodic validation and saves.
-    Under torchrun each process takes its slice of every global micro-batch."""
-    schedule = run["schedule"]
+def train(args, run, state, data, inputs, tokens):
+    """Optimizer steps until total_steps: shuffled pairs per epoch (seeded by seed and epoch, so a resumed run
+    sees the same batches), gradient accumulation, clipping, periodic validation and saves. Under torchrun
+    each process takes its slice of every global micro-batch. The loss stays on the device and is read every
+    LOG_EVERY steps and at evaluation and save steps (the only waits for the device); train_seconds counts
+    the steps, not evaluation or saving."""
     per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
-    with progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar:
+    with (progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar,
+          adapter_inputs_as_given(run["model"], run["amp_dtype"], args.lora_dropout)):
         bar.update(state["step"])
+        started = time.perf_counter()
         while state["step"] < run["total_steps"]:
             shuffle = torch.Generator().manual_seed(derived_seed(args.seed, "batches", state["epoch"]))
             order = torch.randperm(len(tokens["pair_image"]), generator=shuffle)
-            steps = order[:len(order) // per_step * per_step].split(per_step)
+            steps = order[:len(order) // per_step * per_step].view(-1, per_step)
+            steps_on_device = steps.to(run["device"], non_blocking=True)  # one copy per epoch
             while state["batch"] < len(steps) and state["step"] < run["total_steps"]:
-                t0 = time.perf_counter()
+                pairs = steps[state["batch"]]
                 # LoRA dropout draws depend on (seed, step, process) only: resumable at any process count.
-                torch.manual_seed(derived_seed(args.seed, "dropout", state["step"], run["rank"]))
-                loss = optimizer_step(args, run, data["train"], tokens, steps[state["batch"]])
-                state["batch"] += 1
-                state["step"] += 1
-                state["train_seconds"] += time.perf_counter() - t0
-                state["pairs_seen"] += per_step
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"the training loss became {loss} at step {state['step']} "
-                                        f"(lr {schedule.get_last_lr()[0]:.2e})")
+                seed = derived_seed(args.seed, "dropout", state["step"], run["rank"])
+                guarded_step(args, run, inputs["train"], tokens, pairs, steps_on_device[state["batch"]], seed)
+                run["tokens_since_read"] += int(tokens["count"][pairs].sum())  # host tensors: no device sync
+                state["batch"], state["step"], state["pairs_seen"] = state["batch"] + 1, state["step"] + 1, \
+                    state["pairs_seen"] + per_step
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+                loss = read_loss(args, run, state, bar) if is_read_step(args, state["step"], run) else None
+                if loss is not None:
+                    state["train_seconds"] += time.perf_counter() - started
                 if run["main_process"]:
                     after_step(args, run, state, data, loss)
+                if loss is not None:
+                    started = time.perf_counter()
             if state["batch"] >= len(steps):
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
 
 
-def optimizer_step(args, run, split, tokens, pairs):
-    """One optimizer step over `pairs` (all processes' pairs of this step, grad_accum micro-batches).
-    The loss is the mean over every caption token of the step, so neither the split into micro-batches
-    nor into processes changes the gradient. Returns that loss."""
-    model, device = run["trained"], run["pixels"].device
-    total_tokens = int(tokens["mask"][pairs].sum())
-    micro_batches = pairs.split(args.global_batch)
+def is_read_step(args, step, run):
+    return step % LOG_EVERY == 0 or step % args.eval_every == 0 or step % args.save_every == 0 \
+        or step == run["total_steps"]
+
+
+def read_loss(args, run, state, bar):
+    """The mean token loss since the previous read, over all processes: waits for the device. A non-finite
+    loss stops the run here, before the state is saved (the last saved state is kept)."""
+    loss = all_reduce_sum(run["loss_sum"].clone(), args.world_size).item() / max(run["tokens_since_read"], 1)
+    run["loss_sum"].zero_()
+    run["tokens_since_read"] = 0
+    lr = run["schedule"].get_last_lr()[0]
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss} by step {state['step']} (lr {lr:.2e})")
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+    return loss
+
+
+def guarded_step(args, run, *batch):
+    """optimizer_step. With --compile the first step compiles; should that fail, the step is redone with the
+    plain blocks and one line says so: the fast path never ends a run."""
+    compiled = run["compiled"]
+    if compiled is None or compiled.proven:
+        return optimizer_step(args, run, *batch)
+    before = run["loss_sum"].clone()
+    try:
+        optimizer_step(args, run, *batch)
+        compiled.proven = True
+    except Exception as e:  # a compiler failure; running out of memory is not one
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        compiled.give_up(e)
+        run["optimizer"].zero_grad(set_to_none=True)
+        run["loss_sum"].copy_(before)
+        optimizer_step(args, run, *batch)
+
+
+def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):
+    """One optimizer step over `pairs` (all processes' pairs of this step, grad_accum micro-batches; the same
+    indices on the host and on the device). The loss is the mean over every caption token of the step, so
+    neither the split into micro-batches nor into processes changes the gradient. Its sum is added to
+    run['loss_sum'] on the device: nothing here waits for the device."""
+    model, device_tokens = run["trained"], run["device_tokens"]
+    total_tokens = int(tokens["count"][pairs].sum())
+    micro_batches = list(zip(pairs.split(args.global_batch), pairs_on_device.split(args.global_batch)))
     mine = slice(run["rank"] * args.batch_size, (run["rank"] + 1) * args.batch_size)
+    torch.manual_seed(seed)
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    for i, idx in enumerate(micro_batches):
-        idx = idx[mine]
-        width = int(tokens["mask"][idx].sum(1).max())
-        labels = tokens["labels"][idx, :width].to(device)
+    for i, (idx, idx_dev) in enumerate(micro_batches):
+        idx, idx_dev = idx[mine], idx_dev[mine]
         last = i == len(micro_batches) - 1
-        with (nullcontext() if last or args.world_size == 1 else model.no_sync()):  # reduce gradients once per step
-            with autocast(device, run["amp_dtype"]):
-                token_loss, _ = caption_token_loss(model, run["pixels"], split.images[tokens["pair_image"][idx]], labels)
+        with nullcontext() if last or args.world_size == 1 else model.no_sync():  # reduce gradients once per step
+            compiled = run["compiled"].active() if run["compiled"] else nullcontext()
+            with compiled, autocast(run["device"], run["amp_dtype"]):
+                batch = inputs.inputs(tokens["pair_image"][idx], device_tokens["pair_image"][idx_dev])
+                loss = caption_loss(model, batch, device_tokens["decoder_ids"][idx_dev],
+                                    device_tokens["labels"][idx_dev])
             # DDP averages gradients over processes; scaling by world_size makes that the sum over all tokens.
-            run["scaler"].scale(token_loss * args.world_size / total_tokens).backward()
-        loss_sum += token_loss.detach()
+            run["scaler"].scale(loss * args.world_size / total_tokens).backward()
+        run["loss_sum"] += loss.detach()
     optimizer = run["optimizer"]
     if args.grad_clip:
         run["scaler"].unscale_(optimizer)
@@ -565,16 +936,18 @@ def optimizer_step(args, run, split, tokens, pairs):
     run["scaler"].update()
     optimizer.zero_grad(set_to_none=True)
     run["schedule"].step()
-    return all_reduce_sum(loss_sum, args.world_size).item() / total_tokens
 
 
 def after_step(args, run, state, data, loss):
+    """Every step, on the main process. At evaluation steps a metrics row (train_loss: the mean since the
+    previous read, at most LOG_EVERY steps back), the validation loss and three sample captions; at save
+    steps the adapter and training state. Both kinds of step are read steps, so `loss` is known there."""
     step = state["step"]
-    row = {"step": step, "epoch": state["epoch"], "train_loss": loss, "lr": run["schedule"].get_last_lr()[0]}
     if step % args.eval_every == 0 or step == run["total_steps"]:
+        row = {"step": step, "epoch": state["epoch"] + 1, "train_loss": loss, "lr": run["schedule"].get_last_lr()[0]}
         if len(data["val"].names):
-            row["val_loss"] = validation_loss(run["model"], run["pixels"], data["val"], run["val_tokens"], run["amp_dtype"],
-                                              args.batch_size)
+            row["val_loss"] = validation_loss(run["model"], run["val_inputs"], run["val_tokens"],
+                                              run["val_device_tokens"], run["amp_dtype"], args.batch_size)
             samples = generate_captions(run["model"], run["tokenizer"], run["pixels"], data["val"].images[:3], args)
             print(f"step {step}/{run['total_steps']} | train loss {loss:.4f} | val loss {row['val_loss']:.4f} | "
                   f"lr {row['lr']:.2e}", flush=True)
@@ -602,12 +975,14 @@ def experiment_args(argv):
 
 
 def main(argv=None):
-    with one_line_errors(SCRIPT, memory_hint="--batch-size (and a larger --grad-accum to keep the effective batch)") as report:
+    memory_hint = "--batch-size (and a larger --grad-accum to keep the effective batch)"
+    with one_line_errors(SCRIPT, memory_hint=memory_hint) as report:
         args, ckpt = experiment_args(argv)
         check_args(args)
-        if args.caption or args.merge:
-            device = pick_device(args.device)
-            return caption_files(args, device) if args.caption else merge_adapter(args, device)
+        if args.caption:
+            return caption_files(args, pick_device(args.device))
+        if args.merge:
+            return merge_adapter(args, pick_device(args.device), report)
         rank, world_size, local_rank = init_distributed(args.device)
         set_global_batch(args, world_size, resuming=ckpt is not None)
         return train_main(args, ckpt, pick_device(args.device, local_rank), rank, report)
@@ -625,48 +1000,39 @@ def train_main(args, ckpt, device, rank, report):
     tokens = pair_tokens(tokenizer, data["train"], args.max_length)
     steps_per_epoch = len(tokens["pair_image"]) // (args.global_batch * args.grad_accum)
     if steps_per_epoch == 0:
-        raise DataError(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} process(es) is more "
-             f"than the {len(tokens['pair_image'])} training pairs")
+        raise DataError(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} "
+                        f"process(es) is more than the {len(tokens['pair_image'])} training pairs")
     pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
     baseline, sheet = None, sheet_split(data)
-    if not args.no_baseline and not ckpt and rank == 0:
+    if not args.no_baseline and not ckpt and rank == 0 and data["test"].names:
         baseline = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
         baseline += (generate_captions(model, tokenizer, pixels, sheet.images, args),)
     model = add_lora(model, args)
-    trainable, total = count_params(model)
-    print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
-          f"{amp_dtype or torch.float32} | {len(data['train'].names)}/{len(data['val'].names)}/{len(data['test'].names)} "
-          f"train/val/test images | {len(tokens['pair_image']):,} training pairs | batch {args.global_batch}"
-          f"{f' ({args.world_size} processes x {args.batch_size})' if args.world_size > 1 else ''} x {args.grad_accum} "
-          f"accumulated | out {out_dir}")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, int(args.warmup * total_steps), total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = make_run(args, model, tokenizer, pixels, amp_dtype, total_steps, out_dir, rank, data, tokens)
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
     if ckpt:
-        state = restore_training(ckpt, args, model, optimizer, schedule, scaler, device)
+        state = restore_training(ckpt, args, model, run["optimizer"], run["schedule"], run["scaler"], device)
         print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
     else:
         state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
         if rank == 0:
             write_json(out_dir / "config.json", vars(args))
-    # DDP over the peft model: only the adapters require grad, so only their gradients are reduced.
-    run = dict(model=model, trained=wrap_distributed(model, device, args.world_size), tokenizer=tokenizer,
-               optimizer=optimizer, schedule=schedule, scaler=scaler, pixels=pixels, amp_dtype=amp_dtype,
-               total_steps=total_steps, out_dir=out_dir, params=[p for p in model.parameters() if p.requires_grad],
-               rank=rank, main_process=rank == 0,
-               val_tokens=pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None)
+    t0 = time.perf_counter()
+    inputs, run["compiled"], notes = fast_path(args, model, data, pixels, amp_dtype)
+    state["train_seconds"] += time.perf_counter() - t0  # encoding the images once is part of training
+    run["val_inputs"] = inputs["val"]
+    print_start(args, model, data, tokens, device, amp_dtype, notes, out_dir)
     last = out_dir / "training_state.pt"
     report.resume = last
     report.saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
-                            if last.exists() else f"nothing was saved yet (the first save comes at step {args.save_every})")
-    train(args, run, state, data, tokens)
+                            if last.exists() else
+                            f"nothing was saved yet (the first save comes at step {args.save_every})")
+    train(args, run, state, data, inputs, tokens)
     summary = None
     if rank == 0:
         after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
-        summary = write_summary(args, run, state, data, after, (trainable, total))
+        summary = write_summary(args, run, state, data, after, count_params(model))
         if not args.no_plots:
             save_pictures(args, run, state, sheet)
     if args.world_size > 1:
@@ -674,12 +1040,42 @@ def train_main(args, ckpt, device, rank, report):
     return summary
 
 
+def make_run(args, model, tokenizer, pixels, amp_dtype, total_steps, out_dir, rank, data, tokens):
+    """What the training loop needs besides the data: the model (and its DDP wrapper), optimizer, schedule,
+    scaler, the token tensors on the device and the loss accumulated on the device."""
+    device = pixels.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, int(args.warmup * total_steps), total_steps))
+    val_tokens = pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None
+    # DDP over the peft model: only the adapters require grad, so only their gradients are reduced.
+    return dict(model=model, trained=wrap_distributed(model, device, args.world_size), tokenizer=tokenizer,
+                optimizer=optimizer, schedule=schedule, params=params, pixels=pixels, amp_dtype=amp_dtype,
+                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device=device,
+                total_steps=total_steps, out_dir=out_dir, rank=rank, main_process=rank == 0, compiled=None,
+                device_tokens=on_device(tokens, device), val_tokens=val_tokens,
+                val_device_tokens=on_device(val_tokens, device) if val_tokens else None,
+                loss_sum=torch.zeros((), device=device), tokens_since_read=0)
+
+
+def print_start(args, model, data, tokens, device, amp_dtype, notes, out_dir):
+    trainable, total = count_params(model)
+    sizes = "/".join(str(len(data[k].names)) for k in SPLITS)
+    processes = f" ({args.world_size} processes x {args.batch_size})" if args.world_size > 1 else ""
+    print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
+          f"{amp_dtype or torch.float32} | {sizes} train/val/test images | {len(tokens['pair_image']):,} training "
+          f"pairs of {tokens['labels'].shape[1]} tokens | batch {args.global_batch}{processes} x {args.grad_accum} "
+          f"accumulated | out {out_dir}")
+    print(f"{SCRIPT}: {' | '.join(notes)}", flush=True)
+
+
 def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
     """Adapters, optimizer, schedule, scaler and RNG from a training_state.pt; returns its counters."""
     unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
     if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
         raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
-             f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
+                        f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -690,7 +1086,9 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
 
 
 def write_summary(args, run, state, data, after, counts):
-    device, out_dir = run["pixels"].device, run["out_dir"]
+    """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
+    null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
+    device, out_dir = run["device"], run["out_dir"]
     base = state["baseline"] or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
     examples = [{"image": n, "references": refs, "before": b, "after": a}
                 for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
@@ -700,11 +1098,11 @@ def write_summary(args, run, state, data, after, counts):
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
         "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None,
-        "train_seconds": state["train_seconds"],
-        "images_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
-        "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0], "args": vars(args),
-        "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"], "cider_before": base["scores"]["cider"],
-        "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+        "train_seconds": state["train_seconds"], "images_per_second": None,
+        "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
+        "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
+        "args": vars(args), "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
+        "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
         "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
         "examples": examples,
     }
@@ -712,9 +1110,9 @@ def write_summary(args, run, state, data, after, counts):
     for ex in examples:
         print(f"{ex['image']}: before {ex['before']!r} | after {ex['after']!r} | reference {ex['references'][0]!r}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-    print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} -> "
-          f"{fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | {summary['images_per_second']:,.1f} pairs/s "
-          f"| adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
+    print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
+          f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
+          f"{summary['pairs_per_second']:,.1f} pairs/s | adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
     return summary
 
 
@@ -729,6 +1127,9 @@ def save_pictures(args, run, state, sheet):
     out_dir = run["out_dir"]
     plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png", x="step",
                 panels=(("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",))))
+    if not sheet.names:
+        print(f"pictures in {out_dir}: curves.png (no validation or test image for captions.html)")
+        return
     after = generate_captions(run["model"], run["tokenizer"], run["pixels"], sheet.images, args)
     before = (state["baseline"] or {}).get("sheet") or [None] * len(after)
     write_caption_sheet(out_dir / "captions.html", sheet, before, after, args.model or DEFAULT_MODEL)
@@ -741,6 +1142,7 @@ def write_caption_sheet(path, split, before, after, model_name):
     import base64
     import html
     import io
+
     from PIL import Image
     def shown(caption):
         return "<em>not computed</em>" if caption is None else html.escape(caption) or "<em>(empty caption)</em>"
@@ -751,12 +1153,15 @@ def write_caption_sheet(path, split, before, after, model_name):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=85)
         src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
         refs_html = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
-        rows.append(f'<tr><td><img src="{src}" alt="{html.escape(name)}" width="224"><br><code>{html.escape(name)}</code></td>'
-                    f'<td><ul>{refs_html}</ul></td><td>{shown(b)}</td><td><strong>{shown(a)}</strong></td></tr>')
+        rows.append(f'<tr><td><img src="{src}" alt="{html.escape(name)}" width="224"><br>'
+                    f'<code>{html.escape(name)}</code></td><td><ul>{refs_html}</ul></td><td>{shown(b)}</td>'
+                    f'<td><strong>{shown(a)}</strong></td></tr>')
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Captions before and after LoRA fine-tuning</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{{margin:0;padding-left:1.2em}}</style>
-</head><body><h1>Captions before and after LoRA fine-tuning</h1><p>Base model: <code>{html.escape(model_name)}</code></p>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{{margin:0;padding-left:1.2em}}</style>
+</head><body><h1>Captions before and after LoRA fine-tuning</h1>
+<p>Base model: <code>{html.escape(model_name)}</code></p>
 <table><thead><tr><th>image</th><th>references</th><th>before fine-tuning</th><th>after fine-tuning</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
@@ -771,12 +1176,15 @@ def load_with_adapter(args, device):
         raise DataError(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
     base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path or DEFAULT_MODEL
     model, tokenizer, processor = load_captioner(base, device)
-    return PeftModel.from_pretrained(model, args.adapter).to(device).eval(), tokenizer, processor
+    with no_peft_deprecation_warning():
+        return PeftModel.from_pretrained(model, args.adapter).to(device).eval(), tokenizer, processor
 
 
 def caption_files(args, device):
+    """Captions for image files, by the base model + --adapter, or by a --model alone (a merged one)."""
     from torchvision.transforms.v2 import functional as TF
-    model, tokenizer, processor = load_with_adapter(args, device)
+    model, tokenizer, processor = load_with_adapter(args, device) if args.adapter else \
+        load_captioner(args.model, device)
     size, resample = processor_geometry(processor)
     images = []
     for path in args.caption:
@@ -784,17 +1192,35 @@ def caption_files(args, device):
             images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
                                     interpolation=resample, antialias=True))
         except Exception as e:
-            raise DataError(f"--caption {path}: cannot read it as an image ({type(e).__name__})")
+            raise DataError(f"--caption {path}: cannot read it as an image ({type(e).__name__})") from None
     captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
     for path, caption in zip(args.caption, captions):
         print(f"{path}: {caption}")
     return dict(zip(args.caption, captions))
 
 
-def merge_adapter(args, device):
+def merge_out_dir(path, report):
+    """--merge writes a whole model folder (config.json, weights, tokenizer, image processor): into a new or
+    empty folder only, so that it can never overwrite a run's config.json or another model."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out-dir {out} is a file; --merge writes a model folder: pick a new folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise DataError(f"--out-dir {out} already holds files ({', '.join(held[:3])}{' ...' * (len(held) > 3)}); "
+                        f"--merge writes a whole model folder: pick a new or empty folder")
+    report.created_out_dir, report.out_dir = not out.exists(), out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out-dir {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def merge_adapter(args, device, report):
+    out = merge_out_dir(args.out_dir, report)
     model, tokenizer, processor = load_with_adapter(args, device)
     merged = model.merge_and_unload()
-    out = Path(args.out_dir)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)

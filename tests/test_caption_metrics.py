@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from lora_caption import caption_tokens, cider_d, corpus_bleu4
 from conftest import ROOT
+from lora_caption import caption_tokens, cider_d, corpus_bleu4
 
 sacrebleu = pytest.importorskip("sacrebleu")
 Cider = pytest.importorskip("pycocoevalcap.cider.cider").Cider
@@ -36,6 +36,42 @@ def corpora():
 
 def test_tokens():
     assert caption_tokens("A dog's ball, RED!  2 cats .") == ["a", "dog", "s", "ball", "red", "2", "cats"]
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("Ein Mädchen läuft über die Straße.", ["ein", "mädchen", "läuft", "über", "die", "straße"]),
+    ("Ein Ma\u0308dchen", ["ein", "mädchen"]),  # the same word typed with a combining umlaut
+    ("Собака бежит по траве.", ["собака", "бежит", "по", "траве"]),
+    ("一只狗在草地上奔跑。", list("一只狗在草地上奔跑")),  # an ideograph is a word; the full stop is dropped
+    ("一只Dog在跑", ["一", "只", "dog", "在", "跑"]),
+    ("कुत्ता घास पर दौड़ता है", ["कुत्ता", "घास", "पर", "दौड़ता", "है"]),  # vowel signs are part of the word
+    ("Ｄｏｇ２ l’été", ["dog2", "l", "été"]),  # full-width letters and digits; a typographic apostrophe splits
+])
+def test_unicode_words_are_kept_whole(text, tokens):
+    assert caption_tokens(text) == tokens
+
+
+def test_a_caption_equal_to_its_reference_scores_full_marks_in_any_script():
+    captions = ["Собака бежит по зелёной траве", "一只黑狗在草地上奔跑", "Ein Mädchen läuft über die Wiese"]
+    tokens = [caption_tokens(c) for c in captions]
+    assert all(corpus_bleu4([t], [[t]]) == pytest.approx(1.0) for t in tokens)
+    assert cider_d(tokens, [[t] for t in tokens]) > 5  # 10 for a perfect match, less the IDF of a 3-image corpus
+
+
+def test_chinese_tokens_and_bleu_equal_sacrebleus_zh_tokenizer():
+    from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
+    hyps = ["一只黑狗在草地上奔跑", "两个孩子在海边玩沙子", "一个男人骑着红色自行车"]
+    refs = [["一只黑色的狗在草地上跑", "黑狗在绿草地上奔跑"], ["两个小孩在海滩上玩沙", "孩子们在海边玩沙子"],
+            ["男人骑着一辆红色的自行车", "一个人在骑自行车"]]
+    assert all(caption_tokens(s) == TokenizerZh()(s).split() for s in hyps + sum(refs, []))
+    ours = corpus_bleu4([caption_tokens(h) for h in hyps], [[caption_tokens(r) for r in rs] for rs in refs])
+    streams = [[rs[k] for rs in refs] for k in range(2)]
+    reference = sacrebleu.corpus_bleu(hyps, streams, tokenize="zh", smooth_method="none")
+    assert ours == pytest.approx(reference.score / 100, abs=1e-9) and ours > 0
+
+
+def test_an_empty_corpus_scores_zero():
+    assert cider_d([], []) == 0.0 and corpus_bleu4([], []) == 0.0
 
 
 @pytest.mark.parametrize("case", range(3))

@@ -1,6 +1,7 @@
 """When things go wrong: kills, Ctrl-C, crashes while saving, non-finite losses, foreign checkpoints,
 bad arguments, bad data, out of memory. Each case of the README's table has its test here (or is named
 there with the test that covers it elsewhere)."""
+
 import errno
 import os
 import pickle
@@ -21,7 +22,18 @@ import vit_scratch
 from conftest import ROOT, TINY_CAPTIONS
 
 TINY = {
-    vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size", "32"],
+    vit_scratch: [
+        "--embed-dim",
+        "32",
+        "--hidden-dim",
+        "64",
+        "--num-heads",
+        "4",
+        "--num-layers",
+        "2",
+        "--batch-size",
+        "32",
+    ],
     cnn_baseline: ["--widths", "8", "16", "32", "--batch-size", "32"],
 }
 SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
@@ -52,48 +64,108 @@ def assert_same(a, b):
 
 # 1. kill -9 at a random moment, then --resume ----------------------------------------------------
 
+
 @SCRIPTS
 def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(script, tiny_cifar, tmp_path):
     name = script.__name__
     flags = ["--data-dir", tiny_cifar, "--epochs", "4", "--device", "cpu", "--no-plots", *TINY[script]]
     subprocess.run(cli(name, *flags, "--out-dir", tmp_path / "full"), check=True, capture_output=True, timeout=300)
-    victim = subprocess.Popen(cli(name, *flags, "--out-dir", tmp_path / "cut"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=ENV)
+    victim = subprocess.Popen(
+        cli(name, *flags, "--out-dir", tmp_path / "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+    )
     wait_for(tmp_path / "cut" / "last.pt", victim)
     time.sleep(random.Random(os.getpid()).uniform(0, 1.5))  # somewhere in a later epoch, or while saving
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    resumed = subprocess.run(cli(name, "--resume", tmp_path / "cut" / "last.pt", "--data-dir", tiny_cifar, "--device", "cpu"),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        cli(name, "--resume", tmp_path / "cut" / "last.pt", "--data-dir", tiny_cifar, "--device", "cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert_same(weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
     assert not list((tmp_path / "cut").glob(".*.tmp"))  # a save cut short leaves nothing behind after resume
 
 
 def test_kill_9_then_resume_lora_at_step_level(tiny_captioner, tmp_path):
-    flags = ["--model", tiny_captioner, "--data-dir", TINY_CAPTIONS, "--device", "cpu", "--epochs", "6", "--batch-size", "10",
-             "--lr", "1e-2", "--save-every", "2", "--eval-every", "100", "--no-baseline", "--eval-images", "1", "--no-plots"]
-    subprocess.run(cli("lora_caption", *flags, "--out-dir", tmp_path / "full"), check=True, capture_output=True, env=ENV, timeout=300)
-    victim = subprocess.Popen(cli("lora_caption", *flags, "--out-dir", tmp_path / "cut"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=ENV)
+    flags = [
+        "--model",
+        tiny_captioner,
+        "--data-dir",
+        TINY_CAPTIONS,
+        "--device",
+        "cpu",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "10",
+        "--lr",
+        "1e-2",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "100",
+        "--no-baseline",
+        "--eval-images",
+        "1",
+        "--no-plots",
+    ]
+    subprocess.run(
+        cli("lora_caption", *flags, "--out-dir", tmp_path / "full"),
+        check=True,
+        capture_output=True,
+        env=ENV,
+        timeout=300,
+    )
+    victim = subprocess.Popen(
+        cli("lora_caption", *flags, "--out-dir", tmp_path / "cut"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     wait_for(tmp_path / "cut" / "training_state.pt", victim)
     time.sleep(random.Random(os.getpid()).uniform(0, 0.5))
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    resumed = subprocess.run(cli("lora_caption", "--resume", tmp_path / "cut" / "training_state.pt", "--device", "cpu"),
-                             capture_output=True, text=True, env=ENV, timeout=300)
+    resumed = subprocess.run(
+        cli("lora_caption", "--resume", tmp_path / "cut" / "training_state.pt", "--device", "cpu"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
-    assert_same(weights(tmp_path / "full" / "training_state.pt", "trainable"),
-                weights(tmp_path / "cut" / "training_state.pt", "trainable"))
+    assert_same(
+        weights(tmp_path / "full" / "training_state.pt", "trainable"),
+        weights(tmp_path / "cut" / "training_state.pt", "trainable"),
+    )
 
 
 # 2. Ctrl-C ----------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli("vit_scratch", "--data-dir", tiny_cifar, "--epochs", "50", "--device", "cpu", "--no-plots",
-                                "--out-dir", out, *TINY[vit_scratch]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+    proc = subprocess.Popen(
+        cli(
+            "vit_scratch",
+            "--data-dir",
+            tiny_cifar,
+            "--epochs",
+            "50",
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--out-dir",
+            out,
+            *TINY[vit_scratch],
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     wait_for(out / "last.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -107,6 +179,7 @@ def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the write
         time.sleep(0.1)
         torch.save(obj, f)
+
     with pytest.raises(KeyboardInterrupt):
         common._atomic_write(tmp_path / "last.pt", lambda f: interrupted_write({"epoch": 3}, f))
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 3}
@@ -114,6 +187,7 @@ def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path):
 
 
 # 3. A crash while a checkpoint is written ---------------------------------------------------------
+
 
 def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
@@ -125,7 +199,9 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(tiny_cifar, tmp_path, monkeypatch, capsys):
+def test_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(
+    tiny_cifar, tmp_path, monkeypatch, capsys
+):
     real_save, calls = torch.save, []
 
     def disk_fills_on_the_second_save(obj, f, *a, **k):
@@ -134,10 +210,23 @@ def test_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
+
     monkeypatch.setattr(common.torch, "save", disk_fills_on_the_second_save)
     with pytest.raises(SystemExit) as stop:
-        vit_scratch.main(["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots",
-                          "--out-dir", str(tmp_path), *TINY[vit_scratch]])
+        vit_scratch.main(
+            [
+                "--data-dir",
+                str(tiny_cifar),
+                "--epochs",
+                "3",
+                "--device",
+                "cpu",
+                "--no-plots",
+                "--out-dir",
+                str(tmp_path),
+                *TINY[vit_scratch],
+            ]
+        )
     monkeypatch.setattr(common.torch, "save", real_save)
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "No space left on device" in err and "is intact" in err
@@ -147,11 +236,17 @@ def test_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
 
 def test_failed_adapter_save_keeps_the_previous_adapter(tiny_captioner, tmp_path, monkeypatch):
     model, _, _ = lora_caption.load_captioner(str(tiny_captioner), torch.device("cpu"))
-    model = lora_caption.add_lora(model, __import__("argparse").Namespace(
-        rank=4, alpha=8, lora_dropout=0.0, targets=lora_caption.DECODER_TARGETS, cross_attention=False))
+    model = lora_caption.add_lora(
+        model,
+        __import__("argparse").Namespace(
+            rank=4, alpha=8, lora_dropout=0.0, targets=lora_caption.DECODER_TARGETS, cross_attention=False
+        ),
+    )
     lora_caption.save_adapter(model, tmp_path)
     before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
-    monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full")))
+    monkeypatch.setattr(
+        type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full"))
+    )
     with pytest.raises(common.CheckpointWriteError, match="disk full"):
         lora_caption.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before
@@ -160,8 +255,11 @@ def test_failed_adapter_save_keeps_the_previous_adapter(tiny_captioner, tmp_path
 
 # 4. A non-finite loss -------------------------------------------------------------------------------
 
+
 @SCRIPTS
-def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(script, tiny_cifar, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
+    script, tiny_cifar, tmp_path, monkeypatch, capsys
+):
     real, calls = script.train_one_epoch, []
 
     def poisoned_in_epoch_two(model, *a, **k):
@@ -170,10 +268,23 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(script
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return real(model, *a, **k)
+
     monkeypatch.setattr(script, "train_one_epoch", poisoned_in_epoch_two)
     with pytest.raises(SystemExit) as stop:
-        script.main(["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots",
-                     "--out-dir", str(tmp_path), *TINY[script]])
+        script.main(
+            [
+                "--data-dir",
+                str(tiny_cifar),
+                "--epochs",
+                "3",
+                "--device",
+                "cpu",
+                "--no-plots",
+                "--out-dir",
+                str(tmp_path),
+                *TINY[script],
+            ]
+        )
     err = capsys.readouterr().err
     assert stop.value.code == 1
     assert "the training loss became nan by step 18 (lr " in err and "try a lower --lr" in err
@@ -183,10 +294,23 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(script
 
 # 5. Foreign checkpoints -----------------------------------------------------------------------------
 
+
 @SCRIPTS
 def test_checkpoint_of_another_configuration_is_a_clear_error(script, tiny_cifar, tmp_path, capsys):
-    script.main(["--data-dir", str(tiny_cifar), "--epochs", "1", "--device", "cpu", "--no-plots", "--out-dir", str(tmp_path),
-                 *TINY[script]])
+    script.main(
+        [
+            "--data-dir",
+            str(tiny_cifar),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--out-dir",
+            str(tmp_path),
+            *TINY[script],
+        ]
+    )
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     ckpt["args"]["batch_size"] = 32
     if script is vit_scratch:
@@ -198,14 +322,19 @@ def test_checkpoint_of_another_configuration_is_a_clear_error(script, tiny_cifar
         script.main(["--resume", str(tmp_path / "edited.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu"])
     err = capsys.readouterr().err
     field = "embed_dim: saved 32, now 64" if script is vit_scratch else "widths: saved [8, 16, 32], now [8, 16, 64]"
-    assert stop.value.code == 2 and "its weights do not fit the model its flags and data describe" in err and field in err
+    assert (
+        stop.value.code == 2 and "its weights do not fit the model its flags and data describe" in err and field in err
+    )
     assert err.count("\n") == 1
 
 
 @SCRIPTS
 def test_checkpoint_holding_pickled_objects_is_refused(script, tmp_path, capsys):
     import argparse
-    torch.save({"script": script.__name__, "args": argparse.Namespace(epochs=1)}, tmp_path / "evil.pt")  # an object, not plain values
+
+    torch.save(
+        {"script": script.__name__, "args": argparse.Namespace(epochs=1)}, tmp_path / "evil.pt"
+    )  # an object, not plain values
     with pytest.raises(SystemExit):
         script.main(["--resume", str(tmp_path / "evil.pt")])
     assert "not a checkpoint of plain values, refused" in capsys.readouterr().err
@@ -237,7 +366,9 @@ if not torch.cuda.is_available():
     BAD_ARGS.append((vit_scratch, ["--device", "cuda"], "--device cuda, but PyTorch sees no CUDA GPU"))
 
 
-@pytest.mark.parametrize("script, flags, message", BAD_ARGS, ids=lambda v: v.__name__ if hasattr(v, "__name__") else None)
+@pytest.mark.parametrize(
+    "script, flags, message", BAD_ARGS, ids=lambda v: v.__name__ if hasattr(v, "__name__") else None
+)
 def test_bad_arguments_are_one_line(script, flags, message, tiny_cifar, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         script.main(["--data-dir", str(tiny_cifar), "--out-dir", str(tmp_path / "run"), *flags])
@@ -278,6 +409,7 @@ def test_out_dir_that_is_not_writable(tiny_cifar, tmp_path, capsys):
 
 # 7. Bad data --------------------------------------------------------------------------------------
 
+
 def test_empty_or_partial_imagefolder_trees(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "test").mkdir()
@@ -292,6 +424,7 @@ def test_empty_or_partial_imagefolder_trees(tmp_path):
 
 def test_non_image_files_are_reported_and_ignored(tiny_cifar, tmp_path):
     import shutil
+
     tree = tmp_path / "tree"
     shutil.copytree(tiny_cifar, tree, ignore=shutil.ignore_patterns(".decoded-*"))
     (tree / "train" / "cat" / "notes.txt").write_text("hello")
@@ -304,6 +437,7 @@ def test_non_image_files_are_reported_and_ignored(tiny_cifar, tmp_path):
 
 def test_truncated_cifar_batch_is_a_clear_error(tmp_path):
     import numpy as np
+
     batches = tmp_path / "cifar-10-batches-py"
     batches.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -316,8 +450,11 @@ def test_truncated_cifar_batch_is_a_clear_error(tmp_path):
 
 # 8. Out of GPU memory (simulated) -------------------------------------------------------------------
 
+
 @SCRIPTS
-def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(script, tiny_cifar, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(
+    script, tiny_cifar, tmp_path, monkeypatch, capsys
+):
     real, calls = script.train_one_epoch, []
 
     def oom_in_epoch_two(*a, **k):
@@ -325,10 +462,23 @@ def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(script,
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **k)
+
     monkeypatch.setattr(script, "train_one_epoch", oom_in_epoch_two)
     with pytest.raises(SystemExit) as stop:
-        script.main(["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots",
-                     "--out-dir", str(tmp_path), *TINY[script]])
+        script.main(
+            [
+                "--data-dir",
+                str(tiny_cifar),
+                "--epochs",
+                "3",
+                "--device",
+                "cpu",
+                "--no-plots",
+                "--out-dir",
+                str(tmp_path),
+                *TINY[script],
+            ]
+        )
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "out of GPU memory; try a smaller --batch-size" in err and "(epoch 1)" in err
     assert torch.load(tmp_path / "last.pt", weights_only=True)["state"]["epoch"] == 1
@@ -336,8 +486,10 @@ def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(script,
 
 def test_clip_out_of_memory_and_ctrl_c(tiny_clip, tiny_cifar, tmp_path, monkeypatch, capsys):
     flags = ["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path)]
-    for error, code, message in [(torch.OutOfMemoryError("CUDA out of memory"), 1, "out of GPU memory; try a smaller --batch-size"),
-                                 (KeyboardInterrupt(), 130, "interrupted; nothing to resume")]:
+    for error, code, message in [
+        (torch.OutOfMemoryError("CUDA out of memory"), 1, "out of GPU memory; try a smaller --batch-size"),
+        (KeyboardInterrupt(), 130, "interrupted; nothing to resume"),
+    ]:
         monkeypatch.setattr(clip_zeroshot, "encode_images", lambda *a, e=error, **k: (_ for _ in ()).throw(e))
         with pytest.raises(SystemExit) as stop:
             clip_zeroshot.main(flags)
@@ -348,9 +500,21 @@ def test_clip_out_of_memory_and_ctrl_c(tiny_clip, tiny_cifar, tmp_path, monkeypa
 def test_lora_out_of_memory_suggests_grad_accum(tiny_captioner, tmp_path, monkeypatch, capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
+
     monkeypatch.setattr(lora_caption, "train", oom)
     with pytest.raises(SystemExit) as stop:
-        lora_caption.main(["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu",
-                           "--no-baseline", "--out-dir", str(tmp_path)])
+        lora_caption.main(
+            [
+                "--model",
+                str(tiny_captioner),
+                "--data-dir",
+                str(TINY_CAPTIONS),
+                "--device",
+                "cpu",
+                "--no-baseline",
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "--batch-size (and a larger --grad-accum" in err and "nothing was saved yet" in err

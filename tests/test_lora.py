@@ -37,7 +37,7 @@ def batch(tokenizer, processor, data, n=10):
 
 
 def test_full_size_trainable_count_is_the_guides():
-    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), GPT2Config(add_cross_attention=True))
     with torch.device("meta"):  # the real architecture's shapes, no memory, no download
         model = lora_caption.add_lora(VisionEncoderDecoderModel(config), lora_args())
@@ -85,7 +85,8 @@ def test_training_moves_only_the_adapters_and_lowers_the_loss(tiny_captioner):
 
 def test_labels_are_minus_100_exactly_on_padding_and_keep_eos(tiny_captioner):
     _, tokenizer, _ = lora_caption.load_captioner(str(tiny_captioner), CPU)
-    ids, mask, labels = lora_caption.tokenize_captions(tokenizer, ["a dog", "a cat runs fast", "x" * 100], max_length=12)
+    ids, mask, labels = lora_caption.tokenize_captions(tokenizer, ["a dog", "a cat runs fast", "x" * 100],
+                                                       max_length=12)
     eos = tokenizer.eos_token_id
     assert tokenizer.pad_token_id == eos
     assert mask.sum(1).tolist() == [6, 12, 12] and ids.shape == (3, 12)
@@ -115,7 +116,8 @@ def test_adapter_reload_on_a_fresh_base_reproduces_logits_and_merge_matches(tiny
         torch.testing.assert_close(merged(pixel_values=pixels, labels=labels).logits, logits, atol=1e-4, rtol=1e-4)
         base, _, _ = lora_caption.load_captioner(str(tiny_captioner), CPU)
         assert not torch.allclose(base.eval()(pixel_values=pixels, labels=labels).logits, logits, atol=1e-3)
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                        "adapter_model.safetensors"]
 
 
 def make_messy_set(root):
@@ -127,7 +129,7 @@ def make_messy_set(root):
     Image.fromarray(rgb).convert("L").save(images / "grey.png")
     Image.fromarray(rgb).convert("RGBA").save(images / "rgba.png")
     Image.fromarray(rgb).convert("CMYK").save(images / "cmyk.jpg")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(images / "deep16.png")  # 16-bit grey
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(images / "deep16.png")  # 16-bit grey
     tall = Image.fromarray(np.zeros((40, 20, 3), np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees when shown
@@ -203,15 +205,16 @@ def test_cli_train_caption_merge(tiny_captioner, tmp_path):
     assert summary["steps"] == 40 and summary["epochs"] == 4.0 and summary["trainable_params"] == 16_384
     assert 0 <= summary["bleu4"] <= 1 and summary["cider"] >= 0 and len(summary["examples"]) == 5
     assert summary["adapter_bytes"] < 200_000
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20, 30, 40] and rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert Image.open(out / "curves.png").size == (840, 330)
     sheet = (out / "captions.html").read_text()
-    assert sheet.count("<img ") == 5 and all(n in sheet for n in json.loads((TINY_CAPTIONS / "splits.json").read_text())["val"])
+    val_names = json.loads((TINY_CAPTIONS / "splits.json").read_text())["val"]
+    assert sheet.count("<img ") == 5 and all(n in sheet for n in val_names)
 
     image = next((TINY_CAPTIONS / "images").iterdir())
     proc = run_cli("--caption", image, image, "--adapter", out / "adapter", "--device", "cpu")
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(str(image))]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(str(image))]
     assert len(lines) == 2 and lines[0] == lines[1]  # greedy decoding is deterministic
 
     run_cli("--merge", "--adapter", out / "adapter", "--out-dir", tmp_path / "merged", "--device", "cpu")

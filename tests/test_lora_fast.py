@@ -1,0 +1,274 @@
+"""The fast LoRA step (issue 14) on the tiny random captioner: each speed-up leaves the results unchanged (the
+encoder cache, frozen weights in bf16, the loss computed once on static shapes, compiled blocks), and each
+falls back to the plain path where it cannot apply."""
+import argparse
+import copy
+import functools
+import json
+
+import pytest
+import torch
+
+import lora_caption
+from conftest import TINY_CAPTIONS, build_tiny_captioner
+
+CPU = torch.device("cpu")
+
+
+def lora_args(**kw):
+    base = dict(rank=4, alpha=8, lora_dropout=0.05, targets=lora_caption.DECODER_TARGETS, cross_attention=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def captioner_with_adapters(folder, **kw):
+    """The tiny captioner with adapters whose B is not zero (so that they matter), its data and training pairs."""
+    model, tokenizer, processor = lora_caption.load_captioner(str(folder), CPU)
+    model = lora_caption.add_lora(model, lora_args(**kw))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    size, resample = lora_caption.processor_geometry(processor)
+    data = lora_caption.load_caption_data(TINY_CAPTIONS, size, resample, seed=0, log=lambda *_: None)
+    tokens = lora_caption.pair_tokens(tokenizer, data["train"], 40)
+    return model, lora_caption.Pixels(processor, CPU), data["train"], tokens
+
+
+def loss_and_grads(model, inputs, tokens, idx, seed=1):
+    """One training forward and backward (dropout active, seeded): the summed loss and every adapter gradient."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = lora_caption.caption_loss(model, inputs, tokens["decoder_ids"][idx], tokens["labels"][idx])
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_equal_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cached_encoder_output_gives_the_same_loss_and_gradients_bit_for_bit(tiny_captioner):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    idx = torch.arange(12)  # 5 captions per image: images repeat within the batch, as in training
+    images = tokens["pair_image"][idx]
+    loss, grads = loss_and_grads(model, lora_caption.PixelInputs(pixels, split.images).inputs(images, images),
+                                 tokens, idx)
+    # The cache encodes this batch's images in one pass, as the step without it does: CPU kernels may round
+    # differently for other batch sizes, which is not what is being tested here.
+    cache = lora_caption.EncoderCache(model, pixels, split.images[images], None, batch_size=len(idx))
+    rows = torch.arange(len(idx))
+    cached_loss, cached_grads = loss_and_grads(model, cache.inputs(rows, rows), tokens, idx)
+    assert torch.equal(loss, cached_loss) and torch.isfinite(loss)
+    assert_equal_bitwise(grads, cached_grads)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    # the script's cache of the whole split (encoded 64 images at a time) holds the same states, to rounding
+    whole = lora_caption.EncoderCache(model, pixels, split.images, None)
+    torch.testing.assert_close(whole.states[images], cache.states, rtol=1e-5, atol=1e-6)
+    assert whole.on_device and whole.nbytes == whole.states.numel() * 4
+
+
+def test_cache_in_host_memory_gathers_the_same_rows(tiny_captioner):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    on_device = lora_caption.EncoderCache(model, pixels, split.images, None)
+    on_host = lora_caption.EncoderCache(model, pixels, split.images, None, on_device=False)
+    images = tokens["pair_image"][torch.tensor([7, 3, 3, 60])]
+    a, b = on_device.inputs(images, images)["encoder_outputs"][0], on_host.inputs(images, images)["encoder_outputs"][0]
+    assert not on_host.on_device and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True")  # peft's note on adapting an nn.Linear
+@pytest.mark.parametrize("change", ["adapted encoder", "dropout module", "dropout in config", "nothing"])
+def test_encoder_cache_is_used_only_when_the_encoder_cannot_change(tiny_captioner, change):
+    model, _, _ = lora_caption.load_captioner(str(tiny_captioner), CPU)
+    query = next(n for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Linear))  # names vary by version
+    targets = lora_caption.DECODER_TARGETS + ([query] if change == "adapted encoder" else [])
+    model = lora_caption.add_lora(model, lora_args(targets=targets))
+    encoder = lora_caption.base_model(model).encoder
+    if change == "dropout module":
+        next(m for m in encoder.modules() if isinstance(m, torch.nn.Dropout)).p = 0.1
+    if change == "dropout in config":
+        encoder.config.attention_probs_dropout_prob = 0.1  # ViT's attention applies this rate in the kernel
+    reason = lora_caption.encoder_cache_blocker(model)
+    expected = {"adapted encoder": "the encoder trains", "nothing": None}.get(change, "the encoder uses dropout")
+    assert reason == expected or (reason and expected and reason.startswith(expected)), reason
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.05])
+def test_frozen_weights_in_bf16_change_nothing_under_autocast(tiny_captioner, lora_dropout):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner, lora_dropout=lora_dropout)
+    fast = copy.deepcopy(model)
+    saved = lora_caption.cast_frozen_weights(fast)
+    inner = lora_caption.base_model(fast)
+    wte, lm_head = inner.decoder.transformer.wte, inner.decoder.lm_head
+    assert lm_head.weight is wte.weight and wte.weight.dtype == torch.float32  # tied: stays fp32
+    dtypes = {n: p.dtype for n, p in fast.named_parameters()}
+    assert all(dtypes[n] == torch.float32 for n, p in fast.named_parameters() if p.requires_grad or "lora_" in n)
+    assert all(dtypes[n] == torch.float32 for n in dtypes if any(k in n for k in ("ln_", "layernorm", "wpe", "wte",
+                                                                                  "cls_token", "position_embed")))
+    assert inner.decoder.transformer.h[0].attn.c_attn.base_layer.weight.dtype == torch.bfloat16  # Conv1D
+    for kind in (torch.nn.Linear, torch.nn.Conv2d):  # the encoder's attention and MLP, its patch embedding
+        assert next(m for m in inner.encoder.modules() if isinstance(m, kind)).weight.dtype == torch.bfloat16
+    assert saved == 2 * sum(p.numel() for p in fast.parameters() if p.dtype == torch.bfloat16) > 0
+
+    idx = torch.arange(10)
+    images = tokens["pair_image"][idx]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, lora_caption.PixelInputs(pixels, split.images).inputs(images, images),
+                                     tokens, idx)
+        with lora_caption.adapter_inputs_as_given(fast, torch.bfloat16, lora_dropout):  # as the training loop
+            casting = {m.cast_input_dtype_enabled for m in fast.modules() if hasattr(m, "cast_input_dtype_enabled")}
+            assert casting == {lora_dropout > 0}  # skipped where it changes no value
+            fast_loss, fast_grads = loss_and_grads(
+                fast, lora_caption.PixelInputs(pixels, split.images).inputs(images, images), tokens, idx)
+    assert torch.equal(loss, fast_loss) and torch.isfinite(loss)
+    assert_equal_bitwise(grads, fast_grads)
+    optimizer = torch.optim.AdamW([p for p in fast.parameters() if p.requires_grad])
+    optimizer.step()
+    assert {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim()} == {torch.float32}
+
+
+def test_decoder_input_is_the_shifted_caption_and_the_loss_is_computed_once(tiny_captioner):
+    from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    config = lora_caption.base_model(model).config
+    assert torch.equal(tokens["decoder_ids"], shift_tokens_right(tokens["labels"], config.pad_token_id,
+                                                                 config.decoder_start_token_id))
+    assert torch.equal(tokens["count"], (tokens["labels"] != -100).sum(1))
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, **kw):
+            calls.append(sorted(kw))
+            return model(**kw)
+
+    idx = torch.arange(10)
+    model.eval()
+    with torch.no_grad():
+        images = tokens["pair_image"][idx]
+        inputs = lora_caption.PixelInputs(pixels, split.images).inputs(images, images)
+        ours = lora_caption.caption_loss(Recorder(), inputs, tokens["decoder_ids"][idx], tokens["labels"][idx])
+        theirs = model(pixel_values=pixels(split.images[images]), labels=tokens["labels"][idx]).loss
+    assert calls == [["decoder_input_ids", "pixel_values", "use_cache"]]  # no labels=: the model computes no loss
+    torch.testing.assert_close(ours / tokens["count"][idx].sum(), theirs, rtol=1e-6, atol=1e-6)
+
+
+def train(tiny, out, *flags):
+    return lora_caption.main(["--model", str(tiny), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu",
+                              "--no-plots", "--no-baseline", "--eval-images", "1", "--out-dir", str(out),
+                              "--batch-size", "5", "--lr", "1e-2", *flags])
+
+
+def adapter(out):
+    return torch.load(out / "training_state.pt", weights_only=True)["trainable"]
+
+
+def test_steps_have_one_shape_and_the_loss_is_read_every_20_steps(tiny_captioner, tmp_path, monkeypatch):
+    shapes, reads = set(), []
+    real_loss, real_read = lora_caption.caption_loss, lora_caption.read_loss
+
+    def recording_loss(model, inputs, decoder_ids, labels):
+        if torch.is_grad_enabled():  # training steps (validation runs without gradients)
+            shapes.add((tuple(decoder_ids.shape), tuple(labels.shape), *(tuple(v[0].shape) for v in inputs.values())))
+        return real_loss(model, inputs, decoder_ids, labels)
+
+    def recording_read(args, run, state, bar):
+        reads.append(state["step"])
+        return real_read(args, run, state, bar)
+    monkeypatch.setattr(lora_caption, "caption_loss", recording_loss)
+    monkeypatch.setattr(lora_caption, "read_loss", recording_read)
+    summary = train(tiny_captioner, tmp_path, "--epochs", "3", "--eval-every", "25", "--save-every", "50")
+    assert summary["steps"] == 60 and reads == [20, 25, 40, 50, 60]
+    assert shapes == {((5, 40), (5, 40), (5, 17, 32))}  # the cached encoder output: 4x4 patches + CLS, width 32
+
+
+def test_cached_and_uncached_runs_train_the_same_adapter(tiny_captioner, tmp_path, capsys):
+    train(tiny_captioner, tmp_path / "cached", "--max-steps", "12")
+    assert "encoder output cached (25 images" in capsys.readouterr().out
+    train(tiny_captioner, tmp_path / "plain", "--max-steps", "12", "--no-encoder-cache")
+    assert "encoder runs every step (--no-encoder-cache)" in capsys.readouterr().out
+    a, b = adapter(tmp_path / "cached"), adapter(tmp_path / "plain")
+    assert a.keys() == b.keys()
+    for k in a:  # the cache is encoded 64 images at a time, the plain step 5: equal up to float rounding
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_nan_is_caught_within_20_steps_and_the_last_good_state_kept(tiny_captioner, tmp_path, monkeypatch,
+                                                                          capsys):
+    real, calls = lora_caption.optimizer_step, []
+
+    def poisoned_at_step_12(args, run, *batch):
+        calls.append(1)
+        if len(calls) == 12:
+            with torch.no_grad():
+                next(p for n, p in run["model"].named_parameters() if "lora_A" in n).fill_(float("nan"))
+        return real(args, run, *batch)
+    monkeypatch.setattr(lora_caption, "optimizer_step", poisoned_at_step_12)
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_captioner, tmp_path, "--epochs", "2", "--save-every", "10")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "the training loss became nan by step 20 (lr " in err, err
+    assert f"the last saved state is {tmp_path / 'training_state.pt'} (step 10" in err
+    assert all(torch.isfinite(v).all() for v in adapter(tmp_path).values())
+
+
+@pytest.fixture(scope="module")
+def captioner_without_dropout(tmp_path_factory):
+    return build_tiny_captioner(tmp_path_factory.mktemp("no-dropout"), dropout=0.0)
+
+
+def test_compiled_blocks_train_what_the_plain_blocks_train(captioner_without_dropout, tmp_path, monkeypatch, capsys):
+    # aot_eager: dynamo and AOTAutograd as with inductor, without compiling kernels (seconds on a CPU)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", mode=None))
+    flags = ["--max-steps", "6", "--lora-dropout", "0"]
+    train(captioner_without_dropout, tmp_path / "compiled", *flags, "--compile")
+    out = capsys.readouterr().out
+    assert "2 blocks compiled (default)" in out and "torch.compile failed" not in out
+    train(captioner_without_dropout, tmp_path / "plain", *flags)
+    a, b = adapter(tmp_path / "compiled"), adapter(tmp_path / "plain")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+
+
+def test_a_failing_compilation_falls_back_to_the_plain_blocks_with_one_line(tiny_captioner, tmp_path, monkeypatch,
+                                                                          capsys):
+    def broken_compile(fn, **_):
+        def compiled(*a, **k):
+            raise RuntimeError("no C++ compiler here\nsecond line")
+        return compiled
+    train(tiny_captioner, tmp_path / "plain", "--max-steps", "4")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    train(tiny_captioner, tmp_path / "broken", "--max-steps", "4", "--compile")
+    out = capsys.readouterr().out
+    assert out.count("torch.compile failed (RuntimeError: no C++ compiler here); training with the plain blocks") == 1
+    assert_equal_bitwise(adapter(tmp_path / "plain"), adapter(tmp_path / "broken"))  # the step was redone exactly
+
+
+@pytest.mark.parametrize("fault", ["the cast", "the cache"])
+def test_the_gpu_path_runs_on_a_cpu_and_each_part_falls_back_with_a_word(fault, tiny_captioner, tmp_path,
+                                                                         monkeypatch, capsys):
+    # bf16 autocast on the CPU takes the path a GPU takes: frozen weights cast, the cache stored in bf16
+    monkeypatch.setattr(lora_caption, "amp_dtype_for", lambda device: torch.bfloat16)
+    summary = train(tiny_captioner, tmp_path / "fast", "--max-steps", "4", "--lora-dropout", "0")
+    out = capsys.readouterr().out
+    assert "cpu torch.bfloat16" in out and "frozen weights in bf16 (-0 MiB)" in out
+    assert "encoder output cached (25 images, 0.0 MiB on the device" in out and summary["steps"] == 4
+
+    def broken(*a, **k):
+        raise RuntimeError("out of luck")
+    monkeypatch.setattr(lora_caption, "cast_frozen_weights" if fault == "the cast" else "EncoderCache", broken)
+    train(tiny_captioner, tmp_path / "plain", "--max-steps", "4", "--lora-dropout", "0")
+    out = capsys.readouterr().out
+    word = "frozen weights stay fp32 (RuntimeError: out of luck)" if fault == "the cast" else \
+        "encoder runs every step (the cache failed: RuntimeError: out of luck)"
+    assert out.count(word) == 1
+    a, b = adapter(tmp_path / "fast"), adapter(tmp_path / "plain")
+    if fault == "the cast":  # bf16 weights or fp32 weights cast by autocast: the same numbers
+        assert_equal_bitwise(a, b)
+    else:  # the cache encodes 64 images at a time, the plain step 5
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-4)
