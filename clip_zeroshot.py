@@ -48,38 +48,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    CheckpointWriteError,
-    DataError,
-    NonFiniteLoss,
-    accuracy_from,
-    append_jsonl,
-    apply_crop_flip,
-    check_same_data,
-    confusion_matrix,
-    crop_flip_params,
-    derived_seed,
-    flag,
-    given_flags,
-    load_checkpoint,
-    load_cifar10,
-    make_parser,
-    one_line_errors,
-    peak_memory_mb,
-    per_class_accuracy,
-    plot_confusion,
-    plot_curves,
-    prepare_out_dir,
-    progress_bar,
-    read_jsonl,
-    restore_rng,
-    resumed_args,
-    rng_state,
-    save_checkpoint,
-    stratified_subset,
-    trim_metrics,
-    write_json,
-)
+from common import (CheckpointWriteError, DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip,
+                    check_same_data, confusion_matrix, crop_flip_params, derived_seed, flag, given_flags,
+                    load_checkpoint, load_cifar10, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
+                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args,
+                    rng_state, save_checkpoint, stratified_subset, trim_metrics, write_json)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
@@ -95,11 +68,9 @@ CIFAR10_TEMPLATES = [
 # Defaults that depend on the mode. Fine-tuning: a small learning rate for a pre-trained tower (the
 # WiSE-FT / FLYP recipes use 1e-5 to 3e-5 with weight decay 0.1), a larger one for freshly initialised
 # LoRA adapters; the head starts from the 18-template ensemble, the better zero-shot classifier.
-MODE_DEFAULTS = {
-    None: dict(batch_size=500, prompts="single"),
-    "full": dict(batch_size=128, prompts="ensemble", lr=1e-5, weight_decay=0.1),
-    "lora": dict(batch_size=128, prompts="ensemble", lr=1e-3, weight_decay=0.01),
-}
+MODE_DEFAULTS = {None: dict(batch_size=500, prompts="single"),
+                 "full": dict(batch_size=128, prompts="ensemble", lr=1e-5, weight_decay=0.1),
+                 "lora": dict(batch_size=128, prompts="ensemble", lr=1e-3, weight_decay=0.01)}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the image tower's attention projections
 FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
 LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
@@ -860,18 +831,16 @@ def classify(args, out_dir, model, tokenizer, processor, device, data, templates
 def write_summary(args, out_dir, model, device, data, templates, logits, targets, seconds, probe):
     cm = confusion_matrix(logits.argmax(1), targets, len(data.classes))
     top5 = (logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]).any(1).float().mean().item()
-    summary = {
-        "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(targets),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
-        "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
-        "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": 0, "args": vars(args), "model": args.model, "templates": templates,
-        "classes": data.classes, "logit_scale": model.logit_scale.exp().item(),
-        "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
-        "most_confused": most_confused(cm, data.classes), "linear_probe": probe,
-    }
+    summary = {"script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(targets),
+               "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
+               "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
+               "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
+               "trainable_params": 0, "args": vars(args), "model": args.model, "templates": templates,
+               "classes": data.classes, "logit_scale": model.logit_scale.exp().item(),
+               "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
+               "most_confused": most_confused(cm, data.classes), "linear_probe": probe}
     write_json(out_dir / "summary.json", summary)
     if not args.no_plots:
         plot_confusion(cm, data.classes, out_dir / "confusion.png")

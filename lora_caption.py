@@ -52,34 +52,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (
-    CheckpointWriteError,
-    DataError,
-    NonFiniteLoss,
-    all_reduce_sum,
-    append_jsonl,
-    derived_seed,
-    flag,
-    given_flags,
-    init_distributed,
-    load_checkpoint,
-    make_parser,
-    one_line_errors,
-    peak_memory_mb,
-    plot_curves,
-    prepare_out_dir,
-    progress_bar,
-    read_jsonl,
-    restore_rng,
-    resumed_args,
-    rng_state,
-    save_checkpoint,
-    set_global_batch,
-    trim_metrics,
-    wrap_distributed,
-    write_json,
-    write_text_atomic,
-)
+from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag,
+                    given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
+                    plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args, rng_state,
+                    save_checkpoint, set_global_batch, trim_metrics, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -1092,20 +1068,18 @@ def write_summary(args, run, state, data, after, counts):
     base = state["baseline"] or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
     examples = [{"image": n, "references": refs, "before": b, "after": a}
                 for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
-    summary = {
-        "script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
-        "test_images": len(after[1]), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
-        "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None,
-        "train_seconds": state["train_seconds"], "images_per_second": None,
-        "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
-        "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-        "args": vars(args), "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
-        "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
-        "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
-        "examples": examples,
-    }
+    summary = {"script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
+               "test_images": len(after[1]), "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
+               "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None,
+               "train_seconds": state["train_seconds"], "images_per_second": None,
+               "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
+               "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
+               "args": vars(args), "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
+               "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+               "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
+               "examples": examples}
     write_json(out_dir / "summary.json", summary)
     for ex in examples:
         print(f"{ex['image']}: before {ex['before']!r} | after {ex['after']!r} | reference {ex['references'][0]!r}")

@@ -39,44 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    DataError,
-    NonFiniteLoss,
-    TensorLoader,
-    accuracy_from,
-    all_reduce_sum,
-    append_jsonl,
-    check_same_data,
-    confusion_matrix,
-    derived_seed,
-    flag,
-    gather_shards,
-    given_flags,
-    img_to_patch,
-    init_distributed,
-    load_checkpoint,
-    load_cifar10,
-    load_weights,
-    make_parser,
-    normalize,
-    one_line_errors,
-    peak_memory_mb,
-    per_class_accuracy,
-    plot_confusion,
-    plot_curves,
-    prepare_out_dir,
-    progress_bar,
-    read_jsonl,
-    restore_rng,
-    resumed_args,
-    rng_state,
-    save_checkpoint,
-    set_global_batch,
-    stratified_subset,
-    trim_metrics,
-    wrap_distributed,
-    write_json,
-)
+from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
+                    check_same_data, confusion_matrix, derived_seed, flag, gather_shards, given_flags, img_to_patch,
+                    init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, normalize,
+                    one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
+                    progress_bar, read_jsonl, restore_rng, resumed_args, rng_state, save_checkpoint, set_global_batch,
+                    stratified_subset, trim_metrics, wrap_distributed, write_json)
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2

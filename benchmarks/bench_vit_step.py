@@ -53,15 +53,9 @@ def sync(device):
 def bench_guide(images, labels, args, device):
     """The guide's loop as written there."""
     model = GuideVisionTransformer().to(device)
-    loader = torch.utils.data.DataLoader(
-        PILDataset(images, labels, train_transform()),
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-    )
+    loader = torch.utils.data.DataLoader(PILDataset(images, labels, train_transform()), batch_size=args.batch_size,
+                                         shuffle=True, drop_last=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)

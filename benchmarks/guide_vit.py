@@ -29,13 +29,8 @@ class AttentionBlock(nn.Module):
         self.layer_norm_1 = nn.LayerNorm(embed_dim)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads)
         self.layer_norm_2 = nn.LayerNorm(embed_dim)
-        self.linear = nn.Sequential(
-            nn.Linear(embed_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, embed_dim),
-            nn.Dropout(dropout),
-        )
+        self.linear = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden_dim, embed_dim), nn.Dropout(dropout))
 
     def forward(self, x):
         inp_x = self.layer_norm_1(x)
@@ -44,18 +39,8 @@ class AttentionBlock(nn.Module):
 
 
 class GuideVisionTransformer(nn.Module):
-    def __init__(
-        self,
-        embed_dim=256,
-        hidden_dim=512,
-        num_channels=3,
-        num_heads=8,
-        num_layers=6,
-        num_classes=10,
-        patch_size=4,
-        num_patches=64,
-        dropout=0.1,
-    ):
+    def __init__(self, embed_dim=256, hidden_dim=512, num_channels=3, num_heads=8, num_layers=6, num_classes=10,
+                 patch_size=4, num_patches=64, dropout=0.1):
         super().__init__()
         self.patch_size = patch_size
         self.input_layer = nn.Linear(num_channels * patch_size**2, embed_dim)
@@ -80,16 +65,9 @@ class GuideVisionTransformer(nn.Module):
 
 def guide_state_dict(vit_state):
     """Rename a vit_scratch.VisionTransformer state dict to the guide model's names (same tensors)."""
-    renames = [
-        ("to_patch_embedding.", "input_layer."),
-        ("blocks.", "transformer."),
-        (".norm1.", ".layer_norm_1."),
-        (".norm2.", ".layer_norm_2."),
-        (".mlp.", ".linear."),
-        (".attn.to_qkv.weight", ".attn.in_proj_weight"),
-        (".attn.to_qkv.bias", ".attn.in_proj_bias"),
-        (".attn.to_out.", ".attn.out_proj."),
-    ]
+    renames = [("to_patch_embedding.", "input_layer."), ("blocks.", "transformer."), (".norm1.", ".layer_norm_1."),
+               (".norm2.", ".layer_norm_2."), (".mlp.", ".linear."), (".attn.to_qkv.weight", ".attn.in_proj_weight"),
+               (".attn.to_qkv.bias", ".attn.in_proj_bias"), (".attn.to_out.", ".attn.out_proj.")]
     out = {}
     for name, tensor in vit_state.items():
         for old, new in renames:

@@ -29,21 +29,15 @@ import common  # noqa: E402
 import vit_scratch  # noqa: E402
 
 # (script, name, flags): the candidates measured on an H100 for issue 13, in the order that matters most.
-VIT_RECIPES = [
-    ("vit_scratch", "fast (default)", ""),
-    ("vit_scratch", "guide", "--recipe guide"),
-    ("vit_scratch", "fast, Muon lr 0.005", "--muon-lr 0.005"),
-    ("vit_scratch", "fast, Muon lr 0.0075", "--muon-lr 0.0075"),
-    ("vit_scratch", "fast, Muon lr 0.015", "--muon-lr 0.015"),
-    ("vit_scratch", "fast with AdamW", "--optimizer adamw"),
-    ("vit_scratch", "fast, batch 512", "--batch-size 512 --lr 2e-3 --muon-lr 0.015"),
-]
-CNN_RECIPES = [
-    ("cnn_baseline", "default", ""),
-    ("cnn_baseline", "label smoothing 0.2", "--label-smoothing 0.2"),
-    ("cnn_baseline", "batch 256, lr 5e-3", "--batch-size 256 --lr 5e-3"),
-    ("cnn_baseline", "widths 32 128 256 384", "--widths 32 128 256 384"),
-]
+VIT_RECIPES = [("vit_scratch", "fast (default)", ""), ("vit_scratch", "guide", "--recipe guide"),
+               ("vit_scratch", "fast, Muon lr 0.005", "--muon-lr 0.005"),
+               ("vit_scratch", "fast, Muon lr 0.0075", "--muon-lr 0.0075"),
+               ("vit_scratch", "fast, Muon lr 0.015", "--muon-lr 0.015"),
+               ("vit_scratch", "fast with AdamW", "--optimizer adamw"),
+               ("vit_scratch", "fast, batch 512", "--batch-size 512 --lr 2e-3 --muon-lr 0.015")]
+CNN_RECIPES = [("cnn_baseline", "default", ""), ("cnn_baseline", "label smoothing 0.2", "--label-smoothing 0.2"),
+               ("cnn_baseline", "batch 256, lr 5e-3", "--batch-size 256 --lr 5e-3"),
+               ("cnn_baseline", "widths 32 128 256 384", "--widths 32 128 256 384")]
 SCRIPTS = {"vit_scratch": vit_scratch, "cnn_baseline": cnn_baseline}
 
 
@@ -53,28 +47,14 @@ def share_the_data():
     cached = functools.lru_cache(maxsize=4)(common.load_cifar10)
     for module in SCRIPTS.values():
         module.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print: cached(
-            data_dir, download, image_size
-        )
+            data_dir, download, image_size)
 
 
 def run_one(script, flags, seed, args, out_root):
     # --seed first, so that a recipe may fix its own (e.g. "fast s1=--seed 1"); the sweep's flags last
-    argv = [
-        "--seed",
-        str(seed),
-        *shlex.split(flags),
-        "--epochs",
-        str(args.epochs),
-        "--data-dir",
-        args.data_dir,
-        "--device",
-        args.device,
-        "--no-download",
-        "--no-plots",
-        "--no-progress",
-        "--out-dir",
-        str(Path(tempfile.mkdtemp(dir=out_root))),
-    ]
+    argv = ["--seed", str(seed), *shlex.split(flags), "--epochs", str(args.epochs), "--data-dir", args.data_dir,
+            "--device", args.device, "--no-download", "--no-plots", "--no-progress", "--out-dir",
+            str(Path(tempfile.mkdtemp(dir=out_root)))]
     for name in ("limit_train", "limit_test"):
         if getattr(args, name):
             argv += [common.flag(name), str(getattr(args, name))]
@@ -107,12 +87,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="every recipe runs once per seed")
     p.add_argument("--only", choices=["vit", "cnn"], help="one script's built-in list only")
-    p.add_argument(
-        "--recipe",
-        action="append",
-        metavar="NAME=FLAGS",
-        help="a recipe of your own instead of the built-in lists (repeatable; prefix cnn: for the CNN)",
-    )
+    p.add_argument("--recipe", action="append", metavar="NAME=FLAGS",
+                   help="a recipe of your own instead of the built-in lists (repeatable; prefix cnn: for the CNN)")
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-test", type=int)
     p.add_argument("--deadline", type=float, default=float("inf"), help="start no new run after this many seconds")
@@ -135,10 +111,8 @@ def main(argv=None):
                     rows.append((script, name, flags, seed, {"error": "not run (deadline)"}))
                     continue
                 rows.append((script, name, flags, seed, run_one(script, flags, seed, args, out_root)))
-                print(
-                    f"[sweep {time.perf_counter() - start:.0f}s] {script} {name} seed {seed}: {rows[-1][-1]}",
-                    flush=True,
-                )
+                print(f"[sweep {time.perf_counter() - start:.0f}s] {script} {name} seed {seed}: {rows[-1][-1]}",
+                      flush=True)
     text = table(rows)
     print(text)
     if args.out:

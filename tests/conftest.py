@@ -55,25 +55,11 @@ def tiny_clip(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-clip")
     tok = clip_tokenizer(folder / "tok")
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=dict(
-            image_size=48,
-            patch_size=16,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=48, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -101,41 +87,19 @@ def build_tiny_captioner(folder, seed=0, dropout=0.1):
     """A random tiny ViT + GPT-2 (with cross-attention) VisionEncoderDecoderModel, tokenizer and image
     processor, saved like a hub checkpoint. `dropout` is GPT-2's (0.1 as released)."""
     import torch
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        VisionEncoderDecoderModel,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
+    from transformers import (GPT2Config, GPT2LMHeadModel, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor,
+                              ViTModel)
 
     tok = gpt2_tokenizer(folder / "tok")
     torch.manual_seed(seed)
     encoder = ViTModel(
-        ViTConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-        )
+        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64)
     )
     decoder = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tok),
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            add_cross_attention=True,
-            bos_token_id=tok.eos_token_id,
-            eos_token_id=tok.eos_token_id,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-        )
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, add_cross_attention=True,
+                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, resid_pdrop=dropout,
+                   embd_pdrop=dropout, attn_pdrop=dropout)
     )
     model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)
     model.config.decoder_start_token_id = model.config.pad_token_id = tok.eos_token_id

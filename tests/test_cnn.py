@@ -21,8 +21,7 @@ def test_default_model_shape_and_exact_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == expected_params([32, 64, 256, 256]) == 1_978_016
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert sum(p.numel() for p in ResidualCNN(widths=(8, 16), num_classes=3).parameters()) == expected_params(
-        [8, 16], 3
-    )
+        [8, 16], 3)
 
 
 def test_every_parameter_gets_a_gradient():
@@ -49,16 +48,8 @@ def test_batchnorm_in_eval_mode_is_deterministic_and_per_image():
 
 def _fake_summary(path, script, acc, mtime):
     path.mkdir(parents=True)
-    summary = {
-        "script": script,
-        "params": 3_195_146,
-        "epochs": 10,
-        "test_acc": acc,
-        "train_seconds": 20.5,
-        "images_per_second": 25000.0,
-        "peak_memory_mb": 1234.0,
-        "device_name": "NVIDIA H100",
-    }
+    summary = {"script": script, "params": 3_195_146, "epochs": 10, "test_acc": acc, "train_seconds": 20.5,
+               "images_per_second": 25000.0, "peak_memory_mb": 1234.0, "device_name": "NVIDIA H100"}
     (path / "summary.json").write_text(json.dumps(summary))
     os.utime(path / "summary.json", (mtime, mtime))
 

@@ -8,21 +8,8 @@ import torch
 from PIL import Image
 
 import common
-from common import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    DataError,
-    TensorLoader,
-    accuracy_from,
-    apply_crop_flip,
-    confusion_matrix,
-    crop_flip_params,
-    img_to_patch,
-    load_cifar10,
-    normalize,
-    per_class_accuracy,
-    stratified_subset,
-)
+from common import (CIFAR_MEAN, CIFAR_STD, DataError, TensorLoader, accuracy_from, apply_crop_flip, confusion_matrix,
+                    crop_flip_params, img_to_patch, load_cifar10, normalize, per_class_accuracy, stratified_subset)
 from guide_vit import test_transform as guide_test_transform
 
 
@@ -134,10 +121,8 @@ def _write_torchvision_layout(root, n=20):
     batches.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "labels": [int(v) for v in rng.integers(0, 10, n)],
-        }
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
         (batches / name).write_bytes(pickle.dumps(batch))
     (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     return batches

@@ -14,52 +14,20 @@ from conftest import ROOT, TINY_CAPTIONS, build_tiny_captioner
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # AdamW, not the fast recipe's Muon: Muon orthogonalises each update, which lifts the gradient's float round-off in
 # near-null directions to the size of a real step, so two summation orders could not be compared number for number.
-VIT = [
-    "--embed-dim",
-    "32",
-    "--hidden-dim",
-    "64",
-    "--num-heads",
-    "4",
-    "--num-layers",
-    "2",
-    "--dropout",
-    "0",
-    "--no-plots",
-    "--device",
-    "cpu",
-    "--limit-train",
-    "128",
-    "--limit-test",
-    "99",
-    "--optimizer",
-    "adamw",
-]
+VIT = ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--dropout", "0",
+       "--no-plots", "--device", "cpu", "--limit-train", "128", "--limit-test", "99", "--optimizer", "adamw"]
 # Stated tolerance: the two runs differ only in the order floating-point gradients are summed.
 ATOL, RTOL = 1e-5, 1e-4
 
 
 def single(script, *flags, **kw):
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, flags)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-        **kw,
-    )
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, flags)], capture_output=True, text=True,
+                          env=ENV, timeout=300, **kw)
 
 
 def torchrun(script, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / script),
-        *map(str, flags),
-    ]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
+            *map(str, flags)]
 
 
 def kill_tree(pid):
@@ -102,32 +70,12 @@ def load(path, key):
 
 
 def test_vit_two_processes_equal_one_at_the_same_global_batch(tiny_cifar, tmp_path):
-    one = single(
-        "vit_scratch.py",
-        "--data-dir",
-        tiny_cifar,
-        *VIT,
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--out-dir",
-        tmp_path / "one",
-    )
+    one = single("vit_scratch.py", "--data-dir", tiny_cifar, *VIT, "--epochs", "2", "--batch-size", "32", "--out-dir",
+                 tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        torchrun(
-            "vit_scratch.py",
-            "--data-dir",
-            tiny_cifar,
-            *VIT,
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--out-dir",
-            tmp_path / "two",
-        ),
+        torchrun("vit_scratch.py", "--data-dir", tiny_cifar, *VIT, "--epochs", "2", "--batch-size", "16", "--out-dir",
+                 tmp_path / "two"),
         capture_output=True,
         text=True,
         env=ENV,
@@ -149,12 +97,8 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tiny_cifar, tmp_path):
     flags = ["--data-dir", tiny_cifar, *VIT, "--epochs", "8"]
     one = single("vit_scratch.py", *flags, "--batch-size", "32", "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    victim = subprocess.Popen(
-        torchrun("vit_scratch.py", *flags, "--batch-size", "16", "--out-dir", tmp_path / "two"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
+    victim = subprocess.Popen(torchrun("vit_scratch.py", *flags, "--batch-size", "16", "--out-dir", tmp_path / "two"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
     while not (tmp_path / "two" / "last.pt").exists():
         assert victim.poll() is None and time.time() < deadline
@@ -177,45 +121,17 @@ def test_lora_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     # GPT-2's own dropout (active while the adapters train) draws differently per process: switched off
     # here, with the adapters' dropout, so that the two runs can be compared number for number.
     model = build_tiny_captioner(tmp_path / "model", dropout=0.0)
-    flags = [
-        "--model",
-        model,
-        "--data-dir",
-        TINY_CAPTIONS,
-        "--device",
-        "cpu",
-        "--epochs",
-        "2",
-        "--lr",
-        "1e-2",
-        "--lora-dropout",
-        "0",
-        "--grad-accum",
-        "2",
-        "--no-baseline",
-        "--eval-images",
-        "2",
-        "--no-plots",
-        "--eval-every",
-        "100",
-        "--save-every",
-        "100",
-    ]
+    flags = ["--model", model, "--data-dir", TINY_CAPTIONS, "--device", "cpu", "--epochs", "2", "--lr", "1e-2",
+             "--lora-dropout", "0", "--grad-accum", "2", "--no-baseline", "--eval-images", "2", "--no-plots",
+             "--eval-every", "100", "--save-every", "100"]
     one = single("lora_caption.py", *flags, "--batch-size", "10", "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        torchrun("lora_caption.py", *flags, "--batch-size", "5", "--out-dir", tmp_path / "two"),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    two = subprocess.run(torchrun("lora_caption.py", *flags, "--batch-size", "5", "--out-dir", tmp_path / "two"),
+                         capture_output=True, text=True, env=ENV, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "batch 10 (2 processes x 5) x 2 accumulated" in two.stdout
-    a, b = (
-        load(tmp_path / "one" / "training_state.pt", "trainable"),
-        load(tmp_path / "two" / "training_state.pt", "trainable"),
-    )
+    a, b = (load(tmp_path / "one" / "training_state.pt", "trainable"),
+            load(tmp_path / "two" / "training_state.pt", "trainable"))
     assert len(a) == 16 and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     assert_close_states(a, b)
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -22,18 +22,8 @@ import vit_scratch
 from conftest import ROOT, TINY_CAPTIONS
 
 TINY = {
-    vit_scratch: [
-        "--embed-dim",
-        "32",
-        "--hidden-dim",
-        "64",
-        "--num-heads",
-        "4",
-        "--num-layers",
-        "2",
-        "--batch-size",
-        "32",
-    ],
+    vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size",
+                  "32"],
     cnn_baseline: ["--widths", "8", "16", "32", "--batch-size", "32"],
 }
 SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
@@ -89,57 +79,22 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(script, tiny_cif
 
 
 def test_kill_9_then_resume_lora_at_step_level(tiny_captioner, tmp_path):
-    flags = [
-        "--model",
-        tiny_captioner,
-        "--data-dir",
-        TINY_CAPTIONS,
-        "--device",
-        "cpu",
-        "--epochs",
-        "6",
-        "--batch-size",
-        "10",
-        "--lr",
-        "1e-2",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "100",
-        "--no-baseline",
-        "--eval-images",
-        "1",
-        "--no-plots",
-    ]
-    subprocess.run(
-        cli("lora_caption", *flags, "--out-dir", tmp_path / "full"),
-        check=True,
-        capture_output=True,
-        env=ENV,
-        timeout=300,
-    )
-    victim = subprocess.Popen(
-        cli("lora_caption", *flags, "--out-dir", tmp_path / "cut"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ENV,
-    )
+    flags = ["--model", tiny_captioner, "--data-dir", TINY_CAPTIONS, "--device", "cpu", "--epochs", "6", "--batch-size",
+             "10", "--lr", "1e-2", "--save-every", "2", "--eval-every", "100", "--no-baseline", "--eval-images", "1",
+             "--no-plots"]
+    subprocess.run(cli("lora_caption", *flags, "--out-dir", tmp_path / "full"), check=True, capture_output=True,
+                   env=ENV, timeout=300)
+    victim = subprocess.Popen(cli("lora_caption", *flags, "--out-dir", tmp_path / "cut"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=ENV)
     wait_for(tmp_path / "cut" / "training_state.pt", victim)
     time.sleep(random.Random(os.getpid()).uniform(0, 0.5))
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    resumed = subprocess.run(
-        cli("lora_caption", "--resume", tmp_path / "cut" / "training_state.pt", "--device", "cpu"),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    resumed = subprocess.run(cli("lora_caption", "--resume", tmp_path / "cut" / "training_state.pt", "--device", "cpu"),
+                             capture_output=True, text=True, env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same(
-        weights(tmp_path / "full" / "training_state.pt", "trainable"),
-        weights(tmp_path / "cut" / "training_state.pt", "trainable"),
-    )
+    assert_same(weights(tmp_path / "full" / "training_state.pt", "trainable"),
+                weights(tmp_path / "cut" / "training_state.pt", "trainable"))
 
 
 # 2. Ctrl-C ----------------------------------------------------------------------------------------
@@ -148,19 +103,8 @@ def test_kill_9_then_resume_lora_at_step_level(tiny_captioner, tmp_path):
 def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_cifar, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        cli(
-            "vit_scratch",
-            "--data-dir",
-            tiny_cifar,
-            "--epochs",
-            "50",
-            "--device",
-            "cpu",
-            "--no-plots",
-            "--out-dir",
-            out,
-            *TINY[vit_scratch],
-        ),
+        cli("vit_scratch", "--data-dir", tiny_cifar, "--epochs", "50", "--device", "cpu", "--no-plots", "--out-dir",
+            out, *TINY[vit_scratch]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -200,8 +144,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(
-    tiny_cifar, tmp_path, monkeypatch, capsys
-):
+    tiny_cifar, tmp_path, monkeypatch, capsys):
     real_save, calls = torch.save, []
 
     def disk_fills_on_the_second_save(obj, f, *a, **k):
@@ -214,18 +157,8 @@ def test_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint
     monkeypatch.setattr(common.torch, "save", disk_fills_on_the_second_save)
     with pytest.raises(SystemExit) as stop:
         vit_scratch.main(
-            [
-                "--data-dir",
-                str(tiny_cifar),
-                "--epochs",
-                "3",
-                "--device",
-                "cpu",
-                "--no-plots",
-                "--out-dir",
-                str(tmp_path),
-                *TINY[vit_scratch],
-            ]
+            ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots", "--out-dir",
+             str(tmp_path), *TINY[vit_scratch]]
         )
     monkeypatch.setattr(common.torch, "save", real_save)
     err = capsys.readouterr().err
@@ -258,8 +191,7 @@ def test_failed_adapter_save_keeps_the_previous_adapter(tiny_captioner, tmp_path
 
 @SCRIPTS
 def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
-    script, tiny_cifar, tmp_path, monkeypatch, capsys
-):
+    script, tiny_cifar, tmp_path, monkeypatch, capsys):
     real, calls = script.train_one_epoch, []
 
     def poisoned_in_epoch_two(model, *a, **k):
@@ -272,18 +204,8 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(script, "train_one_epoch", poisoned_in_epoch_two)
     with pytest.raises(SystemExit) as stop:
         script.main(
-            [
-                "--data-dir",
-                str(tiny_cifar),
-                "--epochs",
-                "3",
-                "--device",
-                "cpu",
-                "--no-plots",
-                "--out-dir",
-                str(tmp_path),
-                *TINY[script],
-            ]
+            ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots", "--out-dir",
+             str(tmp_path), *TINY[script]]
         )
     err = capsys.readouterr().err
     assert stop.value.code == 1
@@ -298,18 +220,8 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
 @SCRIPTS
 def test_checkpoint_of_another_configuration_is_a_clear_error(script, tiny_cifar, tmp_path, capsys):
     script.main(
-        [
-            "--data-dir",
-            str(tiny_cifar),
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
-            "--no-plots",
-            "--out-dir",
-            str(tmp_path),
-            *TINY[script],
-        ]
+        ["--data-dir", str(tiny_cifar), "--epochs", "1", "--device", "cpu", "--no-plots", "--out-dir", str(tmp_path),
+         *TINY[script]]
     )
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     ckpt["args"]["batch_size"] = 32
@@ -349,19 +261,17 @@ def test_lora_refuses_a_vit_checkpoint(tmp_path, capsys):
 
 # 6. Bad arguments: one line, before any work ----------------------------------------------------------
 
-BAD_ARGS = [
-    (vit_scratch, ["--epochs", "-1"], "--epochs must be positive"),
-    (cnn_baseline, ["--batch-size", "0"], "--batch-size must be positive"),
-    (vit_scratch, ["--lr", "0"], "--lr must be positive"),
-    (cnn_baseline, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (vit_scratch, ["--device", "mps"], "--device mps, but this PyTorch has no MPS backend"),
-    (cnn_baseline, ["--limit-train", "301"], "asked for a subset of 301 images but the split holds 300"),
-    (vit_scratch, ["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
-    (lora_caption, ["--grad-accum", "0", "--data-dir", "."], "--grad-accum must be positive"),
-    (lora_caption, ["--caption", "x.jpg"], "--caption and --merge need --adapter DIR"),
-    (clip_zeroshot, ["--batch-size", "0"], "--batch-size, --limit-test and --limit-train must be positive"),
-    (clip_zeroshot, ["--prompts", "nowhere.txt"], "--prompts nowhere.txt: not 'single', 'ensemble' or a file"),
-]
+BAD_ARGS = [(vit_scratch, ["--epochs", "-1"], "--epochs must be positive"),
+            (cnn_baseline, ["--batch-size", "0"], "--batch-size must be positive"),
+            (vit_scratch, ["--lr", "0"], "--lr must be positive"),
+            (cnn_baseline, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+            (vit_scratch, ["--device", "mps"], "--device mps, but this PyTorch has no MPS backend"),
+            (cnn_baseline, ["--limit-train", "301"], "asked for a subset of 301 images but the split holds 300"),
+            (vit_scratch, ["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+            (lora_caption, ["--grad-accum", "0", "--data-dir", "."], "--grad-accum must be positive"),
+            (lora_caption, ["--caption", "x.jpg"], "--caption and --merge need --adapter DIR"),
+            (clip_zeroshot, ["--batch-size", "0"], "--batch-size, --limit-test and --limit-train must be positive"),
+            (clip_zeroshot, ["--prompts", "nowhere.txt"], "--prompts nowhere.txt: not 'single', 'ensemble' or a file")]
 if not torch.cuda.is_available():
     BAD_ARGS.append((vit_scratch, ["--device", "cuda"], "--device cuda, but PyTorch sees no CUDA GPU"))
 
@@ -453,8 +363,7 @@ def test_truncated_cifar_batch_is_a_clear_error(tmp_path):
 
 @SCRIPTS
 def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(
-    script, tiny_cifar, tmp_path, monkeypatch, capsys
-):
+    script, tiny_cifar, tmp_path, monkeypatch, capsys):
     real, calls = script.train_one_epoch, []
 
     def oom_in_epoch_two(*a, **k):
@@ -466,18 +375,8 @@ def test_out_of_memory_suggests_a_smaller_batch_and_keeps_the_checkpoint(
     monkeypatch.setattr(script, "train_one_epoch", oom_in_epoch_two)
     with pytest.raises(SystemExit) as stop:
         script.main(
-            [
-                "--data-dir",
-                str(tiny_cifar),
-                "--epochs",
-                "3",
-                "--device",
-                "cpu",
-                "--no-plots",
-                "--out-dir",
-                str(tmp_path),
-                *TINY[script],
-            ]
+            ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots", "--out-dir",
+             str(tmp_path), *TINY[script]]
         )
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "out of GPU memory; try a smaller --batch-size" in err and "(epoch 1)" in err
@@ -504,17 +403,8 @@ def test_lora_out_of_memory_suggests_grad_accum(tiny_captioner, tmp_path, monkey
     monkeypatch.setattr(lora_caption, "train", oom)
     with pytest.raises(SystemExit) as stop:
         lora_caption.main(
-            [
-                "--model",
-                str(tiny_captioner),
-                "--data-dir",
-                str(TINY_CAPTIONS),
-                "--device",
-                "cpu",
-                "--no-baseline",
-                "--out-dir",
-                str(tmp_path),
-            ]
+            ["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu", "--no-baseline",
+             "--out-dir", str(tmp_path)]
         )
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "--batch-size (and a larger --grad-accum" in err and "nothing was saved yet" in err

@@ -172,10 +172,8 @@ def test_exif_rotation_is_applied(tmp_path):
     assert lora_caption.open_rgb(tmp_path / "r.jpg").size == (40, 20)  # (width, height) after the rotation
 
 
-@pytest.mark.parametrize("content, message", [
-    ("picture,text\na.jpg,a dog\n", "needs the columns image,caption"),
-    ("image,caption\nmissing.jpg,a dog\n", "no readable image"),
-])
+@pytest.mark.parametrize("content, message", [("picture,text\na.jpg,a dog\n", "needs the columns image,caption"),
+                                              ("image,caption\nmissing.jpg,a dog\n", "no readable image")])
 def test_unusable_caption_tables_are_one_clear_error(tmp_path, content, message, tiny_captioner):
     (tmp_path / "captions.csv").write_text(content)
     proc = subprocess.run([sys.executable, str(ROOT / "lora_caption.py"), "--model", str(tiny_captioner), "--data-dir",

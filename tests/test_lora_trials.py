@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import lora_caption
+from common import read_jsonl
 from conftest import ROOT, TINY_CAPTIONS
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -161,3 +162,23 @@ def test_caption_and_merge_print_nothing_on_stderr(trained, tmp_path):
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.count(": ") >= 2 and "merged" in proc.stdout
+
+
+def test_resume_logs_each_step_once(tiny_captioner, tmp_path, monkeypatch):
+    """Rows logged after the last save are dropped on --resume and logged again: no step twice (issue 12.13)."""
+    flags = ["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu", "--epochs", "1",
+             "--batch-size", "10", "--eval-every", "1", "--save-every", "3", "--no-baseline", "--eval-images", "1",
+             "--no-plots", "--out-dir", str(tmp_path)]
+    real = lora_caption.after_step
+
+    def interrupted_after_step_5(args, run, state, data, loss):
+        real(args, run, state, data, loss)
+        if state["step"] == 5:
+            raise KeyboardInterrupt  # rows 4 and 5 are logged, the last save is at step 3
+    monkeypatch.setattr(lora_caption, "after_step", interrupted_after_step_5)
+    with pytest.raises(SystemExit):
+        lora_caption.main(flags)
+    monkeypatch.setattr(lora_caption, "after_step", real)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    summary = lora_caption.main(["--resume", str(tmp_path / "training_state.pt"), "--device", "cpu"])
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, summary["steps"] + 1))

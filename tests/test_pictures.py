@@ -77,24 +77,16 @@ def test_charts_skip_cleanly_without_matplotlib(tmp_path, monkeypatch):
         common.plot_confusion(torch.eye(3, dtype=torch.long), ["a", "b", "c"], tmp_path / "c.png", log=logged.append)
         is None
     )
-    assert logged == [
-        "skipped curves.png: it needs matplotlib (pip install matplotlib)",
-        "skipped c.png: it needs matplotlib (pip install matplotlib)",
-    ]
+    assert logged == ["skipped curves.png: it needs matplotlib (pip install matplotlib)",
+                      "skipped c.png: it needs matplotlib (pip install matplotlib)"]
     assert not list(tmp_path.iterdir())
 
 
 def test_charts_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [
-        {
-            "epoch": e,
-            "train_loss": 2 / e,
-            "test_loss": 2.2 / e,
-            "train_acc": 0.1 * e,
-            "test_acc": 0.09 * e,
-            "lr": 1e-3 / e,
-        }
+        {"epoch": e, "train_loss": 2 / e, "test_loss": 2.2 / e, "train_acc": 0.1 * e, "test_acc": 0.09 * e,
+         "lr": 1e-3 / e}
         for e in range(1, 6)
     ]
     assert Image.open(common.plot_curves(rows, tmp_path / "curves.png")).size == (1260, 330)
@@ -109,39 +101,15 @@ def attention_png_size(layers, rows=20, cell=96, pad=4, text_h=18):
 
 def test_vit_run_draws_its_pictures_and_show_attention_redraws(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    flags = [
-        "--data-dir",
-        str(tiny_cifar),
-        "--device",
-        "cpu",
-        "--epochs",
-        "2",
-        "--embed-dim",
-        "32",
-        "--hidden-dim",
-        "64",
-        "--num-heads",
-        "4",
-        "--num-layers",
-        "3",
-        "--batch-size",
-        "64",
-    ]
+    flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--epochs", "2", "--embed-dim", "32", "--hidden-dim",
+             "64", "--num-heads", "4", "--num-layers", "3", "--batch-size", "64"]
     vit_scratch.main([*flags, "--out-dir", str(out)])
     assert Image.open(out / "attention.png").size == attention_png_size(3)
     assert Image.open(out / "curves.png").size == (1260, 330) and Image.open(out / "confusion.png").size == (720, 630)
     (out / "attention.png").unlink()
     vit_scratch.main(
-        [
-            "--show-attention",
-            str(out / "best.pt"),
-            "--data-dir",
-            str(tiny_cifar),
-            "--device",
-            "cpu",
-            "--out-dir",
-            str(tmp_path / "shown"),
-        ]
+        ["--show-attention", str(out / "best.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir",
+         str(tmp_path / "shown")]
     )
     assert Image.open(tmp_path / "shown" / "attention.png").size == attention_png_size(3)
     assert not (out / "attention.png").exists()
@@ -156,30 +124,9 @@ def test_vit_without_matplotlib_still_draws_attention(tiny_cifar, tmp_path):
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(ROOT / "vit_scratch.py"),
-            "--data-dir",
-            str(tiny_cifar),
-            "--out-dir",
-            str(out),
-            "--device",
-            "cpu",
-            "--epochs",
-            "1",
-            "--embed-dim",
-            "32",
-            "--hidden-dim",
-            "64",
-            "--num-heads",
-            "4",
-            "--num-layers",
-            "1",
-            "--batch-size",
-            "64",
-        ],
+        [sys.executable, "-c", code, str(ROOT / "vit_scratch.py"), "--data-dir", str(tiny_cifar), "--out-dir", str(out),
+         "--device", "cpu", "--epochs", "1", "--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4",
+         "--num-layers", "1", "--batch-size", "64"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -193,27 +140,8 @@ def test_vit_without_matplotlib_still_draws_attention(tiny_cifar, tmp_path):
 
 def test_no_plots_means_no_pictures(tiny_cifar, tmp_path):
     vit_scratch.main(
-        [
-            "--data-dir",
-            str(tiny_cifar),
-            "--device",
-            "cpu",
-            "--epochs",
-            "1",
-            "--embed-dim",
-            "16",
-            "--hidden-dim",
-            "16",
-            "--num-heads",
-            "2",
-            "--num-layers",
-            "1",
-            "--batch-size",
-            "64",
-            "--no-plots",
-            "--out-dir",
-            str(tmp_path),
-        ]
+        ["--data-dir", str(tiny_cifar), "--device", "cpu", "--epochs", "1", "--embed-dim", "16", "--hidden-dim", "16",
+         "--num-heads", "2", "--num-layers", "1", "--batch-size", "64", "--no-plots", "--out-dir", str(tmp_path)]
     )
     assert not list(tmp_path.glob("*.png"))
 
@@ -245,13 +173,8 @@ def test_caption_sheet_is_valid_html_with_every_image_and_caption(tmp_path):
     split = lora_caption.CaptionSplit(
         ["a.jpg", "b&c.jpg", "d.jpg"], images, [["a dog <runs>", "a pet"], ["two cats"], ["a 'quoted' \"caption\""]]
     )
-    lora_caption.write_caption_sheet(
-        tmp_path / "captions.html",
-        split,
-        ["before a", None, "before d"],
-        ["after a", "after b & c", "after <d>"],
-        "tiny/model",
-    )
+    lora_caption.write_caption_sheet(tmp_path / "captions.html", split, ["before a", None, "before d"],
+                                     ["after a", "after b & c", "after <d>"], "tiny/model")
     page = (tmp_path / "captions.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
     checker = _Checker()
@@ -266,16 +189,6 @@ def test_caption_sheet_is_valid_html_with_every_image_and_caption(tmp_path):
 
         assert Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))).size == (32, 32)
     text = "".join(checker.text)
-    for caption in (
-        "a dog <runs>",
-        "a pet",
-        "two cats",
-        "a 'quoted' \"caption\"",
-        "before a",
-        "before d",
-        "after a",
-        "after b & c",
-        "after <d>",
-        "not computed",
-    ):
+    for caption in ("a dog <runs>", "a pet", "two cats", "a 'quoted' \"caption\"", "before a", "before d", "after a",
+                    "after b & c", "after <d>", "not computed"):
         assert caption in text

@@ -12,51 +12,26 @@ import vit_scratch
 from conftest import ROOT
 
 TINY = {  # flags for a model small enough to train in seconds on a CPU
-    vit_scratch: [
-        "--embed-dim",
-        "32",
-        "--hidden-dim",
-        "64",
-        "--num-heads",
-        "4",
-        "--num-layers",
-        "2",
-        "--batch-size",
-        "32",
-    ],
+    vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size",
+                  "32"],
     cnn_baseline: ["--widths", "8", "16", "32", "--batch-size", "32"],
 }
 SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
-SCHEMA = {
-    "script",
-    "dataset",
-    "device",
-    "device_name",
-    "epochs",
-    "steps",
-    "test_acc",
-    "train_seconds",
-    "images_per_second",
-    "peak_memory_mb",
-    "params",
-    "trainable_params",
-    "args",
-}
+SCHEMA = {"script", "dataset", "device", "device_name", "epochs", "steps", "test_acc", "train_seconds",
+          "images_per_second", "peak_memory_mb", "params", "trainable_params", "args"}
 
 
 @pytest.mark.parametrize(
     "script, flags, message",
-    [
-        (vit_scratch, ["--patch-size", "5"], "--image-size 32 is not divisible by --patch-size 5"),
-        (vit_scratch, ["--embed-dim", "250"], "--embed-dim 250 is not divisible by --num-heads 8"),
-        (vit_scratch, ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (cnn_baseline, ["--widths", "32"], "--widths needs a stem width and at least one stage width"),
-        (cnn_baseline, ["--widths", "8", "8", "8", "8", "8", "8", "8"], "can only be halved 5 times"),
-        (vit_scratch, ["--epochs", "0"], "--epochs must be positive"),
-        (cnn_baseline, ["--lr", "-1"], "--lr must be positive"),
-        (cnn_baseline, ["--batch-size", "1000"], "--batch-size 1000 is larger than the 300 training images"),
-        (vit_scratch, ["--limit-train", "100000"], "subset of 100000 images but the split holds 300"),
-    ],
+    [(vit_scratch, ["--patch-size", "5"], "--image-size 32 is not divisible by --patch-size 5"),
+     (vit_scratch, ["--embed-dim", "250"], "--embed-dim 250 is not divisible by --num-heads 8"),
+     (vit_scratch, ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+     (cnn_baseline, ["--widths", "32"], "--widths needs a stem width and at least one stage width"),
+     (cnn_baseline, ["--widths", "8", "8", "8", "8", "8", "8", "8"], "can only be halved 5 times"),
+     (vit_scratch, ["--epochs", "0"], "--epochs must be positive"),
+     (cnn_baseline, ["--lr", "-1"], "--lr must be positive"),
+     (cnn_baseline, ["--batch-size", "1000"], "--batch-size 1000 is larger than the 300 training images"),
+     (vit_scratch, ["--limit-train", "100000"], "subset of 100000 images but the split holds 300")],
     ids=lambda v: v.__name__ if hasattr(v, "__name__") else None,
 )
 def test_impossible_configs_fail_in_one_line_before_any_work(script, flags, message, tiny_cifar, tmp_path, capsys):
@@ -78,21 +53,8 @@ def test_missing_data_fails_with_both_options(script, tmp_path, capsys):
 @SCRIPTS
 def test_cli_smoke_run_learns_and_writes_the_summary(script, tiny_cifar, tmp_path):
     out, name = tmp_path / "run", script.__name__
-    cmd = [
-        sys.executable,
-        str(ROOT / f"{name}.py"),
-        "--data-dir",
-        str(tiny_cifar),
-        "--out-dir",
-        str(out),
-        "--epochs",
-        "8",
-        "--lr",
-        "2e-3",
-        "--device",
-        "cpu",
-        *TINY[script],
-    ]
+    cmd = [sys.executable, str(ROOT / f"{name}.py"), "--data-dir", str(tiny_cifar), "--out-dir", str(out), "--epochs",
+           "8", "--lr", "2e-3", "--device", "cpu", *TINY[script]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "epoch   8/8" in proc.stdout and "test accuracy" in proc.stdout

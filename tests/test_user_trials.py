@@ -20,18 +20,8 @@ import vit_scratch
 from conftest import ROOT
 
 TINY = {
-    vit_scratch: [
-        "--embed-dim",
-        "32",
-        "--hidden-dim",
-        "64",
-        "--num-heads",
-        "4",
-        "--num-layers",
-        "2",
-        "--batch-size",
-        "32",
-    ],
+    vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size",
+                  "32"],
     cnn_baseline: ["--widths", "8", "16", "32", "--batch-size", "32"],
 }
 SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
@@ -39,21 +29,8 @@ SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__
 
 def train(script, data, out, *flags):
     return script.main(
-        [
-            "--data-dir",
-            str(data),
-            "--device",
-            "cpu",
-            "--no-plots",
-            "--out-dir",
-            str(out),
-            "--limit-train",
-            "64",
-            "--limit-test",
-            "50",
-            *TINY[script],
-            *flags,
-        ]
+        ["--data-dir", str(data), "--device", "cpu", "--no-plots", "--out-dir", str(out), "--limit-train", "64",
+         "--limit-test", "50", *TINY[script], *flags]
     )
 
 
@@ -111,16 +88,8 @@ def test_resume_finds_its_data_from_anywhere_and_refuses_other_data(script, tiny
     err = one_line_error(
         capsys,
         lambda: script.main(
-            [
-                "--resume",
-                str(tmp_path / "run" / "last.pt"),
-                "--epochs",
-                "4",
-                "--device",
-                "cpu",
-                "--data-dir",
-                str(other),
-            ]
+            ["--resume", str(tmp_path / "run" / "last.pt"), "--epochs", "4", "--device", "cpu", "--data-dir",
+             str(other)]
         ),
     )
     assert f"--data-dir {other} holds other data than the run was trained on" in err
@@ -189,20 +158,8 @@ def test_hidden_folders_are_not_classes(tiny_cifar, tmp_path):
 
 def test_per_class_accuracy_is_null_for_classes_without_test_images(tiny_cifar, tmp_path):
     summary = vit_scratch.main(
-        [
-            "--data-dir",
-            str(tiny_cifar),
-            "--device",
-            "cpu",
-            "--no-plots",
-            "--epochs",
-            "1",
-            "--limit-test",
-            "3",
-            "--out-dir",
-            str(tmp_path),
-            *TINY[vit_scratch],
-        ]
+        ["--data-dir", str(tiny_cifar), "--device", "cpu", "--no-plots", "--epochs", "1", "--limit-test", "3",
+         "--out-dir", str(tmp_path), *TINY[vit_scratch]]
     )
     values = list(summary["per_class_acc"].values())
     assert sum(v is None for v in values) == 7 and all(v in (0.0, 1.0) for v in values if v is not None)
@@ -226,14 +183,8 @@ def test_show_attention_into_a_file_is_one_line(tiny_cifar, tmp_path, capsys):
     err = one_line_error(
         capsys,
         lambda: vit_scratch.main(
-            [
-                "--show-attention",
-                str(tmp_path / "run" / "last.pt"),
-                "--out-dir",
-                str(tmp_path / "file"),
-                "--device",
-                "cpu",
-            ]
+            ["--show-attention", str(tmp_path / "run" / "last.pt"), "--out-dir", str(tmp_path / "file"), "--device",
+             "cpu"]
         ),
     )
     assert f"--out-dir {tmp_path / 'file'}: cannot write there" in err
@@ -263,17 +214,8 @@ def test_ctrl_c_anywhere_ends_with_130_and_no_traceback(where, tiny_cifar, tmp_p
     )
     with pytest.raises(SystemExit) as stop:
         vit_scratch.main(
-            [
-                "--data-dir",
-                str(tree),
-                "--device",
-                "cpu",
-                "--epochs",
-                "1",
-                "--out-dir",
-                str(tmp_path / "run"),
-                *TINY[vit_scratch],
-            ]
+            ["--data-dir", str(tree), "--device", "cpu", "--epochs", "1", "--out-dir", str(tmp_path / "run"),
+             *TINY[vit_scratch]]
         )
     err = capsys.readouterr().err
     assert stop.value.code == 130 and "interrupted; " in err and "Traceback" not in err
@@ -322,13 +264,8 @@ def test_messages_name_the_flag_the_user_typed(tiny_cifar, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["vit_scratch", "cnn_baseline"])
 def test_help_shows_each_default_once_and_the_example_commands(name):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / f"{name}.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200"},
-    ).stdout
+    out = subprocess.run([sys.executable, str(ROOT / f"{name}.py"), "--help"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout
     assert "(default: None)" not in out and "(default: False)" not in out
     assert not re.search(r"\(default[^)]*\)[^\n]*\(default", out)  # never two defaults on one flag
     assert "(default: 10)" in out and "examples:" in out and f"python {name}.py --epochs 1 --limit-train 5000" in out

@@ -58,14 +58,11 @@ def test_no_weight_decay_on_norms_biases_cls_and_positions():
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(model.cls_token) in no_decay_ids and id(model.pos_embedding) in no_decay_ids
     assert id(model.blocks[0].norm1.weight) in no_decay_ids and id(model.to_patch_embedding.bias) in no_decay_ids
-    assert {id(p) for p in decay["params"]} == {
-        id(model.to_patch_embedding.weight),
-        id(model.blocks[0].attn.to_qkv.weight),
-        id(model.blocks[0].attn.to_out.weight),
-        id(model.blocks[0].mlp[0].weight),
-        id(model.blocks[0].mlp[3].weight),
-        id(model.mlp_head[1].weight),
-    }
+    assert {id(p) for p in decay["params"]} == {id(model.to_patch_embedding.weight),
+                                                id(model.blocks[0].attn.to_qkv.weight),
+                                                id(model.blocks[0].attn.to_out.weight),
+                                                id(model.blocks[0].mlp[0].weight), id(model.blocks[0].mlp[3].weight),
+                                                id(model.mlp_head[1].weight)}
 
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():
@@ -88,25 +85,9 @@ def test_compiled_model_matches_eager():
 
 def test_recipe_guide_resolves_to_exactly_the_guides_settings():
     args, ckpt = vit_scratch.experiment_args(["--recipe", "guide"])
-    guide = {
-        "batch_size": 128,
-        "optimizer": "adamw",
-        "lr": 3e-4,
-        "weight_decay": 0.01,
-        "schedule": "epoch",
-        "warmup": 0.0,
-        "label_smoothing": 0.0,
-        "dropout": 0.1,
-        "init_std": 1.0,
-        "tta": False,
-        "grad_clip": 1.0,
-        "epochs": 10,
-        "embed_dim": 256,
-        "hidden_dim": 512,
-        "num_heads": 8,
-        "num_layers": 6,
-        "patch_size": 4,
-    }
+    guide = {"batch_size": 128, "optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.01, "schedule": "epoch",
+             "warmup": 0.0, "label_smoothing": 0.0, "dropout": 0.1, "init_std": 1.0, "tta": False, "grad_clip": 1.0,
+             "epochs": 10, "embed_dim": 256, "hidden_dim": 512, "num_heads": 8, "num_layers": 6, "patch_size": 4}
     assert ckpt is None and {k: getattr(args, k) for k in guide} == guide
     fast, _ = vit_scratch.experiment_args([])
     assert (fast.recipe, fast.optimizer, fast.batch_size, fast.dropout, fast.tta) == ("fast", "muon", 256, 0.0, True)
@@ -121,8 +102,7 @@ def test_per_epoch_schedule_equals_cosine_annealing_lr_stepped_per_epoch():
     for epoch in range(5):
         for step in range(epoch * 7, epoch * 7 + 7):  # 7 steps per epoch
             assert 3e-4 * vit_scratch.schedule_factor(args, step, 7, 35) == pytest.approx(
-                opt.param_groups[0]["lr"], rel=1e-12
-            )
+                opt.param_groups[0]["lr"], rel=1e-12)
         opt.step()
         reference.step()
 
@@ -137,8 +117,7 @@ def test_device_tensor_learning_rate_follows_lr_factor_exactly():
         vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, step, 40, 120))
         factor = vit_scratch.lr_factor(step, 12, 120)
         assert [float(g["lr"]) for opt in optimizers for g in opt.param_groups] == [
-            torch.tensor(peak * factor, dtype=torch.float32).item() for peak in (1e-3, 1e-3, 0.01)
-        ]
+            torch.tensor(peak * factor, dtype=torch.float32).item() for peak in (1e-3, 1e-3, 0.01)]
         assert all(
             g["lr"] is t for g, t in zip((g for opt in optimizers for g in opt.param_groups), tensors)
         )  # in place
@@ -189,16 +168,8 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
     )
     stats, x, y = torch.zeros(2), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     step = vit_scratch.eager(
-        partial(
-            vit_scratch.train_step,
-            model,
-            optimizers,
-            torch.amp.GradScaler("cpu", enabled=False),
-            None,
-            0.1,
-            1.0,
-            stats=stats,
-        ),
+        partial(vit_scratch.train_step, model, optimizers, torch.amp.GradScaler("cpu", enabled=False), None, 0.1, 1.0,
+                stats=stats),
         optimizers,
     )
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
@@ -220,16 +191,8 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
         fresh, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False
     )
     fresh_step = vit_scratch.eager(
-        partial(
-            vit_scratch.train_step,
-            fresh,
-            fresh_opts,
-            torch.amp.GradScaler("cpu", enabled=False),
-            None,
-            0.1,
-            1.0,
-            stats=torch.zeros(2),
-        ),
+        partial(vit_scratch.train_step, fresh, fresh_opts, torch.amp.GradScaler("cpu", enabled=False), None, 0.1, 1.0,
+                stats=torch.zeros(2)),
         fresh_opts,
     )
     torch.manual_seed(5)
@@ -253,12 +216,8 @@ def test_muon_trains_only_the_hidden_matrices_with_orthogonalised_updates():
     for M in (G, G.mT):
         singular = torch.linalg.svdvals(vit_scratch.newton_schulz(M).float())
         assert singular.min() > 0.5 and singular.max() < 1.5
-    torch.testing.assert_close(
-        vit_scratch.newton_schulz(G).float().mT @ vit_scratch.newton_schulz(G).float(),
-        torch.eye(32).expand(3, 32, 32),
-        atol=0.5,
-        rtol=0,
-    )
+    torch.testing.assert_close(vit_scratch.newton_schulz(G).float().mT @ vit_scratch.newton_schulz(G).float(),
+                               torch.eye(32).expand(3, 32, 32), atol=0.5, rtol=0)
 
 
 def test_regional_compilation_gives_the_eager_outputs_and_gradients():
