@@ -182,3 +182,21 @@ def test_resume_logs_each_step_once(tiny_captioner, tmp_path, monkeypatch):
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     summary = lora_caption.main(["--resume", str(tmp_path / "training_state.pt"), "--device", "cpu"])
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, summary["steps"] + 1))
+
+
+def test_a_reused_out_dir_and_changed_resume_flags_are_refused_extra_steps_extend(tiny_captioner, tmp_path, capsys):
+    """Issue 12.3 and 12.6 for the captioner: its runs share the CIFAR scripts' rules."""
+    flags = ["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu", "--max-steps", "2",
+             "--batch-size", "10", "--no-baseline", "--eval-images", "1", "--no-plots", "--out-dir", str(tmp_path)]
+    lora_caption.main(flags)
+    for argv, message in [(flags, "holds another run's results"),
+                          (["--resume", str(tmp_path / "training_state.pt"), "--lr", "0.5"], "--lr 0.5 differs from"),
+                          (["--resume", str(tmp_path / "training_state.pt"), "--out-dir", str(tmp_path / "x")],
+                           "a resumed run continues in its own folder")]:
+        with pytest.raises(SystemExit) as stop:
+            lora_caption.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+    state = str(tmp_path / "training_state.pt")
+    summary = lora_caption.main(["--resume", state, "--max-steps", "4", "--device", "cpu"])
+    assert summary["steps"] == 4  # a finished run, extended
