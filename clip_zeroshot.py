@@ -36,8 +36,6 @@ metrics.jsonl, curves.png, last.pt and best.pt (LoRA: the adapters and the head 
 adapter/ (peft; load_adapter() puts it on a fresh base). Charts need matplotlib. Needs common.py.
 """
 import math
-import os
-import shutil
 import string
 import time
 from contextlib import contextmanager, nullcontext
@@ -48,11 +46,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (CheckpointWriteError, DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip,
+from common import (DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip,
                     check_same_data, confusion_matrix, crop_flip_params, derived_seed, flag, given_flags,
                     load_checkpoint, load_cifar10, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
                     plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args,
-                    rng_state, save_checkpoint, stratified_subset, trim_metrics, write_json)
+                    rng_state, save_adapter, save_checkpoint, stratified_subset, trainable_state, trim_metrics,
+                    write_json)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
@@ -571,8 +570,6 @@ def wise_weights(initial, final, alpha):
     return {n: final[n] if "lora_A" in n else torch.lerp(initial[n], final[n], alpha) for n in final}
 
 
-def trainable_state(model):
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @dataclass
@@ -680,21 +677,6 @@ def save_run(args, run, progress, test_acc, data):
         save_adapter(model, out_dir)
 
 
-def save_adapter(model, out_dir):
-    """peft's save_pretrained into adapter.tmp/, then swapped in whole: the previous adapter/ stays intact
-    until the new one is complete."""
-    final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(str(tmp))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} "
-                                   f"is intact") from None
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def restore_run(ckpt, args, run):

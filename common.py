@@ -671,6 +671,28 @@ def save_checkpoint(obj, path, also=None):
                                    f"if any, is intact") from None
 
 
+def save_adapter(model, out_dir):
+    """A peft model's adapter into out_dir/adapter/: written to adapter.tmp/ by save_pretrained, then swapped
+    in whole, so a crash or a full disk leaves the previous adapter/ intact (under adapter/ or adapter.old/)."""
+    final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} "
+                                   f"is intact") from None
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def trainable_state(model):
+    """The parameters that train (a LoRA model's adapters, a head), as CPU copies for a checkpoint."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def write_json(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 

@@ -36,10 +36,8 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import re
-import shutil
 import time
 import unicodedata
 import warnings
@@ -52,10 +50,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (CheckpointWriteError, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag,
+from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag,
                     given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
                     plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args, rng_state,
-                    save_checkpoint, set_global_batch, trim_metrics, wrap_distributed, write_json, write_text_atomic)
+                    save_adapter, save_checkpoint, set_global_batch, trainable_state, trim_metrics, wrap_distributed,
+                    write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -777,23 +776,8 @@ def load_step(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
 
 
-def save_adapter(model, out_dir):
-    final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} "
-                                   f"is intact") from None
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # until here the previous adapter is intact under adapter/ or adapter.old/
-    shutil.rmtree(old, ignore_errors=True)
 
 
-def trainable_state(model):
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_training_state(run, state, args):

@@ -16,6 +16,15 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
+def one_line_error(capsys, call):
+    """Runs call(), which must end as a bad input does: exit 2, one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        call()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory):
     """A private copy of the shipped tiny CIFAR-10 tree, so decode caches never land in the repo."""

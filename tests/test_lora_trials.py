@@ -13,7 +13,7 @@ import pytest
 
 import lora_caption
 from common import read_jsonl
-from conftest import ROOT, TINY_CAPTIONS
+from conftest import ROOT, TINY_CAPTIONS, one_line_error
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -21,14 +21,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 def flags(tiny, data, out, *more):
     return ["--model", str(tiny), "--data-dir", str(data), "--device", "cpu", "--out-dir", str(out),
             "--batch-size", "5", "--max-steps", "2", "--eval-every", "1", *more]
-
-
-def one_line_error(capsys, call):
-    with pytest.raises(SystemExit) as stop:
-        call()
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def copy_set(tmp_path):

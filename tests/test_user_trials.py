@@ -17,7 +17,7 @@ import torch
 import cnn_baseline
 import common
 import vit_scratch
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 
 TINY = {
     vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size",
@@ -32,14 +32,6 @@ def train(script, data, out, *flags):
         ["--data-dir", str(data), "--device", "cpu", "--no-plots", "--out-dir", str(out), "--limit-train", "64",
          "--limit-test", "50", *TINY[script], *flags]
     )
-
-
-def one_line_error(capsys, call):
-    with pytest.raises(SystemExit) as stop:
-        call()
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 # 2. runs started in the same second -------------------------------------------------------------------
