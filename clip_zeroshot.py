@@ -46,12 +46,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip,
-                    check_same_data, confusion_matrix, crop_flip_params, derived_seed, flag, given_flags,
-                    load_checkpoint, load_cifar10, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
-                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args,
-                    rng_state, save_adapter, save_checkpoint, stratified_subset, trainable_state, trim_metrics,
-                    write_json)
+from common import (DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip, check_same_data,
+                    confusion_matrix, crop_flip_params, derived_seed, flag, given_flags, load_checkpoint, load_cifar10,
+                    make_parser, one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves,
+                    prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter, save_checkpoint,
+                    stratified_subset, trainable_state, trim_metrics, write_json)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
@@ -670,7 +669,7 @@ def save_run(args, run, progress, test_acc, data):
     weights = trainable_state(model) if args.finetune == "lora" else model.state_dict()
     ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "finetune": args.finetune, "model": weights,
             "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
-            "rng": rng_state(run["device"]), "state": asdict(progress), "args": vars(args),
+            "state": asdict(progress), "args": vars(args),
             "data_fingerprint": data.fingerprint}
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
     if args.finetune == "lora":
@@ -680,7 +679,7 @@ def save_run(args, run, progress, test_acc, data):
 
 
 def restore_run(ckpt, args, run):
-    """Weights (LoRA: adapters + head), optimizer, scaler and RNG from a checkpoint; returns its Progress."""
+    """Weights (LoRA: adapters + head), optimizer and scaler from a checkpoint; returns its Progress."""
     model = run["model"]
     try:
         if args.finetune == "lora":
@@ -695,7 +694,6 @@ def restore_run(ckpt, args, run):
         raise DataError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
     run["scaler"].load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], run["device"])
     trim_metrics(run["out_dir"] / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     progress = Progress(**ckpt["state"])
     print(f"resuming {args.resume} after epoch {progress.epoch} (step {progress.step})")

@@ -1,13 +1,11 @@
-"""Shared code for the course scripts: command-line plumbing, CIFAR-10 loading and on-device
-augmentation, torchrun helpers, image patching, classification metrics, charts and run outputs.
-
-Kept small and dependency-light on purpose: a script copied into another repository needs only this
-file beside it. What only one script uses lives in that script; training loops, devices, precision
-and optimisers live in each script too.
+"""Code that at least two of the course scripts use: command-line plumbing, CIFAR-10 loading and on-device
+augmentation, torchrun helpers, image patching, classification metrics, charts and run outputs. A script copied
+into another repository needs only this file beside it; loops, devices, precision and optimisers stay in each script.
 """
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -18,7 +16,7 @@ import sys
 import tempfile
 import threading
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,10 +48,9 @@ class CheckpointWriteError(OSError):
 
 @contextmanager
 def one_line_errors(script, memory_hint="--batch-size"):
-    """The one path from a failure to its message: bad input (DataError, from anywhere, argparse included)
-    exits 2; Ctrl-C 130 with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint
-    write 1. The script fills in the report as it goes (saved(): what is on disk; resume: the file
-    --resume takes). An output folder this run created and left empty is removed."""
+    """The one path from a failure to its one-line message: bad input (DataError, argparse's included) exits 2;
+    Ctrl-C 130, with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint write 1. The
+    script fills in the report (saved(): what is on disk; resume: the file --resume takes)."""
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
                              created_out_dir=False)
     try:
@@ -73,9 +70,8 @@ def one_line_errors(script, memory_hint="--batch-size"):
 
 
 def _stop(script, message, code, report, prefix="error: "):
-    out = Path(report.out_dir or "")
-    if report.created_out_dir and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # a failed run leaves no empty folder behind
+    if report.created_out_dir and report.out_dir and report.out_dir.is_dir() and not any(report.out_dir.iterdir()):
+        report.out_dir.rmdir()  # a failed run leaves no empty folder behind
     print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -144,8 +140,7 @@ def resumed_args(saved, cli, given, runtime, extendable=()):
 
 
 def derived_seed(*parts):
-    """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank). Hashing the parts keeps
-    the streams of different purposes, epochs and processes apart, whatever the user's seed."""
+    """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank): hashing keeps streams apart."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
@@ -163,8 +158,7 @@ class ImageDataset:
 
     @functools.cached_property
     def fingerprint(self):
-        """A hash of the classes, labels and pixels (a fraction of a second for CIFAR-10): tells whether two
-        folders hold the same data."""
+        """A hash of classes, labels and pixels (0.25 s for CIFAR-10): do two folders hold the same data?"""
         h = hashlib.blake2b(repr(self.classes).encode(), digest_size=8)
         for t in (self.train_x, self.train_y, self.test_x, self.test_y):
             h.update(t.contiguous().numpy().data)
@@ -189,14 +183,15 @@ def load_cifar10(data_dir, download=True, image_size=32, log=print):
     if not batches.is_dir():
         raise DataError(missing)
     data = _load_torchvision_batches(batches)
-    if image_size != 32:
-        data.train_x, data.test_x = _resize(data.train_x, image_size), _resize(data.test_x, image_size)
+    for split in ("train_x", "test_x") if image_size != 32 else ():
+        x = F.interpolate(getattr(data, split).float(), size=(image_size, image_size), mode="bicubic", antialias=True)
+        setattr(data, split, x.round().clamp(0, 255).to(torch.uint8))
     return data
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR's batches are pickles. Allow only what they hold (dicts, lists, bytes, numpy arrays; protocol-2
-    files written by Python 3 spell bytes as _codecs.encode) so that a tampered file cannot run code."""
+    """CIFAR's batches are pickles: allow only what they hold (numpy arrays; protocol-2 files spell bytes as
+    _codecs.encode), so that a tampered file cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
@@ -232,14 +227,13 @@ def _load_torchvision_batches(batches):
 
 
 def _visible(folder):
-    """A folder's entries by name (os.scandir: no extra system call per file), hidden ones
-    (.ipynb_checkpoints, .DS_Store, ...) left out: they are never classes or images."""
+    """A folder's entries by name (scandir: no system call per file), hidden ones (.DS_Store, ...) left out."""
     return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
 
 
 def _list_imagefolder(root, image_size, log):
-    """({split: [(relative path, class index)]}, sorted class names, a key of every image's name, size and
-    time for the decode cache); errors if the splits disagree. Non-images (by suffix) are reported, skipped."""
+    """({split: [(path, class index)]}, class names, a key of every image's name, size and time for the decode
+    cache). Non-images (by suffix) are reported and skipped."""
     classes = [e.name for e in _visible(root / "train") if e.is_dir()]
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
@@ -266,8 +260,8 @@ def _list_imagefolder(root, image_size, log):
 
 
 def _load_imagefolder_cached(root, image_size, log):
-    """Decode the tree once: the arrays are cached beside it (under ~/.cache when that folder is read-only),
-    keyed by the files' names, sizes and times. A cache that cannot be read is rebuilt, with a word."""
+    """Decode the tree once: the arrays are cached beside it (in ~/.cache when that is read-only), keyed by the
+    files' names, sizes and times; a cache that cannot be read is rebuilt."""
     files, classes, key = _list_imagefolder(root, image_size, log)
     name, names = f".decoded-{image_size}px.npz", ("train_x", "train_y", "test_x", "test_y")
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-course"
@@ -301,8 +295,8 @@ def _decode_one(path, image_size):
 
 
 def _decode_split(root, files, image_size, log):
-    """(images, labels) of one split, decoded sequentially (tiny images decode faster than threads hand them
-    around); unreadable files are reported and skipped."""
+    """(images, labels) of one split, decoded in one thread (faster than handing tiny images around); unreadable
+    files are reported and skipped."""
     images, labels, bad = [], [], []
     for rel, k in files:
         try:
@@ -315,11 +309,6 @@ def _decode_split(root, files, image_size, log):
     if not images:
         raise DataError(f"no readable images under {root}")
     return np.stack(images), np.array(labels, dtype=np.int64)
-
-
-def _resize(x, size):
-    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def stratified_subset(labels, n, seed=0, name="--limit"):
@@ -362,8 +351,7 @@ def crop_flip_params(batch, padding=4, generator=None, device="cpu"):
 
 
 def apply_crop_flip(x, params, padding=4):
-    """RandomCrop(size, padding) + RandomHorizontalFlip on a whole batch: crop each zero-padded image at
-    its (dy, dx) and mirror it where flip is set, in one gather, with no host synchronisation."""
+    """RandomCrop(size, padding) + RandomHorizontalFlip of a batch in one gather, with no host synchronisation."""
     B, C, H, W = x.shape
     dy, dx, flip = params
     padded = F.pad(x, (padding,) * 4)  # zeros, like torchvision's default fill
@@ -375,23 +363,16 @@ def apply_crop_flip(x, params, padding=4):
     return padded[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
 
 
-def shard_bounds(n, rank, world_size):
-    """[start, stop) of this process's contiguous share of n items."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
 class TensorLoader:
-    """Batches from uint8 images held on the training device, shuffled and augmented there: the GPU never
-    waits for a CPU pipeline, and no batch waits on the host. Draws depend only on (seed, epoch), so a
-    resumed run sees the batches the uninterrupted run would have. Under torchrun each process takes its
-    slice of every global batch (N processes at batch b see what one process at N x b sees); evaluation
-    loaders hold a contiguous shard each."""
+    """Batches of uint8 images held on the training device, shuffled and augmented there: no CPU pipeline. Draws
+    depend only on (seed, epoch), so a resumed run sees the uninterrupted run's batches. Under torchrun each process
+    takes its slice of every global batch; evaluation loaders hold a contiguous shard each."""
 
     def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
         self.total = len(labels)
-        if not train:
-            lo, hi = shard_bounds(len(labels), rank, world_size)
-            images, labels = images[lo:hi], labels[lo:hi]
+        if not train:  # a contiguous shard per process
+            shard = slice(self.total * rank // world_size, self.total * (rank + 1) // world_size)
+            images, labels = images[shard], labels[shard]
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
@@ -426,8 +407,7 @@ class TensorLoader:
 # torchrun: one process per device; without torchrun everything below is a no-op
 
 def init_distributed(device_name):
-    """(rank, world_size, local_rank), joining the process group when torchrun started this process
-    (NCCL on CUDA, gloo on CPU). Processes other than rank 0 print nothing to stdout."""
+    """(rank, world_size, local_rank), joining the process group (NCCL or gloo) under torchrun; only rank 0 prints."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
@@ -444,8 +424,8 @@ def init_distributed(device_name):
 
 
 def set_global_batch(args, world_size, resuming):
-    """--batch-size is per process; the global batch is batch x processes. A resumed run keeps its global
-    batch, and so its schedule, whatever the number of processes now (DataError if it does not split)."""
+    """--batch-size is per process. A resumed run keeps its global batch, and so its schedule, whatever the number
+    of processes now."""
     if resuming:
         if args.global_batch % world_size:
             raise DataError(f"--resume: the run's global batch {args.global_batch} does not split over "
@@ -455,26 +435,13 @@ def set_global_batch(args, world_size, resuming):
 
 
 def wrap_distributed(model, device, world_size, sync_bn=False):
-    """DistributedDataParallel under torchrun, the model itself otherwise. sync_bn converts BatchNorm in
-    place (SyncBatchNorm keeps BatchNorm's state_dict keys, so checkpoints load either way)."""
+    """DistributedDataParallel under torchrun, the model itself otherwise (SyncBatchNorm keeps BatchNorm's keys)."""
     if world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def gather_shards(local, total, world_size):
-    """Concatenate every process's contiguous shard (shard_bounds order) into the full tensor, on all."""
-    if world_size == 1:
-        return local
-    import torch.distributed as dist
-    padded = local.new_zeros(-(-total // world_size), *local.shape[1:])  # shards differ by one at most
-    padded[:len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:hi - lo] for r, p in enumerate(parts) for lo, hi in [shard_bounds(total, r, world_size)]])
 
 
 def all_reduce_sum(value, world_size):
@@ -488,8 +455,7 @@ def all_reduce_sum(value, world_size):
 # Patching
 
 def img_to_patch(x, patch_size, flatten_channels=True):
-    """[B, C, H, W] -> [B, num_patches, C*P*P] (or [B, num_patches, C, P, P]), patches in row-major
-    order, each flattened channel-major: exactly the study guide's function."""
+    """[B, C, H, W] -> [B, num_patches, C*P*P] (or [B, num_patches, C, P, P]): the study guide's function."""
     B, C, H, W = x.shape
     x = x.reshape(B, C, H // patch_size, patch_size, W // patch_size, patch_size)
     x = x.permute(0, 2, 4, 1, 3, 5)  # [B, H', W', C, P, P]
@@ -548,8 +514,7 @@ def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3,
                         label=key.replace("_", " "))
-        ax.set_title(title)
-        ax.set_xlabel(x)
+        ax.set(title=title, xlabel=x)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -573,9 +538,7 @@ def plot_confusion(cm, classes, path, log=print):
                     color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (rows sum to 1)")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -590,32 +553,28 @@ RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training
 
 
 def new_run_dir(script):
-    """runs/<script>/<YYYYmmdd-HHMMSS>, or -2, -3, ... after it if taken: made here with an atomic mkdir,
-    so runs started in the same second never share a folder."""
+    """runs/<script>/<YYYYmmdd-HHMMSS>, or -2, -3, ... if taken (mkdir is atomic: no two runs share one)."""
     base = Path("runs") / script / f"{datetime.now():%Y%m%d-%H%M%S}"
     base.parent.mkdir(parents=True, exist_ok=True)
-    for path in [base, *(base.with_name(f"{base.name}-{n}") for n in range(2, 10_000))]:
-        try:
+    for n in itertools.count(1):
+        path = base.with_name(f"{base.name}-{n}") if n > 1 else base
+        with suppress(FileExistsError):
             path.mkdir()
             return path
-        except FileExistsError:
-            continue
-    raise DataError(f"could not make a new folder under {base.parent}; pass --out-dir")
 
 
 def prepare_out_dir(path, report, overwrite=False, resuming=False):
-    """The run's output folder (a new one under runs/ for None), created and proven writable before any
-    work. A folder holding another run's results is refused unless resuming or `overwrite` (which removes them)."""
+    """The run's output folder (new under runs/ for None), proven writable before any work; one holding another
+    run's results is refused unless resuming or `overwrite` (which removes them)."""
     report.created_out_dir = path is None or not Path(path).exists()
-    path = new_run_dir(report.script) if path is None else Path(path)
     try:
+        path = report.out_dir = new_run_dir(report.script) if path is None else Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        (path / f".write-test-{os.getpid()}").touch()
+        (path / f".write-test-{os.getpid()}").unlink()
     except OSError as e:
-        raise DataError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
-    report.out_dir = path
+        raise DataError(f"--out-dir {path or Path('runs') / report.script}: cannot write there "
+                        f"({e.strerror or e})") from None
     previous = [name for name in RESULT_FILES if (path / name).exists()] if not resuming else []
     if previous and not overwrite:
         resume = next((f" (resume it with --resume {path / n})" for n in ("last.pt", "training_state.pt")
@@ -630,9 +589,8 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
 
 
 def _atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, then rename it over `path`: a crash or a full disk
-    leaves the previous file intact. Ctrl-C is held until the file is complete (inside torch.save's zip
-    writer it would surface as an unrelated RuntimeError), then raised."""
+    """write(file) into a temporary file, renamed over `path`: a crash or full disk leaves the old file intact.
+    Ctrl-C waits until the file is complete (inside torch.save it would surface as a RuntimeError)."""
     path, held = Path(path), []
     main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
     previous = signal.signal(signal.SIGINT, lambda *_: held.append(True)) if main else None
@@ -672,8 +630,7 @@ def save_checkpoint(obj, path, also=None):
 
 
 def save_adapter(model, out_dir):
-    """A peft model's adapter into out_dir/adapter/: written to adapter.tmp/ by save_pretrained, then swapped
-    in whole, so a crash or a full disk leaves the previous adapter/ intact (under adapter/ or adapter.old/)."""
+    """A peft model's adapter into out_dir/adapter/, written beside it and swapped in whole (atomic as a file)."""
     final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -712,16 +669,14 @@ def append_jsonl(path, obj):
 
 
 def trim_metrics(path, keep):
-    """Drop metric lines a checkpoint does not cover (the run died after logging them): keep(row) says
-    which stay, e.g. lambda r: r["epoch"] <= epochs_done."""
+    """Drop the metric lines a checkpoint does not cover (the run died after logging them); keep(row) -> bool."""
     path = Path(path)
     if path.exists():
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
 
 
 def load_checkpoint(path, script, option="--resume"):
-    """A checkpoint of plain values (weights_only=True: nothing in it can run code), checked to come from
-    `script`. Raises DataError with a message meant for the user, naming the `option` it came from."""
+    """A checkpoint of plain values (weights_only=True: nothing in it can run code) written by `script`."""
     if not Path(path).is_file():
         raise DataError(f"{option} {path}: no such file")
     if not zipfile.is_zipfile(path):  # what torch.save writes
@@ -738,8 +693,7 @@ def load_checkpoint(path, script, option="--resume"):
 
 
 def load_weights(model, ckpt, path, expected_config=None):
-    """A checkpoint's weights into `model`, which its flags and the data describe (`expected_config`);
-    a mismatch is a DataError naming the fields (or the first tensor) that differ."""
+    """A checkpoint's weights into `model`; a mismatch with `expected_config` names the fields that differ."""
     saved = ckpt.get("model_config", {})
     differ = [f"{k}: saved {saved.get(k)}, now {v}" for k, v in (expected_config or {}).items() if saved.get(k) != v]
     if differ:
@@ -756,16 +710,6 @@ def check_same_data(ckpt, data, data_dir):
     if ckpt.get("data_fingerprint") not in (None, data.fingerprint):
         raise DataError(f"--data-dir {data_dir} holds other data than the run was trained on "
                         f"({ckpt['args'].get('data_dir')}); drop --data-dir to use that folder")
-
-
-def rng_state(device):
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-
-
-def restore_rng(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def peak_memory_mb(device):

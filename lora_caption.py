@@ -50,11 +50,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag,
-                    given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
-                    plot_curves, prepare_out_dir, progress_bar, read_jsonl, restore_rng, resumed_args, rng_state,
-                    save_adapter, save_checkpoint, set_global_batch, trainable_state, trim_metrics, wrap_distributed,
-                    write_json, write_text_atomic)
+from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag, given_flags,
+                    init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb, plot_curves,
+                    prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter, save_checkpoint,
+                    set_global_batch, trainable_state, trim_metrics, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -783,7 +782,7 @@ def load_step(path):
 def save_training_state(run, state, args):
     save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
                      "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
-                     "scaler": run["scaler"].state_dict(), "rng": rng_state(run["device"]), "state": dict(state),
+                     "scaler": run["scaler"].state_dict(), "state": dict(state),
                      "args": vars(args)},
                     run["out_dir"] / "training_state.pt")
     save_adapter(run["model"], run["out_dir"])
@@ -1031,7 +1030,7 @@ def print_start(args, model, data, tokens, device, amp_dtype, notes, out_dir):
 
 
 def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
-    """Adapters, optimizer, schedule, scaler and RNG from a training_state.pt; returns its counters."""
+    """Adapters, optimizer, schedule, and scaler from a training_state.pt; returns its counters."""
     unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
     if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
         raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
@@ -1039,7 +1038,6 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], device)
     # rows logged after the last save are logged again by the resumed run
     trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["step"] <= ckpt["state"]["step"])
     return ckpt["state"]

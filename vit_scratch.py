@@ -41,11 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
-                    check_same_data, confusion_matrix, derived_seed, flag, gather_shards, given_flags, img_to_patch,
-                    init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, normalize,
-                    one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
-                    progress_bar, read_jsonl, restore_rng, resumed_args, rng_state, save_checkpoint, set_global_batch,
-                    stratified_subset, trim_metrics, wrap_distributed, write_json)
+                    check_same_data, confusion_matrix, derived_seed, flag, given_flags, img_to_patch, init_distributed,
+                    load_checkpoint, load_cifar10, load_weights, make_parser, normalize, one_line_errors,
+                    peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir, progress_bar,
+                    read_jsonl, resumed_args, save_checkpoint, set_global_batch, stratified_subset, trim_metrics,
+                    wrap_distributed, write_json)
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2
@@ -514,11 +514,11 @@ def check_progress(stats, seen, step, lr, seconds, bar):
 
 
 @torch.no_grad()
-def evaluate(model, loader, amp_dtype, tta=False):
-    """(predictions, mean cross-entropy) over the whole test set, in order; under torchrun each process
-    evaluates its shard and the results are gathered, so every image counts exactly once."""
+def evaluate(model, loader, amp_dtype, num_classes, tta=False):
+    """(confusion matrix, mean cross-entropy) over the whole test set; under torchrun each process
+    evaluates its shard and the counts are summed, so every image counts exactly once."""
     model.eval()
-    preds, loss_sum = [], torch.zeros((), device=loader.device)
+    preds, labels, loss_sum = [], [], torch.zeros((), device=loader.device)
     for x, y in loader:
         with autocast(loader.device, amp_dtype):
             logits = model(x).float()
@@ -526,8 +526,10 @@ def evaluate(model, loader, amp_dtype, tta=False):
                 logits = (logits + model(x.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
-    preds = gather_shards(torch.cat(preds), loader.total, loader.world_size)  # every process: the full set, in order
-    return preds, all_reduce_sum(loss_sum, loader.world_size).item() / loader.total
+        labels.append(y)
+    cm = confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).to(loader.device)
+    cm, loss_sum = (all_reduce_sum(t, loader.world_size) for t in (cm, loss_sum))
+    return cm.cpu(), loss_sum.item() / loader.total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -578,7 +580,6 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
                                 seed=args.seed, rank=rank, world_size=world_size)
     test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 2000, device, train=False, rank=rank,
                                world_size=world_size)
-    targets = data.test_y[test_idx].to(device)
     steps_per_epoch = len(train_loader)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     amp_dtype = amp_dtype_for(device)
@@ -619,7 +620,7 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
         set_learning_rates(optimizers, factor)
         return args.lr * factor
 
-    preds = None
+    cm = None
     for epoch in range(progress.epoch + 1, args.epochs + 1):
         if progress.step >= total_steps:
             break
@@ -630,16 +631,16 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
             loss, acc, seen, progress.step, lr = train_one_epoch(trained, train_loader, run_step, learning_rate,
                                                                  progress.step, total_steps, stats, bar)
             seconds = time.perf_counter() - t0  # the statistics' read-back above waited for the device
-        preds, test_loss = evaluate(trained, test_loader, amp_dtype, args.tta)
-        test_acc = int((preds == targets).sum()) / len(targets)
+        cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+        test_acc = accuracy_from(cm)
         progress.epoch, progress.train_seconds = epoch, progress.train_seconds + seconds
         progress.images_seen += seen
         log_epoch(args, out_dir, rank, epoch, progress.step, loss, acc, test_loss, test_acc, lr, seconds, seen)
         if rank == 0:
             save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data, device)
-    if preds is None:  # resumed a finished run: evaluate what it left
-        preds, _ = evaluate(trained, test_loader, amp_dtype, args.tta)
-    summary = write_summary(args, model, progress, data, preds, targets, device, out_dir) if rank == 0 else None
+    if cm is None:  # resumed a finished run: evaluate what it left
+        cm, _ = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+    summary = write_summary(args, model, progress, data, cm, device, out_dir) if rank == 0 else None
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
@@ -660,13 +661,13 @@ def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data,
     progress.best_acc = max(progress.best_acc, test_acc)
     ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
             "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-            "scaler": scaler.state_dict(), "rng": rng_state(device), "state": asdict(progress), "args": vars(args),
+            "scaler": scaler.state_dict(), "state": asdict(progress), "args": vars(args),
             "data_fingerprint": data.fingerprint}
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
 
 
 def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_classes):
-    """Weights, optimizer states, scaler and RNG from a checkpoint; returns its Progress."""
+    """Weights, optimizer states and scaler from a checkpoint; returns its Progress."""
     load_weights(model, ckpt, args.resume, model_config(args, num_classes))
     if len(ckpt["optimizers"]) != len(optimizers):
         raise DataError(f"--resume {args.resume}: its optimizer state does not fit --optimizer {args.optimizer}")
@@ -679,16 +680,14 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
             for s in opt.state.values():  # fused and capturable AdamW keep the step count on the device
                 s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], device)
     trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return Progress(**ckpt["state"])
 
 
-def write_summary(args, model, progress, data, preds, targets, device, out_dir):
-    cm = confusion_matrix(preds, targets, len(data.classes))
+def write_summary(args, model, progress, data, cm, device, out_dir):
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "recipe": args.recipe,
-        "train_images": args.limit_train or len(data.train_y), "test_images": len(targets),
+        "train_images": args.limit_train or len(data.train_y), "test_images": int(cm.sum()),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size,
