@@ -573,8 +573,9 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
         (path / f".write-test-{os.getpid()}").touch()
         (path / f".write-test-{os.getpid()}").unlink()
     except OSError as e:
-        raise DataError(f"--out-dir {path or Path('runs') / report.script}: cannot write there "
-                        f"({e.strerror or e})") from None
+        where = f"--out-dir {path}" if path else f"the default output folder runs/{report.script}"
+        hint = "pass another --out-dir" if path else "pass --out-dir"
+        raise DataError(f"{where}: cannot write there ({e.strerror or e}); {hint}") from None
     previous = [name for name in RESULT_FILES if (path / name).exists()] if not resuming else []
     if previous and not overwrite:
         resume = next((f" (resume it with --resume {path / n})" for n in ("last.pt", "training_state.pt")

@@ -284,3 +284,12 @@ def test_accuracies_in_the_summary_are_exact_fractions(script, tiny_cifar, tmp_p
     for key in ("test_acc", "best_test_acc"):
         assert summary[key] == round(summary[key] * 30) / 30  # k / 30 exactly as Python divides, no float32 noise
     assert summary["test_acc"] * 30 == sum(summary["confusion_matrix"][k][k] for k in range(10))
+
+
+@SCRIPTS
+def test_a_working_folder_where_runs_cannot_be_made_is_one_line(script, tiny_cifar, tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").write_text("")  # a file where the default output folder would go
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, lambda: script.main(["--data-dir", str(tiny_cifar), "--epochs", "1", "--device", "cpu",
+                                                      *TINY[script]]))
+    assert f"the default output folder runs/{script.__name__}: cannot write there" in err and "pass --out-dir" in err
