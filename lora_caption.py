@@ -27,8 +27,9 @@ summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, capti
 The step is built for GPUs, and each speed-up is tested to leave the results unchanged: the frozen
 encoder's output is computed once per image and cached (on the GPU when it fits; --no-encoder-cache
 turns it off), frozen weights are stored in bf16 (what autocast casts them to at every step anyway),
-captions are padded to one length, the loss is computed once and read every 20 steps, and --compile
-compiles the decoder blocks. Measured figures: BENCHMARKS.md (benchmarks/bench_lora_vs_full.py).
+captions are padded to one length, the loss is computed once and read every 20 steps, and on one GPU the
+whole step is captured as a CUDA graph and replayed (--eager turns that off; --compile compiles the decoder
+blocks instead). Measured figures: BENCHMARKS.md (benchmarks/bench_lora_vs_full.py).
 Needs common.py.
 """
 import csv
@@ -61,7 +62,8 @@ DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # th
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
 # Flags that describe the machine, not the experiment: on --resume they come from the command line. The speed
 # flags are among them: each leaves the results unchanged.
-RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "compile", "compile_mode")
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "compile", "compile_mode",
+                 "eager")
 SHEET_IMAGES = 8  # validation images shown in captions.html, the same ones every run
 SPLITS = ("train", "val", "test")
 LOG_EVERY = 20  # optimizer steps between reads of the training loss (each read waits for the device)
@@ -112,6 +114,7 @@ def build_parser():
                                              "compiles, a failure falls back to eager with a word)")
     a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
       help="torch.compile mode")
+    a("--eager", action="store_true", help="run each step eagerly instead of replaying it as a CUDA graph")
     a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/lora_caption/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
@@ -163,8 +166,8 @@ def amp_dtype_for(device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+def autocast(device, dtype, cache_enabled=True):
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled) if dtype is not None else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def pair_tokens(tokenizer, split, max_length):
 
 def on_device(tokens, device):
     """The tensors a step indexes, copied to the training device once (no copy per step)."""
-    return {k: tokens[k].to(device) for k in ("pair_image", "decoder_ids", "labels")}
+    return {k: tokens[k].to(device) for k in ("pair_image", "decoder_ids", "labels", "count")}
 
 
 class Pixels:
@@ -775,10 +778,6 @@ def load_step(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
 
 
-
-
-
-
 def save_training_state(run, state, args):
     save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
                      "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
@@ -802,6 +801,7 @@ def train(args, run, state, data, inputs, tokens):
           adapter_inputs_as_given(run["model"], run["amp_dtype"], args.lora_dropout)):
         bar.update(state["step"])
         started = time.perf_counter()
+        run["captured"] = capture_step(args, run, inputs["train"]) if state["step"] < run["total_steps"] else None
         while state["step"] < run["total_steps"]:
             shuffle = torch.Generator().manual_seed(derived_seed(args.seed, "batches", state["epoch"]))
             order = torch.randperm(len(tokens["pair_image"]), generator=shuffle)
@@ -868,12 +868,17 @@ def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):
     """One optimizer step over `pairs` (all processes' pairs of this step, grad_accum micro-batches; the same
     indices on the host and on the device). The loss is the mean over every caption token of the step, so
     neither the split into micro-batches nor into processes changes the gradient. Its sum is added to
-    run['loss_sum'] on the device: nothing here waits for the device."""
+    run['loss_sum'] on the device: nothing here waits for the device. With a captured step (run['captured'])
+    the step is a replay of its CUDA graph."""
+    torch.manual_seed(seed)
+    if run.get("captured"):
+        run["captured"](pairs_on_device, run["optimizer"].param_groups[0]["lr"])
+        run["schedule"].step()
+        return
     model, device_tokens = run["trained"], run["device_tokens"]
     total_tokens = int(tokens["count"][pairs].sum())
     micro_batches = list(zip(pairs.split(args.global_batch), pairs_on_device.split(args.global_batch)))
     mine = slice(run["rank"] * args.batch_size, (run["rank"] + 1) * args.batch_size)
-    torch.manual_seed(seed)
     model.train()
     for i, (idx, idx_dev) in enumerate(micro_batches):
         idx, idx_dev = idx[mine], idx_dev[mine]
@@ -895,6 +900,104 @@ def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):
     run["scaler"].update()
     optimizer.zero_grad(set_to_none=True)
     run["schedule"].step()
+
+
+def cached_step(run, cache, pairs, grad_clip):
+    """optimizer_step's arithmetic for one process and one micro-batch on cached encoder output, in device tensors
+    only: the body that a CUDA graph records (`pairs`: the step's pair indices, on the device)."""
+    optimizer, tokens = run["optimizer"], run["device_tokens"]
+    optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its own memory pool
+    with autocast(run["device"], run["amp_dtype"], cache_enabled=False):  # a cast cache outlives a capture
+        loss = caption_loss(run["trained"], {"encoder_outputs": (cache.states[tokens["pair_image"][pairs]],)},
+                            tokens["decoder_ids"][pairs], tokens["labels"][pairs])
+    (loss / tokens["count"][pairs].sum()).backward()
+    run["loss_sum"] += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(run["params"], grad_clip)
+    optimizer.step()
+
+
+def undo_steps(params, optimizer, loss_sum):
+    """A function that puts back what optimizer steps taken from now on change: the trainable weights, the
+    optimizer's state (state they create starts from zero, as a fresh optimizer's) and the loss sum."""
+    weights, loss = [p.detach().clone() for p in params], loss_sum.clone()
+    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in optimizer.state.items()}
+
+    def undo():
+        for p, w in zip(params, weights):
+            p.detach().copy_(w)
+        for p, state in optimizer.state.items():
+            old = before.get(id(p), {})
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    v.copy_(old[k]) if k in old else v.zero_()
+        loss_sum.copy_(loss)
+    return undo
+
+
+class CapturedStep:
+    """cached_step recorded once as a CUDA graph and replayed at every step (PyTorch's whole-network capture):
+    warm-up steps on a side stream (allocations, cuBLAS plans, the optimizer's state), their effects undone,
+    then one capture that reads the pair indices and the learning rate from static device tensors. A replay
+    launches the step's ~3,000 kernels in one call: the eager step is bound by launching them one by one."""
+
+    def __init__(self, run, cache, batch_size, grad_clip, warmup=3):
+        optimizer, device = run["optimizer"], run["device"]
+        self.pairs = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+        undo = undo_steps(run["params"], optimizer, run["loss_sum"])
+        rates = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:  # AdamW reads the rate from the device: replays see the schedule
+            group["lr"], group["capturable"] = self.lr, True
+        try:
+            run["trained"].train()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    cached_step(run, cache, self.pairs, grad_clip)
+            torch.cuda.current_stream(device).wait_stream(side)
+            undo()
+            optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                cached_step(run, cache, self.pairs, grad_clip)
+        except BaseException:
+            torch.cuda.synchronize(device)
+            undo()
+            optimizer.zero_grad(set_to_none=True)
+            for group in optimizer.param_groups:
+                group["capturable"] = False
+            raise
+        finally:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate  # the schedule keeps setting numbers; each replay copies the current one
+
+    def __call__(self, pairs, lr):
+        self.pairs.copy_(pairs, non_blocking=True)
+        self.lr.fill_(lr)
+        self.graph.replay()
+
+
+def capture_step(args, run, inputs):
+    """A CapturedStep where it applies (one CUDA process with bf16, the encoder cache on the GPU, one micro-batch
+    per step, no --compile or --eager), else None. A capture that fails leaves the run as it was and says so in
+    one line: the eager step trains the same model."""
+    if not (run["device"].type == "cuda" and run["amp_dtype"] == torch.bfloat16 and args.world_size == 1
+            and args.grad_accum == 1 and getattr(inputs, "on_device", False) and not args.compile
+            and not args.eager):
+        return None
+    try:
+        t0 = time.perf_counter()
+        captured = CapturedStep(run, inputs, args.batch_size, args.grad_clip)
+        print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
+        return captured
+    except Exception as e:  # the fast path must not end the run; running out of memory is not a capture error
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        print(f"CUDA graph capture failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
+              f"training eagerly", flush=True)
+        return None
 
 
 def after_step(args, run, state, data, loss):
@@ -1036,6 +1139,10 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
         raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
                         f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved flags are the saving machine's; a capture sets its own
+        group["fused"], group["capturable"] = device.type == "cuda", False
+    for state in optimizer.state.values():  # fused AdamW counts steps on the device
+        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     schedule.load_state_dict(ckpt["schedule"])
     scaler.load_state_dict(ckpt["scaler"])
     # rows logged after the last save are logged again by the resumed run

@@ -12,6 +12,7 @@ clipping at 1.0, the loss computed once and left on the device):
     lora+cache                + the frozen encoder's output cached (encoded once; its cost is amortised below)
     lora+cache+bf16           + frozen weights stored in bf16 (CUDA)
     lora+cache+bf16+compile   + the decoder blocks compiled (CUDA)
+    lora+cache+bf16+graph     + the whole step captured as a CUDA graph and replayed (CUDA; the script's default)
 
 Every variant's first step draws the same dropout seed: the first-step losses of lora, +cache and +bf16 are equal
 bit for bit, compiled ones to rounding (full fine-tuning's differ: the adapters' dropout draws random numbers,
@@ -48,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CPU_VARIANTS = ["full", "lora", "lora+cache"]
-CUDA_VARIANTS = ["full", "full+compile", "lora", "lora+cache", "lora+cache+bf16", "lora+cache+bf16+compile"]
+CUDA_VARIANTS = ["full", "full+compile", "lora", "lora+cache", "lora+cache+bf16", "lora+cache+bf16+compile",
+                 "lora+cache+bf16+graph"]
 CAPTION_TOKENS = 20
 START = 50256  # GPT-2's EOS = BOS = pad = decoder start
 
@@ -66,12 +68,13 @@ def parse_variant(name, args):
     rest, _, mode = name.partition(":")
     rest, _, batch = rest.partition("@")
     kind, *extras = rest.split("+")
-    unknown = set(extras) - {"cache", "bf16", "compile"}
-    if kind not in ("full", "lora") or unknown or (kind == "full" and {"cache", "bf16"} & set(extras)):
-        raise SystemExit(f"unknown variant {name!r}: full[+compile] or lora[+cache][+bf16][+compile], "
-                         f"then @BATCH and :MODE if wanted")
+    unknown = set(extras) - {"cache", "bf16", "compile", "graph"}
+    if kind not in ("full", "lora") or unknown or (kind == "full" and {"cache", "bf16", "graph"} & set(extras)) \
+            or ("graph" in extras and ("cache" not in extras or "compile" in extras)):
+        raise SystemExit(f"unknown variant {name!r}: full[+compile] or lora[+cache][+bf16][+compile or +graph] "
+                         f"(+graph needs +cache), then @BATCH and :MODE if wanted")
     return {"name": name, "lora": kind == "lora", "cache": "cache" in extras, "bf16": "bf16" in extras,
-            "compile": "compile" in extras, "mode": mode or args.compile_mode,
+            "compile": "compile" in extras, "graph": "graph" in extras, "mode": mode or args.compile_mode,
             "batch": int(batch) if batch else args.batch_size}
 
 
@@ -148,6 +151,8 @@ def measure(v, base, args):
     pairs_on_device = pairs.to(device)
     warmup = 3 if compiled else 2
     with lc.adapter_inputs_as_given(model, amp_dtype, lora_dropout=0.05):  # the guide's dropout: casts stay
+        if v["graph"]:  # captured as the script captures it (no fallback here: a failure is the variant's row)
+            run["captured"] = lc.CapturedStep(run, inputs, v["batch"], step_args.grad_clip)
         for i in range(warmup + args.steps):
             if i == 1:
                 first_loss = run["loss_sum"].item() / int(tokens["count"].sum())  # the same weights and data everywhere
@@ -299,8 +304,9 @@ def main(argv=None):
     args.steps = args.steps or (20 if args.device == "cuda" else 3)
     names = args.variants or (CUDA_VARIANTS if args.device == "cuda" else CPU_VARIANTS)
     args.variant_specs = [parse_variant(n, args) for n in names]
-    if args.device == "cpu" and any(v["bf16"] or v["compile"] for v in args.variant_specs):
-        raise SystemExit("+bf16 and +compile are CUDA paths of lora_caption.py; on a CPU run full, lora, lora+cache")
+    if args.device == "cpu" and any(v["bf16"] or v["compile"] or v["graph"] for v in args.variant_specs):
+        raise SystemExit("+bf16, +compile and +graph are CUDA paths of lora_caption.py; on a CPU run full, lora, "
+                         "lora+cache")
     results = (run_isolated if args.device == "cpu" else run_in_process)(args.variant_specs, args)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device {name} | {args.steps} timed steps | 224 px, {CAPTION_TOKENS}-token captions | torch "

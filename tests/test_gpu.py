@@ -1,12 +1,14 @@
-"""The CUDA-graph training step trains exactly what the eager step trains. Needs a CUDA GPU with bf16: CI
-(CPU only) skips these; benchmarks/gpu_checks.sh runs them first on a lent GPU."""
+"""The CUDA-graph training steps (vit_scratch, cnn_baseline, lora_caption) train what the eager steps train.
+Needs a CUDA GPU with bf16: CI (CPU only) skips these; benchmarks/gpu_checks.sh runs them first on a lent GPU."""
 import argparse
 
 import pytest
 import torch
 
 import cnn_baseline
+import lora_caption
 import vit_scratch
+from conftest import TINY_CAPTIONS, build_tiny_captioner
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
                                 reason="needs a CUDA GPU with bf16")
@@ -84,3 +86,76 @@ def test_a_failing_capture_falls_back_to_the_eager_step_with_one_line(capsys, mo
     step(*data[0])
     assert torch.isfinite(stats).all() and stats[0] > 0
 
+
+
+def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0):
+    """The tiny captioner's LoRA run as lora_caption.train sets it up on a GPU (bf16 frozen weights, the encoder
+    cache on the device, fused AdamW), with the step captured or eager; and its training pairs."""
+    model, tokenizer, processor = lora_caption.load_captioner(str(folder), CUDA)
+    torch.manual_seed(0)
+    model = lora_caption.add_lora(model, argparse.Namespace(rank=4, alpha=8, lora_dropout=lora_dropout,
+                                                            targets=lora_caption.DECODER_TARGETS,
+                                                            cross_attention=False))
+    lora_caption.cast_frozen_weights(model)
+    size, resample = lora_caption.processor_geometry(processor)
+    split = lora_caption.load_caption_data(TINY_CAPTIONS, size, resample, seed=0, log=lambda *_: None)["train"]
+    tokens = lora_caption.pair_tokens(tokenizer, split, 40)
+    cache = lora_caption.EncoderCache(model, lora_caption.Pixels(processor, CUDA), split.images, torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
+    run = dict(trained=model, model=model, device=CUDA, amp_dtype=torch.bfloat16, optimizer=optimizer,
+               params=params, rank=0, scaler=torch.amp.GradScaler("cuda", enabled=False), compiled=None,
+               schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s),
+               device_tokens=lora_caption.on_device(tokens, CUDA), loss_sum=torch.zeros((), device=CUDA))
+    args = argparse.Namespace(world_size=1, grad_accum=1, compile=False, eager=not capture, batch_size=8,
+                              global_batch=8, grad_clip=1.0)
+    run["captured"] = lora_caption.capture_step(args, run, cache)
+    assert isinstance(run["captured"], lora_caption.CapturedStep) == capture
+    return run, cache, tokens, args
+
+
+def lora_losses(run, cache, tokens, args, batches, seeds):
+    losses = []
+    for pairs, seed in zip(batches, seeds):
+        before = run["loss_sum"].clone()
+        lora_caption.optimizer_step(args, run, cache, tokens, pairs, pairs.to(CUDA), seed)
+        losses.append((run["loss_sum"] - before).item())
+    return losses
+
+
+def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path):
+    folder = build_tiny_captioner(tmp_path, dropout=0.0)
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(0))[:48].view(6, 8)
+    results = []
+    for capture in (False, True):
+        run, cache, tokens, args = lora_run(folder, capture)
+        losses = lora_losses(run, cache, tokens, args, order, range(6))
+        torch.cuda.synchronize()
+        adapters = {n: p.detach().float().cpu() for n, p in run["model"].named_parameters() if p.requires_grad}
+        results.append((losses, adapters))
+    (eager_losses, eager), (graph_losses, graph) = results
+    # the same math; the captured attention builds its causal mask where the eager one uses is_causal: rounding
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-3, atol=1e-3)
+    for name, value in eager.items():
+        torch.testing.assert_close(graph[name], value, atol=2e-4, rtol=2e-2, msg=name)
+
+
+def test_lora_graph_draws_the_dropout_of_each_steps_seed(tmp_path):
+    folder = build_tiny_captioner(tmp_path, dropout=0.1)
+    run, cache, tokens, args = lora_run(folder, True, lr=0.0, lora_dropout=0.5)  # lr 0: the weights stay
+    same = torch.arange(8)
+    losses = lora_losses(run, cache, tokens, args, [same] * 3, [1, 2, 1])
+    assert losses[0] == losses[2] != losses[1]
+
+
+def test_a_failing_lora_capture_falls_back_to_the_eager_step_with_one_line(tmp_path, capsys, monkeypatch):
+    folder = build_tiny_captioner(tmp_path)
+    expected = lora_losses(*lora_run(folder, False), [torch.arange(8)] * 2, [0, 1])
+    monkeypatch.setattr(lora_caption.torch.cuda, "graph", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    run, cache, tokens, args = lora_run(folder, False)
+    args.eager = False
+    assert lora_caption.capture_step(args, run, cache) is None
+    assert capsys.readouterr().out.count("CUDA graph capture failed (RuntimeError: boom); training eagerly") == 1
+    assert not any(g["capturable"] for g in run["optimizer"].param_groups)
+    losses = lora_losses(run, cache, tokens, args, [torch.arange(8)] * 2, [0, 1])
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)  # the warm-up steps were undone

@@ -272,3 +272,87 @@ def test_the_gpu_path_runs_on_a_cpu_and_each_part_falls_back_with_a_word(fault, 
     else:  # the cache encodes 64 images at a time, the plain step 5
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-4)
+
+
+def step_run(model, tokens, lr=1e-2):
+    """What optimizer_step and cached_step read from the training loop's run, on the CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return dict(trained=model, model=model, device=CPU, amp_dtype=None, optimizer=optimizer, params=params, rank=0,
+                scaler=torch.amp.GradScaler("cpu", enabled=False), compiled=None,
+                schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.2 * s),
+                device_tokens=lora_caption.on_device(tokens, CPU), loss_sum=torch.zeros(()))
+
+
+def trained_state(run):
+    state = {n: p.detach().clone() for n, p in run["model"].named_parameters() if p.requires_grad}
+    for i, s in enumerate(run["optimizer"].state.values()):
+        state.update({f"opt{i}.{k}": v.clone() for k, v in s.items()})
+    return {**state, "loss_sum": run["loss_sum"].clone()}
+
+
+STEP_ARGS = argparse.Namespace(global_batch=8, batch_size=8, world_size=1, grad_clip=1.0)
+
+
+def test_the_step_a_cuda_graph_records_is_the_eager_step_bit_for_bit(tiny_captioner):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    cache = lora_caption.EncoderCache(model, pixels, split.images, None)
+    eager, body = step_run(model, tokens), step_run(copy.deepcopy(model), tokens)
+    order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(0))
+    for step, pairs in enumerate(order[:24].view(3, 8)):
+        lora_caption.optimizer_step(STEP_ARGS, eager, cache, tokens, pairs, pairs, seed=step)
+        torch.manual_seed(step)  # as optimizer_step seeds dropout before a replay
+        body["trained"].train()
+        lora_caption.cached_step(body, cache, pairs, STEP_ARGS.grad_clip)
+        body["schedule"].step()
+    a, b = trained_state(eager), trained_state(body)
+    assert_equal_bitwise(a, b)
+    assert a["loss_sum"] > 0 and not torch.equal(a["opt0.exp_avg"], torch.zeros_like(a["opt0.exp_avg"]))
+
+
+def test_undone_warm_up_steps_leave_the_weights_and_a_fresh_optimizer(tiny_captioner):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    cache = lora_caption.EncoderCache(model, pixels, split.images, None)
+    warmed, fresh = step_run(model, tokens), step_run(copy.deepcopy(model), tokens)
+    before = trained_state(warmed)
+    undo = lora_caption.undo_steps(warmed["params"], warmed["optimizer"], warmed["loss_sum"])
+    for _ in range(3):  # the capture's warm-up: effects that must not count
+        lora_caption.cached_step(warmed, cache, torch.arange(8), STEP_ARGS.grad_clip)
+    assert not torch.equal(trained_state(warmed)["loss_sum"], before["loss_sum"])
+    undo()
+    for run in (warmed, fresh):
+        torch.manual_seed(3)
+        run["trained"].train()
+        lora_caption.cached_step(run, cache, torch.arange(8, 16), STEP_ARGS.grad_clip)
+    assert_equal_bitwise(trained_state(warmed), trained_state(fresh))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no real step here
+def test_a_captured_step_is_replayed_with_the_schedules_rate_and_a_seed_per_step(tiny_captioner):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    run, replays = step_run(model, tokens), []
+    run["captured"] = lambda pairs, lr: replays.append((pairs.tolist(), lr, torch.randint(1 << 30, ()).item()))
+    for step in range(3):
+        lora_caption.optimizer_step(STEP_ARGS, run, None, tokens, torch.arange(8) + step, torch.arange(8) + step,
+                                    seed=step % 2)
+    assert [r[:2] for r in replays] == [(list(range(s, s + 8)), pytest.approx(1e-2 * (1 - 0.2 * s))) for s in range(3)]
+    assert replays[0][2] == replays[2][2] != replays[1][2]  # dropout draws follow the step's seed
+
+
+def test_the_captured_body_reads_nothing_back_from_the_device(tiny_captioner, monkeypatch):
+    """A CUDA graph cannot record a host read (.item(), a tensor in an `if`). On the meta device, which holds no
+    values, any such read raises: the step's forward, backward and clipping run through. transformers skips its
+    one data-dependent check (packed sequences) while a CUDA stream is captured; is_tracing says so here."""
+    import transformers.masking_utils
+    monkeypatch.setattr(transformers.masking_utils, "is_tracing", lambda tensor=None: True)
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    cache = lora_caption.EncoderCache(model, pixels, split.images, None)
+    meta = torch.device("meta")
+    model.to(meta)
+    cache.states = cache.states.to(meta)
+    run = step_run(model, tokens)
+    run.update(device=meta, device_tokens=lora_caption.on_device(tokens, meta), loss_sum=torch.zeros((), device=meta),
+               optimizer=argparse.Namespace(zero_grad=run["optimizer"].zero_grad, step=lambda: None))
+    run["trained"].train()
+    lora_caption.cached_step(run, cache, torch.arange(8, device=meta), STEP_ARGS.grad_clip)
+    assert run["params"] and all(p.grad is not None and p.grad.is_meta for p in run["params"])
