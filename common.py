@@ -245,15 +245,12 @@ def _list_imagefolder(root, image_size, log):
     for split in ("train", "test"):
         entries = [(f"{split}/{c}/{e.name}", k, e) for k, c in enumerate(classes) for e in _visible(root / split / c)
                    if e.is_file()]
-        is_image = [os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES for _, _, e in entries]
-        files[split] = [(rel, k) for (rel, k, _), image in zip(entries, is_image) if image]
-        others += [rel for (rel, _, _), image in zip(entries, is_image) if not image]
-        if not files[split]:
+        images = [(rel, k, e) for rel, k, e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+        others += [rel for rel, _, e in entries if os.path.splitext(e.name)[1].lower() not in IMAGE_SUFFIXES]
+        if not images:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for (rel, k, entry), image in zip(entries, is_image):
-            if image:
-                st = entry.stat()
-                key.update(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n".encode())
+        files[split] = [(rel, k) for rel, k, _ in images]
+        key.update("".join(f"{rel} {k} {e.stat().st_size} {e.stat().st_mtime_ns}\n" for rel, k, e in images).encode())
     if others:
         log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' * (len(others) > 3)}")
     return files, classes, key.hexdigest()
@@ -326,9 +323,7 @@ def stratified_subset(labels, n, seed=0, name="--limit"):
         picked.append(members[torch.randperm(len(members), generator=g)[:k]])
     picked = torch.cat(picked)
     if len(picked) < n:  # some class is too small: top up from the rest, still deterministic
-        rest = torch.ones(len(labels), dtype=torch.bool)
-        rest[picked] = False
-        others = torch.nonzero(rest).flatten()
+        others = torch.from_numpy(np.setdiff1d(np.arange(len(labels)), picked.numpy()))
         picked = torch.cat([picked, others[torch.randperm(len(others), generator=g)[:n - len(picked)]]])
     return picked.sort().values
 
