@@ -825,6 +825,7 @@ def train(args, run, state, data, inputs, tokens):
                     started = time.perf_counter()
             if state["batch"] >= len(steps):
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
+    run["captured"] = None  # the graph's memory goes back to the evaluation that follows
 
 
 def is_read_step(args, step, run):
@@ -935,6 +936,27 @@ def undo_steps(params, optimizer, loss_sum):
     return undo
 
 
+@contextmanager
+def masks_as_in_eager():
+    """While a CUDA stream is captured, transformers cannot look at data, so it builds explicit attention masks
+    where the eager step lets SDPA apply causality itself (other kernels, other dropout draws). The answers are
+    known here (no attention mask, positions 0..T-1: no padding, no packed sequences), so the capture is told
+    them: it records the kernels the eager step runs. Names that a transformers version lacks are left alone."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    known = {"is_tracing": lambda tensor=None: False, "find_packed_sequence_indices": lambda position_ids: None}
+    saved = {name: getattr(masking_utils, name) for name in known if hasattr(masking_utils, name)}
+    for name in saved:
+        setattr(masking_utils, name, known[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(masking_utils, name, value)
+
+
 class CapturedStep:
     """cached_step recorded once as a CUDA graph and replayed at every step (PyTorch's whole-network capture):
     warm-up steps on a side stream (allocations, cuBLAS plans, the optimizer's state), their effects undone,
@@ -949,18 +971,19 @@ class CapturedStep:
         rates = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:  # AdamW reads the rate from the device: replays see the schedule
             group["lr"], group["capturable"] = self.lr, True
+        optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up steps run uncaptured on purpose
         try:
             run["trained"].train()
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), masks_as_in_eager():
                 for _ in range(warmup):
                     cached_step(run, cache, self.pairs, grad_clip)
             torch.cuda.current_stream(device).wait_stream(side)
             undo()
             optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with masks_as_in_eager(), torch.cuda.graph(self.graph):
                 cached_step(run, cache, self.pairs, grad_clip)
         except BaseException:
             torch.cuda.synchronize(device)
@@ -995,8 +1018,15 @@ def capture_step(args, run, inputs):
     except Exception as e:  # the fast path must not end the run; running out of memory is not a capture error
         if isinstance(e, torch.OutOfMemoryError):
             raise
-        print(f"CUDA graph capture failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); "
-              f"training eagerly", flush=True)
+        while e.__context__ is not None and "during capture" in str(e):  # the error that made the capture fail
+            e = e.__context__
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        try:
+            torch.rand(1, device=run["device"])  # some torch versions leave the CUDA generator capturing
+        except RuntimeError:
+            raise DataError(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
+                            f"run again with --eager") from None
+        print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
         return None
 
 

@@ -123,21 +123,24 @@ def lora_losses(run, cache, tokens, args, batches, seeds):
     return losses
 
 
-def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path):
-    folder = build_tiny_captioner(tmp_path, dropout=0.0)
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no dropout", "dropout"])
+def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout):
+    # with dropout: GPT-2's (attention included) and the adapters', drawn from each step's seed in both
+    folder = build_tiny_captioner(tmp_path, dropout=dropout)
     order = torch.randperm(120, generator=torch.Generator().manual_seed(0))[:48].view(6, 8)
     results = []
     for capture in (False, True):
-        run, cache, tokens, args = lora_run(folder, capture)
+        run, cache, tokens, args = lora_run(folder, capture, lora_dropout=dropout / 2)
         losses = lora_losses(run, cache, tokens, args, order, range(6))
         torch.cuda.synchronize()
         adapters = {n: p.detach().float().cpu() for n, p in run["model"].named_parameters() if p.requires_grad}
         results.append((losses, adapters))
     (eager_losses, eager), (graph_losses, graph) = results
-    # the same math; the captured attention builds its causal mask where the eager one uses is_causal: rounding
-    torch.testing.assert_close(graph_losses, eager_losses, rtol=2e-3, atol=1e-3)
+    # the same kernels (masks_as_in_eager); rounding: AdamW reads the rate as fp32 from the device, and the loss
+    # is divided by a device count where the eager step multiplies by a host reciprocal
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=1e-4)
     for name, value in eager.items():
-        torch.testing.assert_close(graph[name], value, atol=2e-4, rtol=2e-2, msg=name)
+        torch.testing.assert_close(graph[name], value, atol=1e-4, rtol=1e-2, msg=name)
 
 
 def test_lora_graph_draws_the_dropout_of_each_steps_seed(tmp_path):

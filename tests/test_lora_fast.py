@@ -2,6 +2,7 @@
 encoder cache, frozen weights in bf16, the loss computed once on static shapes, compiled blocks), and each
 falls back to the plain path where it cannot apply."""
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -339,12 +340,10 @@ def test_a_captured_step_is_replayed_with_the_schedules_rate_and_a_seed_per_step
     assert replays[0][2] == replays[2][2] != replays[1][2]  # dropout draws follow the step's seed
 
 
-def test_the_captured_body_reads_nothing_back_from_the_device(tiny_captioner, monkeypatch):
+def test_the_captured_body_reads_nothing_back_from_the_device(tiny_captioner):
     """A CUDA graph cannot record a host read (.item(), a tensor in an `if`). On the meta device, which holds no
-    values, any such read raises: the step's forward, backward and clipping run through. transformers skips its
-    one data-dependent check (packed sequences) while a CUDA stream is captured; is_tracing says so here."""
-    import transformers.masking_utils
-    monkeypatch.setattr(transformers.masking_utils, "is_tracing", lambda tensor=None: True)
+    values, any such read raises: the step's forward, backward and clipping run through, with transformers told
+    what the capture tells it (masks_as_in_eager: no padding, no packed sequences)."""
     model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
     cache = lora_caption.EncoderCache(model, pixels, split.images, None)
     meta = torch.device("meta")
@@ -354,5 +353,24 @@ def test_the_captured_body_reads_nothing_back_from_the_device(tiny_captioner, mo
     run.update(device=meta, device_tokens=lora_caption.on_device(tokens, meta), loss_sum=torch.zeros((), device=meta),
                optimizer=argparse.Namespace(zero_grad=run["optimizer"].zero_grad, step=lambda: None))
     run["trained"].train()
-    lora_caption.cached_step(run, cache, torch.arange(8, device=meta), STEP_ARGS.grad_clip)
+    with pytest.raises(RuntimeError, match="meta"):  # untold, transformers reads a value back
+        lora_caption.cached_step(run, cache, torch.arange(8, device=meta), STEP_ARGS.grad_clip)
+    with lora_caption.masks_as_in_eager():
+        lora_caption.cached_step(run, cache, torch.arange(8, device=meta), STEP_ARGS.grad_clip)
     assert run["params"] and all(p.grad is not None and p.grad.is_meta for p in run["params"])
+
+
+def test_masks_as_in_eager_changes_no_number_and_restores_transformers(tiny_captioner):
+    import transformers.masking_utils as masking_utils
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    cache = lora_caption.EncoderCache(model, pixels, split.images, None)
+    losses, before = [], (masking_utils.is_tracing, masking_utils.find_packed_sequence_indices)
+    for told in (False, True):
+        run = step_run(copy.deepcopy(model), tokens)
+        run["trained"].train()
+        torch.manual_seed(0)  # GPT-2's dropout (0.1) and the adapters' draw the same numbers in both
+        with lora_caption.masks_as_in_eager() if told else contextlib.nullcontext():
+            lora_caption.cached_step(run, cache, torch.arange(8), STEP_ARGS.grad_clip)
+        losses.append(trained_state(run))
+    assert_equal_bitwise(*losses)
+    assert (masking_utils.is_tracing, masking_utils.find_packed_sequence_indices) == before
