@@ -865,6 +865,28 @@ def guarded_step(args, run, *batch):
         optimizer_step(args, run, *batch)
 
 
+@contextmanager
+def no_mask_checks():
+    """The decoder gets no attention mask and positions 0..T-1, so transformers' data checks (padding, packed
+    sequences) have known answers; they are given instead of asked. An eager step then never waits for the
+    device (each check reads a value back), and a CUDA capture, during which transformers cannot look at data
+    and would build explicit masks (other kernels, other dropout draws), records the eager step's kernels.
+    Names that a transformers version lacks are left alone."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    known = {"is_tracing": lambda tensor=None: False, "find_packed_sequence_indices": lambda position_ids: None}
+    saved = {name: getattr(masking_utils, name) for name in known if hasattr(masking_utils, name)}
+    for name in saved:
+        setattr(masking_utils, name, known[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(masking_utils, name, value)
+
+
 def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):
     """One optimizer step over `pairs` (all processes' pairs of this step, grad_accum micro-batches; the same
     indices on the host and on the device). The loss is the mean over every caption token of the step, so
@@ -886,7 +908,7 @@ def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):
         last = i == len(micro_batches) - 1
         with nullcontext() if last or args.world_size == 1 else model.no_sync():  # reduce gradients once per step
             compiled = run["compiled"].active() if run["compiled"] else nullcontext()
-            with compiled, autocast(run["device"], run["amp_dtype"]):
+            with compiled, autocast(run["device"], run["amp_dtype"]), no_mask_checks():
                 batch = inputs.inputs(tokens["pair_image"][idx], device_tokens["pair_image"][idx_dev])
                 loss = caption_loss(model, batch, device_tokens["decoder_ids"][idx_dev],
                                     device_tokens["labels"][idx_dev])
@@ -936,27 +958,6 @@ def undo_steps(params, optimizer, loss_sum):
     return undo
 
 
-@contextmanager
-def masks_as_in_eager():
-    """While a CUDA stream is captured, transformers cannot look at data, so it builds explicit attention masks
-    where the eager step lets SDPA apply causality itself (other kernels, other dropout draws). The answers are
-    known here (no attention mask, positions 0..T-1: no padding, no packed sequences), so the capture is told
-    them: it records the kernels the eager step runs. Names that a transformers version lacks are left alone."""
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        masking_utils = None
-    known = {"is_tracing": lambda tensor=None: False, "find_packed_sequence_indices": lambda position_ids: None}
-    saved = {name: getattr(masking_utils, name) for name in known if hasattr(masking_utils, name)}
-    for name in saved:
-        setattr(masking_utils, name, known[name])
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(masking_utils, name, value)
-
-
 class CapturedStep:
     """cached_step recorded once as a CUDA graph and replayed at every step (PyTorch's whole-network capture):
     warm-up steps on a side stream (allocations, cuBLAS plans, the optimizer's state), their effects undone,
@@ -976,14 +977,14 @@ class CapturedStep:
             run["trained"].train()
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), masks_as_in_eager():
+            with torch.cuda.stream(side), no_mask_checks():
                 for _ in range(warmup):
                     cached_step(run, cache, self.pairs, grad_clip)
             torch.cuda.current_stream(device).wait_stream(side)
             undo()
             optimizer.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with masks_as_in_eager(), torch.cuda.graph(self.graph):
+            with no_mask_checks(), torch.cuda.graph(self.graph):
                 cached_step(run, cache, self.pairs, grad_clip)
         except BaseException:
             torch.cuda.synchronize(device)

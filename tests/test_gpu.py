@@ -136,7 +136,7 @@ def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout):
         adapters = {n: p.detach().float().cpu() for n, p in run["model"].named_parameters() if p.requires_grad}
         results.append((losses, adapters))
     (eager_losses, eager), (graph_losses, graph) = results
-    # the same kernels (masks_as_in_eager); rounding: AdamW reads the rate as fp32 from the device, and the loss
+    # the same kernels (no_mask_checks); rounding: AdamW reads the rate as fp32 from the device, and the loss
     # is divided by a device count where the eager step multiplies by a host reciprocal
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=1e-4)
     for name, value in eager.items():

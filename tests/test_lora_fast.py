@@ -343,7 +343,7 @@ def test_a_captured_step_is_replayed_with_the_schedules_rate_and_a_seed_per_step
 def test_the_captured_body_reads_nothing_back_from_the_device(tiny_captioner):
     """A CUDA graph cannot record a host read (.item(), a tensor in an `if`). On the meta device, which holds no
     values, any such read raises: the step's forward, backward and clipping run through, with transformers told
-    what the capture tells it (masks_as_in_eager: no padding, no packed sequences)."""
+    what the step tells it (no_mask_checks: no padding, no packed sequences)."""
     model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
     cache = lora_caption.EncoderCache(model, pixels, split.images, None)
     meta = torch.device("meta")
@@ -355,12 +355,12 @@ def test_the_captured_body_reads_nothing_back_from_the_device(tiny_captioner):
     run["trained"].train()
     with pytest.raises(RuntimeError, match="meta"):  # untold, transformers reads a value back
         lora_caption.cached_step(run, cache, torch.arange(8, device=meta), STEP_ARGS.grad_clip)
-    with lora_caption.masks_as_in_eager():
+    with lora_caption.no_mask_checks():
         lora_caption.cached_step(run, cache, torch.arange(8, device=meta), STEP_ARGS.grad_clip)
     assert run["params"] and all(p.grad is not None and p.grad.is_meta for p in run["params"])
 
 
-def test_masks_as_in_eager_changes_no_number_and_restores_transformers(tiny_captioner):
+def test_no_mask_checks_changes_no_number_and_restores_transformers(tiny_captioner):
     import transformers.masking_utils as masking_utils
     model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
     cache = lora_caption.EncoderCache(model, pixels, split.images, None)
@@ -369,7 +369,7 @@ def test_masks_as_in_eager_changes_no_number_and_restores_transformers(tiny_capt
         run = step_run(copy.deepcopy(model), tokens)
         run["trained"].train()
         torch.manual_seed(0)  # GPT-2's dropout (0.1) and the adapters' draw the same numbers in both
-        with lora_caption.masks_as_in_eager() if told else contextlib.nullcontext():
+        with lora_caption.no_mask_checks() if told else contextlib.nullcontext():
             lora_caption.cached_step(run, cache, torch.arange(8), STEP_ARGS.grad_clip)
         losses.append(trained_state(run))
     assert_equal_bitwise(*losses)
