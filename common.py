@@ -50,7 +50,8 @@ class CheckpointWriteError(OSError):
 def one_line_errors(script, memory_hint="--batch-size"):
     """The one path from a failure to its one-line message: bad input (DataError, argparse's included) exits 2;
     Ctrl-C 130, with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint write 1. The
-    script fills in the report (saved(): what is on disk; resume: the file --resume takes)."""
+    script fills in the report (saved(): what is on disk; resume: the file --resume takes). An output folder
+    this run created and left empty is removed."""
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
                              created_out_dir=False)
     try:
@@ -561,15 +562,15 @@ def new_run_dir(script):
 def prepare_out_dir(path, report, overwrite=False, resuming=False):
     """The run's output folder (new under runs/ for None), proven writable before any work; one holding another
     run's results is refused unless resuming or `overwrite` (which removes them)."""
-    report.created_out_dir = path is None or not Path(path).exists()
+    given, report.created_out_dir = path is not None, path is None or not Path(path).exists()
     try:
-        path = report.out_dir = new_run_dir(report.script) if path is None else Path(path)
+        path = report.out_dir = Path(path) if given else new_run_dir(report.script)
         path.mkdir(parents=True, exist_ok=True)
         (path / f".write-test-{os.getpid()}").touch()
         (path / f".write-test-{os.getpid()}").unlink()
     except OSError as e:
-        where = f"--out-dir {path}" if path else f"the default output folder runs/{report.script}"
-        hint = "pass another --out-dir" if path else "pass --out-dir"
+        where = f"--out-dir {path}" if given else f"the default output folder {path or Path('runs') / report.script}"
+        hint = "pass another --out-dir" if given else "pass --out-dir"
         raise DataError(f"{where}: cannot write there ({e.strerror or e}); {hint}") from None
     previous = [name for name in RESULT_FILES if (path / name).exists()] if not resuming else []
     if previous and not overwrite:

@@ -24,21 +24,24 @@ optional splits.json ({"train": [...], "val": [...], "test": [...]} image names)
 are reported and skipped before training starts. Outputs in --out-dir: config.json, metrics.jsonl,
 summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
 
-The step is built for GPUs, and each speed-up is tested to leave the results unchanged: the frozen
-encoder's output is computed once per image and cached (on the GPU when it fits; --no-encoder-cache
-turns it off), frozen weights are stored in bf16 (what autocast casts them to at every step anyway),
-captions are padded to one length, the loss is computed once and read every 20 steps, and on one GPU the
-whole step is captured as a CUDA graph and replayed (--eager turns that off; --compile compiles the decoder
-blocks instead). Measured figures: BENCHMARKS.md (benchmarks/bench_lora_vs_full.py).
+The step is built for GPUs, and each speed-up is tested to leave the results unchanged (on CPU; the CUDA
+graph's GPU test, to rounding, has not run on a GPU yet): the frozen encoder's output is computed once
+per image and cached (on the GPU when it fits; --no-encoder-cache turns it off), frozen weights are
+stored in bf16 (what autocast casts them to at every step anyway), captions are padded to one length, the
+loss is computed once and read every 20 steps, and on one GPU the whole step is captured as a CUDA graph
+and replayed (--eager turns that off; --compile compiles the decoder blocks instead). Measured figures:
+BENCHMARKS.md (benchmarks/bench_lora_vs_full.py).
 Needs common.py.
 """
 import csv
+import gc
 import io
 import json
 import logging
 import math
 import random
 import re
+import sys
 import time
 import unicodedata
 import warnings
@@ -825,7 +828,8 @@ def train(args, run, state, data, inputs, tokens):
                     started = time.perf_counter()
             if state["batch"] >= len(steps):
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
-    run["captured"] = None  # the graph's memory goes back to the evaluation that follows
+    if run.pop("captured", None):  # the graph's memory (its gradients too) goes back to the evaluation that follows
+        run["optimizer"].zero_grad(set_to_none=True)
 
 
 def is_read_step(args, step, run):
@@ -1003,32 +1007,45 @@ class CapturedStep:
         self.graph.replay()
 
 
-def capture_step(args, run, inputs):
-    """A CapturedStep where it applies (one CUDA process with bf16, the encoder cache on the GPU, one micro-batch
-    per step, no --compile or --eager), else None. A capture that fails leaves the run as it was and says so in
-    one line: the eager step trains the same model."""
-    if not (run["device"].type == "cuda" and run["amp_dtype"] == torch.bfloat16 and args.world_size == 1
-            and args.grad_accum == 1 and getattr(inputs, "on_device", False) and not args.compile
-            and not args.eager):
-        return None
+def capture_applies(args, run, inputs):
+    """One CUDA process with bf16, the encoder cache on the GPU, one micro-batch per step, no --compile or --eager."""
+    return (run["device"].type == "cuda" and run["amp_dtype"] == torch.bfloat16 and args.world_size == 1
+            and args.grad_accum == 1 and getattr(inputs, "on_device", False) and not args.compile and not args.eager)
+
+
+def cuda_generator_works(device):
+    """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
     try:
-        t0 = time.perf_counter()
+        torch.rand(1, device=device)
+        return True
+    except RuntimeError:
+        return False
+
+
+def capture_step(args, run, inputs):
+    """A CapturedStep where capture_applies, else None. A capture that fails (running out of memory included: the
+    eager step needs no warm-up copies and no graph pool) leaves the run as it was and says so in one line, with
+    the error that broke the capture: the eager step trains the same model."""
+    if not capture_applies(args, run, inputs):
+        return None
+    t0 = time.perf_counter()
+    try:
         captured = CapturedStep(run, inputs, args.batch_size, args.grad_clip)
-        print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
-        return captured
-    except Exception as e:  # the fast path must not end the run; running out of memory is not a capture error
-        if isinstance(e, torch.OutOfMemoryError):
-            raise
-        while e.__context__ is not None and "during capture" in str(e):  # the error that made the capture fail
+    except Exception as e:  # the fast path must not end the run
+        while e.__context__ is not None and "during capture" in str(e):  # torch's follow-up error: the cause
             e = e.__context__
         why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-        try:
-            torch.rand(1, device=run["device"])  # some torch versions leave the CUDA generator capturing
-        except RuntimeError:
-            raise DataError(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
-                            f"run again with --eager") from None
+        gc.collect()  # the half-built graph and its memory pool
+        if run["device"].type == "cuda":
+            torch.cuda.empty_cache()
+        if not cuda_generator_works(run["device"]):
+            print(f"{SCRIPT}.py: error: CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
+                  f"nothing was lost: run the same command again with --eager", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
         return None
+    print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
+    return captured
 
 
 def after_step(args, run, state, data, loss):

@@ -374,3 +374,48 @@ def test_no_mask_checks_changes_no_number_and_restores_transformers(tiny_caption
         losses.append(trained_state(run))
     assert_equal_bitwise(*losses)
     assert (masking_utils.is_tracing, masking_utils.find_packed_sequence_indices) == before
+
+
+CAPTURABLE = dict(world_size=1, grad_accum=1, compile=False, eager=False, batch_size=8, grad_clip=1.0)
+
+
+@pytest.mark.parametrize("change", [{}, {"world_size": 2}, {"grad_accum": 2}, {"compile": True}, {"eager": True},
+                                    {"cache": "host"}, {"amp_dtype": torch.float16}, {"device": CPU}],
+                         ids=["applies", "torchrun", "accumulation", "compile", "eager", "host cache", "fp16", "cpu"])
+def test_the_step_is_captured_only_where_a_graph_can_replay_it(change):
+    args = argparse.Namespace(**{**CAPTURABLE, **{k: v for k, v in change.items() if k in CAPTURABLE}})
+    run = {"device": change.get("device", torch.device("cuda")), "amp_dtype": change.get("amp_dtype", torch.bfloat16)}
+    inputs = argparse.Namespace(on_device=change.get("cache") != "host")
+    assert lora_caption.capture_applies(args, run, inputs) == (change == {})
+
+
+def failing_capture(error):
+    def capture(*a, **k):
+        try:
+            raise ValueError("cannot read a value back while a stream is captured")
+        except ValueError:  # what torch.cuda.graph's exit raises after a failure inside the block
+            raise error  # noqa: B904 (implicitly chained, as torch does)
+    return capture
+
+
+@pytest.mark.parametrize("error, cause", [
+    (RuntimeError("operation failed due to a previous error during capture"),
+     "ValueError: cannot read a value back while a stream is captured"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+     "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")], ids=["during capture", "out of memory"])
+def test_a_failing_capture_trains_eagerly_and_names_its_cause_in_one_line(error, cause, monkeypatch, capsys):
+    monkeypatch.setattr(lora_caption, "capture_applies", lambda *a: True)
+    monkeypatch.setattr(lora_caption, "CapturedStep", failing_capture(error))
+    assert lora_caption.capture_step(argparse.Namespace(**CAPTURABLE), {"device": CPU}, None) is None
+    assert capsys.readouterr().out == f"CUDA graph capture failed ({cause}); training eagerly\n"
+
+
+def test_a_capture_that_breaks_the_random_generator_stops_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(lora_caption, "capture_applies", lambda *a: True)
+    monkeypatch.setattr(lora_caption, "CapturedStep", failing_capture(RuntimeError("capture_end failed")))
+    monkeypatch.setattr(lora_caption, "cuda_generator_works", lambda device: False)
+    with pytest.raises(SystemExit) as stop:
+        lora_caption.capture_step(argparse.Namespace(**CAPTURABLE), {"device": CPU}, None)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "run the same command again with --eager" in err
+    assert "(RuntimeError: capture_end failed)" in err  # not a follow-up "during capture": its own words

@@ -75,9 +75,12 @@ def test_cli_smoke_run_learns_and_writes_the_summary(script, tiny_cifar, tmp_pat
         assert ckpt["script"] == name and ckpt["model_config"]["num_classes"] == 10
 
 
-@SCRIPTS
-def test_resume_after_interruption_gives_the_same_weights(script, tiny_cifar, tmp_path, monkeypatch, capsys):
-    flags = ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--limit-train", "128", *TINY[script]]
+@pytest.mark.parametrize("script, extra", [(vit_scratch, []), (cnn_baseline, []), (vit_scratch, ["--dropout", "0.1"])],
+                         ids=["vit_scratch", "cnn_baseline", "vit_scratch-dropout"])
+def test_resume_after_interruption_gives_the_same_weights(script, extra, tiny_cifar, tmp_path, monkeypatch, capsys):
+    # with dropout, the resumed epochs must draw the masks the uninterrupted run drew (no RNG state is saved)
+    flags = ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--limit-train", "128", *TINY[script],
+             *extra]
     script.main([*flags, "--out-dir", str(tmp_path / "full")])
 
     real_epoch, calls = script.train_one_epoch, []
