@@ -184,10 +184,14 @@ def load_cifar10(data_dir, download=True, image_size=32, log=print):
     if not batches.is_dir():
         raise DataError(missing)
     data = _load_torchvision_batches(batches)
-    for split in ("train_x", "test_x") if image_size != 32 else ():
-        x = F.interpolate(getattr(data, split).float(), size=(image_size, image_size), mode="bicubic", antialias=True)
-        setattr(data, split, x.round().clamp(0, 255).to(torch.uint8))
+    if image_size != 32:
+        data.train_x, data.test_x = _resize(data.train_x, image_size), _resize(data.test_x, image_size)
     return data
+
+
+def _resize(x, size):
+    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 class _ArrayUnpickler(pickle.Unpickler):

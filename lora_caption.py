@@ -1181,7 +1181,7 @@ def print_start(args, model, data, tokens, device, amp_dtype, notes, out_dir):
 
 
 def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
-    """Adapters, optimizer, schedule, and scaler from a training_state.pt; returns its counters."""
+    """Adapters, optimizer, schedule and scaler from a training_state.pt; returns its counters."""
     unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
     if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
         raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
