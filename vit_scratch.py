@@ -589,7 +589,10 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
     progress, out_dir = Progress(), Path(args.out_dir or ".")
     if ckpt:
         progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes))
-        print(f"resuming {args.resume} after epoch {progress.epoch} (step {progress.step})")
+        cut = progress.epoch * steps_per_epoch - progress.step  # batches --max-steps left of the saved epoch
+        print(f"resuming {args.resume} after epoch {progress.epoch} (step {progress.step})"
+              + (f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
+                 if cut > 0 and progress.step < total_steps else ""))
     elif rank == 0:
         write_json(out_dir / "config.json", vars(args))
     last = out_dir / "last.pt"

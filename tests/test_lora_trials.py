@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import lora_caption
 from common import read_jsonl
@@ -77,7 +78,7 @@ def test_merge_never_writes_into_a_run_folder_or_a_file(trained, tmp_path, capsy
 
 # 20. --caption with a merged model, no --adapter -------------------------------------------------------
 
-def test_caption_takes_a_merged_model_without_an_adapter(trained, tmp_path):
+def test_caption_takes_a_merged_model_without_an_adapter(trained, tiny_captioner, tmp_path):
     images = [str(p) for p in sorted((TINY_CAPTIONS / "images").iterdir())[:2]]
     (tmp_path / "merged").mkdir()  # an empty folder is fine
     lora_caption.main(["--merge", "--adapter", str(trained / "adapter"), "--out-dir", str(tmp_path / "merged"),
@@ -85,6 +86,12 @@ def test_caption_takes_a_merged_model_without_an_adapter(trained, tmp_path):
     with_adapter = lora_caption.main(["--caption", *images, "--adapter", str(trained / "adapter"), "--device", "cpu"])
     merged = lora_caption.main(["--caption", *images, "--model", str(tmp_path / "merged"), "--device", "cpu"])
     assert merged == with_adapter and len(merged) == 2
+    from transformers import VisionEncoderDecoderModel
+    merged_weights = dict(VisionEncoderDecoderModel.from_pretrained(tmp_path / "merged").named_parameters())
+    base_weights = dict(VisionEncoderDecoderModel.from_pretrained(tiny_captioner).named_parameters())
+    assert merged_weights.keys() == base_weights.keys()  # plain GPT-2 layers, no lora_A/lora_B left
+    changed = {n for n in base_weights if not torch.equal(merged_weights[n], base_weights[n])}
+    assert changed and all(n.split(".")[-2] in ("c_attn", "c_proj", "c_fc") for n in changed), changed
 
 
 # 20. the summary's rates and epochs ---------------------------------------------------------------------

@@ -119,3 +119,15 @@ def test_resume_refuses_a_checkpoint_of_another_script(script, tmp_path, capsys)
     with pytest.raises(SystemExit):
         script.main(["--resume", str(tmp_path / "other.pt")])
     assert f"written by 'lora_caption', not by {script.__name__}.py" in capsys.readouterr().err
+
+
+@SCRIPTS
+def test_resume_says_when_max_steps_cut_an_epoch_short(script, tiny_cifar, tmp_path, capsys):
+    flags = ["--data-dir", str(tiny_cifar), "--epochs", "2", "--device", "cpu", "--limit-train", "128", "--no-plots",
+             *TINY[script]]
+    script.main([*flags, "--out-dir", str(tmp_path), "--max-steps", "3"])  # 4 steps an epoch: 1 batch left out
+    capsys.readouterr()
+    summary = script.main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "6", "--data-dir", str(tiny_cifar)])
+    out = capsys.readouterr().out
+    assert "after epoch 1 (step 3); --max-steps stopped that epoch 1 of 4 batches short (skipped)" in out, out
+    assert summary["steps"] == 6 and summary["epochs"] == 2
