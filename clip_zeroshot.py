@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from common import (DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip, check_same_data,
                     confusion_matrix, crop_flip_params, derived_seed, flag, given_flags, load_checkpoint, load_cifar10,
                     make_parser, one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves,
-                    prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter, save_checkpoint,
-                    stratified_subset, trainable_state, trim_metrics, write_json)
+                    prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line, save_adapter,
+                    save_checkpoint, stratified_subset, trainable_state, trim_metrics, write_json)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
@@ -604,6 +604,8 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
           f"{len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, "
           f"lr {args.lr:g} | out {run['out_dir']}", flush=True)
     progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, templates, data)
+    if ckpt:
+        print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
     last = run["out_dir"] / "last.pt"
     report.resume = last
     report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
@@ -695,9 +697,7 @@ def restore_run(ckpt, args, run):
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
     run["scaler"].load_state_dict(ckpt["scaler"])
     trim_metrics(run["out_dir"] / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
-    progress = Progress(**ckpt["state"])
-    print(f"resuming {args.resume} after epoch {progress.epoch} (step {progress.step})")
-    return progress
+    return Progress(**ckpt["state"])
 
 
 def wise_accuracy(args, run, initial, num_classes):

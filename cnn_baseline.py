@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
-                    check_same_data, confusion_matrix, flag, given_flags, init_distributed, load_checkpoint,
+                    check_same_data, confusion_matrix, error_line, flag, given_flags, init_distributed, load_checkpoint,
                     load_cifar10, load_weights, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
-                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, resumed_args,
+                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line,
                     save_checkpoint, set_global_batch, stratified_subset, trim_metrics, wrap_distributed, write_json)
 
 SCRIPT = "cnn_baseline"
@@ -328,7 +328,7 @@ def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, 
             x, y = next(iter(loader))
             return CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats)
         except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training eagerly")
+            print(f"CUDA graph capture failed ({error_line(e)}); training eagerly")
             torch.cuda.synchronize()
             if "forward" in vars(model):  # compiled: back to the plain module too
                 del model.forward
@@ -454,10 +454,7 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
     progress, out_dir = Progress(), Path(args.out_dir or ".")
     if ckpt:
         progress = restore_run(ckpt, args, model, optimizer, scaler, device, capture, len(data.classes))
-        cut = progress.epoch * steps_per_epoch - progress.step  # batches --max-steps left of the saved epoch
-        print(f"resuming {args.resume} after epoch {progress.epoch} (step {progress.step})"
-              + (f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
-                 if cut > 0 and progress.step < total_steps else ""))
+        print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
     elif rank == 0:
         write_json(out_dir / "config.json", vars(args))
     last = out_dir / "last.pt"

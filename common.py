@@ -46,6 +46,13 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, ...); the previous one is intact."""
 
 
+def error_line(error, limit=200):
+    """An exception in one short line, for a fallback's log: its type and the first line of its message, if any
+    (some errors, such as a bare AssertionError, have none)."""
+    first = (str(error).strip().splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 @contextmanager
 def one_line_errors(script, memory_hint="--batch-size"):
     """The one path from a failure to its one-line message: bad input (DataError, argparse's included) exits 2;
@@ -139,6 +146,15 @@ def resumed_args(saved, cli, given, runtime, extendable=()):
         args.data_dir = cli.data_dir  # the script checks that it holds the run's data
     return args
 
+
+def resuming_line(path, progress, steps_per_epoch, total_steps):
+    """What a run resumed from a per-epoch checkpoint prints first. Batches of an epoch that --max-steps cut
+    short are not trained on resume (the next epoch starts): the line says how many."""
+    line = f"resuming {path} after epoch {progress.epoch} (step {progress.step})"
+    cut = progress.epoch * steps_per_epoch - progress.step
+    if cut > 0 and progress.step < total_steps:
+        line += f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
+    return line
 
 def derived_seed(*parts):
     """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank): hashing keeps streams apart."""

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, flag, given_flags,
+from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, error_line, flag, given_flags,
                     init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb, plot_curves,
                     prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter, save_checkpoint,
                     set_global_batch, trainable_state, trim_metrics, wrap_distributed, write_json, write_text_atomic)
@@ -588,8 +588,7 @@ class CompiledBlocks:
                 del block.forward  # back to the class's own forward
 
     def give_up(self, error):
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        print(f"torch.compile failed ({type(error).__name__}: {first}); training with the plain blocks", flush=True)
+        print(f"torch.compile failed ({error_line(error)}); training with the plain blocks", flush=True)
         self.forwards, self.proven = [], True
 
 
@@ -602,7 +601,7 @@ def fast_path(args, model, data, pixels, amp_dtype):
         try:
             notes.append(f"frozen weights in bf16 (-{cast_frozen_weights(model) / 2 ** 20:,.0f} MiB)")
         except Exception as e:  # modules already cast stay so: identical under autocast either way
-            notes.append(f"frozen weights stay fp32 ({type(e).__name__}: {str(e)[:100]})")
+            notes.append(f"frozen weights stay fp32 ({error_line(e, 100)})")
     blocker = "--no-encoder-cache" if args.no_encoder_cache else encoder_cache_blocker(model)
     if blocker is None:
         t0 = time.perf_counter()
@@ -613,7 +612,7 @@ def fast_path(args, model, data, pixels, amp_dtype):
                          f"{sum(c.nbytes for c in inputs.values()) / 2 ** 20:,.1f} MiB {where}, "
                          f"{time.perf_counter() - t0:.1f}s)")
         except Exception as e:  # out of memory included: the cache is an option
-            blocker = f"the cache failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+            blocker = f"the cache failed: {error_line(e, 100)}"
     if blocker is not None:
         inputs = {k: PixelInputs(pixels, data[k].images) for k in ("train", "val")}
         notes.append(f"encoder runs every step ({blocker})")
@@ -1034,7 +1033,7 @@ def capture_step(args, run, inputs):
     except Exception as e:  # the fast path must not end the run
         while e.__context__ is not None and "during capture" in str(e):  # torch's follow-up error: the cause
             e = e.__context__
-        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        why = error_line(e)
         gc.collect()  # the half-built graph and its memory pool
         if run["device"].type == "cuda":
             torch.cuda.empty_cache()

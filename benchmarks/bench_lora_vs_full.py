@@ -47,6 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import error_line  # noqa: E402
 
 CPU_VARIANTS = ["full", "lora", "lora+cache"]
 CUDA_VARIANTS = ["full", "full+compile", "lora", "lora+cache", "lora+cache+bf16", "lora+cache+bf16+compile",
@@ -217,8 +218,7 @@ def run_in_process(variants, args):
             try:
                 results.append(measure(v, base, args))
             except Exception as e:  # one broken variant must not cost the others' figures
-                first = (str(e).strip().splitlines() or [""])[0][:80]
-                results.append({**v, "error": f"{type(e).__name__}: {first}"})
+                results.append({**v, "error": error_line(e, 80)})
             r = results[-1]
             done = r.get("error") or f"{r['step_seconds'] * 1000:,.1f} ms/step, setup {r['setup_seconds']:.1f}s"
             print(f"{v['name']}: {done} ({time.perf_counter() - started:.0f}s in)", flush=True)

@@ -198,3 +198,13 @@ def test_bad_fine_tuning_flags_are_one_line(flags, message, tiny_clip, tiny_cifa
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_resume_says_when_max_steps_cut_an_epoch_short(tiny_clip, tiny_cifar, tmp_path, capsys):
+    run(tiny_clip, tiny_cifar, tmp_path, "--finetune", "lora", "--epochs", "2", "--batch-size", "50", "--no-plots",
+        "--max-steps", "4")  # 300 training images: 6 steps an epoch, 2 left out
+    capsys.readouterr()
+    summary = clip_zeroshot.main(["--resume", str(tmp_path / "last.pt"), "--max-steps", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "after epoch 1 (step 4); --max-steps stopped that epoch 2 of 6 batches short (skipped)" in out, out
+    assert summary["steps"] == 8

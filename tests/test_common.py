@@ -177,3 +177,10 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
         common.load_checkpoint(tmp_path / "evil.pt", "vit_scratch")
     torch.save({"script": "vit_scratch", "w": torch.ones(2)}, tmp_path / "ok.pt")
     assert torch.equal(common.load_checkpoint(tmp_path / "ok.pt", "vit_scratch")["w"], torch.ones(2))
+
+
+def test_error_line_is_one_line_even_for_errors_without_a_message():
+    assert common.error_line(AssertionError()) == "AssertionError"
+    assert common.error_line(RuntimeError("  \n")) == "RuntimeError"
+    assert common.error_line(RuntimeError("CUDA error\nat line 3")) == "RuntimeError: CUDA error"
+    assert common.error_line(ValueError("x" * 300), 100) == "ValueError: " + "x" * 100

@@ -2,6 +2,7 @@
 bad arguments, bad data, out of memory. Each case of the README's table has its test here (or is named
 there with the test that covers it elsewhere)."""
 
+import argparse
 import errno
 import os
 import pickle
@@ -408,3 +409,29 @@ def test_lora_out_of_memory_suggests_grad_accum(tiny_captioner, tmp_path, monkey
         )
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "--batch-size (and a larger --grad-accum" in err and "nothing was saved yet" in err
+
+
+# 9. A CUDA graph capture that fails: the eager step trains, after one line --------------------------
+
+@pytest.mark.parametrize("error, words", [(AssertionError(), "AssertionError"),  # some torch asserts say nothing
+                                          (RuntimeError("boom\nmore"), "RuntimeError: boom")])
+@SCRIPTS
+def test_a_failing_capture_trains_eagerly_whatever_the_error_says(script, error, words, monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    args = argparse.Namespace(optimizer="adamw", lr=1e-3, muon_lr=None, weight_decay=0.0, label_smoothing=0.0,
+                              grad_clip=1.0)
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    stats, scaler = torch.zeros(2), torch.amp.GradScaler("cpu", enabled=False)
+    monkeypatch.setattr(script, "CapturedStep", lambda *a: (_ for _ in ()).throw(error))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # the fallback waits for the GPU: none here
+    if script is vit_scratch:
+        model = vit_scratch.VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=1)
+        step = vit_scratch.make_step(model, vit_scratch.make_optimizers(model, args, cpu, False), scaler, None, args,
+                                     stats, data, True, [])
+    else:
+        model = cnn_baseline.ResidualCNN(widths=(8, 16))
+        step = cnn_baseline.make_step(model, cnn_baseline.make_optimizer(model, args, cpu, False), scaler, None, args,
+                                      stats, data, torch.contiguous_format, True)
+    assert capsys.readouterr().out == f"CUDA graph capture failed ({words}); training eagerly\n"
+    step(*data[0])
+    assert torch.isfinite(stats).all() and stats[0] > 0
