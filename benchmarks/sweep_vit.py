@@ -64,7 +64,7 @@ def run_one(script, flags, seed, args, out_root):
     except SystemExit as e:  # a one-line error was printed; keep sweeping
         return {"error": f"exit {e.code}"}
     except Exception as e:
-        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        return {"error": common.error_line(e, 120)}
 
 
 def table(rows):
