@@ -193,8 +193,11 @@ def test_cached_and_uncached_runs_train_the_same_adapter(tiny_captioner, tmp_pat
     assert "encoder runs every step (--no-encoder-cache)" in capsys.readouterr().out
     a, b = adapter(tmp_path / "cached"), adapter(tmp_path / "plain")
     assert a.keys() == b.keys()
-    for k in a:  # the cache is encoded 64 images at a time, the plain step 5: equal up to float rounding
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # The cache is encoded 64 images at a time, the plain step 5: equal up to float rounding, which AdamW can
+    # magnify (it divides a near-zero gradient by its own size; torch 2.11 showed 1.2e-5). A step moves a weight
+    # by up to the rate, 1e-2: a cache that fed the wrong images would differ by far more than 1e-4.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_lora_nan_is_caught_within_20_steps_and_the_last_good_state_kept(tiny_captioner, tmp_path, monkeypatch,
