@@ -875,19 +875,25 @@ def no_mask_checks():
     device (each check reads a value back), and a CUDA capture, during which transformers cannot look at data
     and would build explicit masks (other kernels, other dropout draws), records the eager step's kernels.
     Names that a transformers version lacks are left alone."""
+    import transformers
     try:
         from transformers import masking_utils
     except ImportError:
         masking_utils = None
-    known = {"is_tracing": lambda tensor=None: False, "find_packed_sequence_indices": lambda position_ids: None}
-    saved = {name: getattr(masking_utils, name) for name in known if hasattr(masking_utils, name)}
-    for name in saved:
-        setattr(masking_utils, name, known[name])
+    answers = [(masking_utils, "is_tracing", lambda tensor=None: False),
+               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
+               # GPT-2 looks for a pad id in its first and last columns when its config has one (the padding is
+               # meant: labels mask it, and the causal mask keeps it out of the caption's tokens)
+               (transformers.PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)]
+    answers = [(owner, name, answer) for owner, name, answer in answers if owner and name in vars(owner)]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in answers]
+    for owner, name, answer in answers:
+        setattr(owner, name, answer)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(masking_utils, name, value)
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):

@@ -117,9 +117,10 @@ def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0):
 def lora_losses(run, cache, tokens, args, batches, seeds):
     losses = []
     for pairs, seed in zip(batches, seeds):
-        before = run["loss_sum"].clone()
+        # from zero at each step: a difference of a growing fp32 sum would round each step's loss differently
+        run["loss_sum"].zero_()  # in place: the graph adds to this very tensor
         lora_caption.optimizer_step(args, run, cache, tokens, pairs, pairs.to(CUDA), seed)
-        losses.append((run["loss_sum"] - before).item())
+        losses.append(run["loss_sum"].item())
     return losses
 
 
