@@ -41,7 +41,7 @@ summary() {  # a run folder -> one table row
 }
 
 # the captured step against the eager step (tests/test_gpu.py; CI has no GPU and skips it)
-check gpu_tests 60 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+check gpu_tests 90 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
 { echo "## tests/test_gpu.py"; grep -E "passed|failed|error" "$LOG" | tail -1; } >> "$RESULTS"
 
 # 1. issue 14 (open): LoRA against full fine-tuning of the full-size ViT-GPT2 (random weights), batch 32; the
