@@ -128,10 +128,11 @@ def lora_losses(run, cache, tokens, args, batches, seeds):
 def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout):
     # with dropout: GPT-2's (attention included) and the adapters', drawn from each step's seed in both
     folder = build_tiny_captioner(tmp_path, dropout=dropout)
-    order = torch.randperm(120, generator=torch.Generator().manual_seed(0))[:48].view(6, 8)
     results = []
     for capture in (False, True):
         run, cache, tokens, args = lora_run(folder, capture, lora_dropout=dropout / 2)
+        pairs = len(tokens["count"])  # 100: 20 training images x 5 captions
+        order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))[:48].view(6, 8)
         losses = lora_losses(run, cache, tokens, args, order, range(6))
         torch.cuda.synchronize()
         adapters = {n: p.detach().float().cpu() for n, p in run["model"].named_parameters() if p.requires_grad}
