@@ -569,8 +569,6 @@ def wise_weights(initial, final, alpha):
     return {n: final[n] if "lora_A" in n else torch.lerp(initial[n], final[n], alpha) for n in final}
 
 
-
-
 @dataclass
 class Progress:
     """What a checkpoint records of the run besides weights and flags."""
@@ -676,8 +674,6 @@ def save_run(args, run, progress, test_acc, data):
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
     if args.finetune == "lora":
         save_adapter(model, out_dir)
-
-
 
 
 def restore_run(ckpt, args, run):

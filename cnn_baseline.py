@@ -42,7 +42,8 @@ from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_r
                     check_same_data, confusion_matrix, error_line, flag, given_flags, init_distributed, load_checkpoint,
                     load_cifar10, load_weights, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
                     plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line,
-                    save_checkpoint, set_global_batch, stratified_subset, trim_metrics, wrap_distributed, write_json)
+                    save_checkpoint, set_global_batch, stratified_subset, trim_metrics, undo_steps, wrap_distributed,
+                    write_json)
 
 SCRIPT = "cnn_baseline"
 CHECKPOINT_VERSION = 2
@@ -277,7 +278,8 @@ class CapturedStep:
 
     def __init__(self, step, x, y, model, optimizer, stats, warmup=3):
         self.x, self.y = x.clone(), y.clone()  # clone keeps channels_last
-        undo = undo_warmup(model, optimizer, stats)
+        rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
+        undo = undo_steps([*model.state_dict().values(), stats], [optimizer], rng)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -294,27 +296,6 @@ class CapturedStep:
         self.x.copy_(x)
         self.y.copy_(y)
         self.graph.replay()
-
-
-def undo_warmup(model, optimizer, stats):
-    """A function that puts back what steps taken from now on change: weights and BatchNorm statistics,
-    optimizer state (state they create starts from zero, as a fresh optimizer's), statistics, the RNG."""
-    weights = [t.detach().clone() for t in model.state_dict().values()]
-    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in optimizer.state.items()}
-    rng = torch.cuda if stats.is_cuda else torch
-    saved_stats, rng_state = stats.clone(), rng.get_rng_state()
-
-    def undo():
-        for t, w in zip(model.state_dict().values(), weights):
-            t.detach().copy_(w)
-        for p, state in optimizer.state.items():
-            old = before.get(id(p), {})
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    v.copy_(old[k]) if k in old else v.zero_()
-        stats.copy_(saved_stats)
-        rng.set_rng_state(rng_state)
-    return undo
 
 
 def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, capture):

@@ -156,6 +156,7 @@ def resuming_line(path, progress, steps_per_epoch, total_steps):
         line += f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
     return line
 
+
 def derived_seed(*parts):
     """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank): hashing keeps streams apart."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
@@ -468,6 +469,32 @@ def all_reduce_sum(value, world_size):
 
 
 # ----------------------------------------------------------------------------------------------------
+# CUDA graphs: a capture is preceded by warm-up steps whose effects must not count
+
+def undo_steps(tensors, optimizers, rng=None):
+    """A function that puts back what optimizer steps taken from now on change: `tensors` (weights, buffers,
+    running statistics), the optimizers' state (state they create starts from zero, as a fresh optimizer's)
+    and, if given, the state of `rng` (torch or torch.cuda: the generator dropout draws from)."""
+    saved = [t.detach().clone() for t in tensors]
+    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+              for opt in optimizers for p, s in opt.state.items()}
+    rng_state = rng.get_rng_state() if rng else None
+
+    def undo():
+        for t, w in zip(tensors, saved):
+            t.detach().copy_(w)
+        for opt in optimizers:
+            for p, state in opt.state.items():
+                old = before.get(id(p), {})
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        v.copy_(old[k]) if k in old else v.zero_()
+        if rng:
+            rng.set_rng_state(rng_state)
+    return undo
+
+
+# ----------------------------------------------------------------------------------------------------
 # Patching
 
 def img_to_patch(x, patch_size, flatten_channels=True):
@@ -586,8 +613,9 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
     try:
         path = report.out_dir = Path(path) if given else new_run_dir(report.script)
         path.mkdir(parents=True, exist_ok=True)
-        (path / f".write-test-{os.getpid()}").touch()
-        (path / f".write-test-{os.getpid()}").unlink()
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         where = f"--out-dir {path}" if given else f"the default output folder {path or Path('runs') / report.script}"
         hint = "pass another --out-dir" if given else "pass --out-dir"

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, error_line, flag, given_flags,
                     init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb, plot_curves,
                     prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter, save_checkpoint,
-                    set_global_batch, trainable_state, trim_metrics, wrap_distributed, write_json, write_text_atomic)
+                    set_global_batch, trainable_state, trim_metrics, undo_steps, wrap_distributed, write_json,
+                    write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -949,24 +950,6 @@ def cached_step(run, cache, pairs, grad_clip):
     optimizer.step()
 
 
-def undo_steps(params, optimizer, loss_sum):
-    """A function that puts back what optimizer steps taken from now on change: the trainable weights, the
-    optimizer's state (state they create starts from zero, as a fresh optimizer's) and the loss sum."""
-    weights, loss = [p.detach().clone() for p in params], loss_sum.clone()
-    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in optimizer.state.items()}
-
-    def undo():
-        for p, w in zip(params, weights):
-            p.detach().copy_(w)
-        for p, state in optimizer.state.items():
-            old = before.get(id(p), {})
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    v.copy_(old[k]) if k in old else v.zero_()
-        loss_sum.copy_(loss)
-    return undo
-
-
 class CapturedStep:
     """cached_step recorded once as a CUDA graph and replayed at every step (PyTorch's whole-network capture):
     warm-up steps on a side stream (allocations, cuBLAS plans, the optimizer's state), their effects undone,
@@ -977,7 +960,7 @@ class CapturedStep:
         optimizer, device = run["optimizer"], run["device"]
         self.pairs = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
-        undo = undo_steps(run["params"], optimizer, run["loss_sum"])
+        undo = undo_steps([*run["params"], run["loss_sum"]], [optimizer])  # dropout: reseeded at each step
         rates = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:  # AdamW reads the rate from the device: replays see the schedule
             group["lr"], group["capturable"] = self.lr, True

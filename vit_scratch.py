@@ -45,7 +45,7 @@ from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_r
                     init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, normalize,
                     one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
                     progress_bar, read_jsonl, resumed_args, resuming_line, save_checkpoint, set_global_batch,
-                    stratified_subset, trim_metrics, wrap_distributed, write_json)
+                    stratified_subset, trim_metrics, undo_steps, wrap_distributed, write_json)
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2
@@ -417,7 +417,8 @@ class CapturedStep:
 
     def __init__(self, step, x, y, model, optimizers, stats, warmup=3):
         self.x, self.y = x.clone(), y.clone()
-        undo = undo_warmup(model, optimizers, stats)
+        rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
+        undo = undo_steps([*model.state_dict().values(), stats], optimizers, rng)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -435,29 +436,6 @@ class CapturedStep:
         self.x.copy_(x)
         self.y.copy_(y)
         self.graph.replay()
-
-
-def undo_warmup(model, optimizers, stats):
-    """A function that puts back what steps taken from now on change: weights and buffers, optimizer
-    state (state they create starts from zero, as a fresh optimizer's), statistics and the CUDA RNG."""
-    weights = [t.detach().clone() for t in model.state_dict().values()]
-    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-              for opt in optimizers for p, s in opt.state.items()}
-    rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
-    saved_stats, rng_state = stats.clone(), rng.get_rng_state()
-
-    def undo():
-        for t, w in zip(model.state_dict().values(), weights):
-            t.detach().copy_(w)
-        for opt in optimizers:
-            for p, state in opt.state.items():
-                old = before.get(id(p), {})
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        v.copy_(old[k]) if k in old else v.zero_()
-        stats.copy_(saved_stats)
-        rng.set_rng_state(rng_state)
-    return undo
 
 
 def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled):

@@ -87,7 +87,6 @@ def test_a_failing_capture_falls_back_to_the_eager_step_with_one_line(capsys, mo
     assert torch.isfinite(stats).all() and stats[0] > 0
 
 
-
 def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0):
     """The tiny captioner's LoRA run as lora_caption.train sets it up on a GPU (bf16 frozen weights, the encoder
     cache on the device, fused AdamW), with the step captured or eager; and its training pairs."""

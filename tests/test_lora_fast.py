@@ -319,7 +319,7 @@ def test_undone_warm_up_steps_leave_the_weights_and_a_fresh_optimizer(tiny_capti
     cache = lora_caption.EncoderCache(model, pixels, split.images, None)
     warmed, fresh = step_run(model, tokens), step_run(copy.deepcopy(model), tokens)
     before = trained_state(warmed)
-    undo = lora_caption.undo_steps(warmed["params"], warmed["optimizer"], warmed["loss_sum"])
+    undo = lora_caption.undo_steps([*warmed["params"], warmed["loss_sum"]], [warmed["optimizer"]])  # as CapturedStep
     for _ in range(3):  # the capture's warm-up: effects that must not count
         lora_caption.cached_step(warmed, cache, torch.arange(8), STEP_ARGS.grad_clip)
     assert not torch.equal(trained_state(warmed)["loss_sum"], before["loss_sum"])

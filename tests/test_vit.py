@@ -173,7 +173,7 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
         optimizers,
     )
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    undo = vit_scratch.undo_warmup(model, optimizers, stats)
+    undo = vit_scratch.undo_steps([*model.state_dict().values(), stats], optimizers, torch)  # CapturedStep's call
     for _ in range(3):
         step(x, y)
     assert not torch.equal(model.blocks[0].mlp[0].weight, before["blocks.0.mlp.0.weight"]) and stats[0] > 0
