@@ -25,7 +25,7 @@ are reported and skipped before training starts. Outputs in --out-dir: config.js
 summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
 
 The step is built for GPUs, and each speed-up is tested to leave the results unchanged (on CPU; the CUDA
-graph's GPU test, to rounding, has not run on a GPU yet): the frozen encoder's output is computed once
+graph on an H100 too, to rounding: tests/test_gpu.py): the frozen encoder's output is computed once
 per image and cached (on the GPU when it fits; --no-encoder-cache turns it off), frozen weights are
 stored in bf16 (what autocast casts them to at every step anyway), captions are padded to one length, the
 loss is computed once and read every 20 steps, and on one GPU the whole step is captured as a CUDA graph
