@@ -46,11 +46,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip, check_same_data,
-                    confusion_matrix, crop_flip_params, derived_seed, flag, given_flags, load_checkpoint, load_cifar10,
-                    make_parser, one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves,
-                    prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line, save_adapter,
-                    save_checkpoint, stratified_subset, trainable_state, trim_metrics, write_json)
+from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip,
+                    check_same_data, confusion_matrix, crop_flip_params, derived_seed, flag, given_flags,
+                    load_checkpoint, load_cifar10, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
+                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line,
+                    save_adapter, save_checkpoint, stratified_subset, trainable_state, trim_metrics, write_json)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
@@ -240,7 +240,9 @@ def amp_dtype_for(device):
     fp16; training then uses a GradScaler); fp32 elsewhere. Weights stay fp32."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
+    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def autocast(device):
@@ -292,7 +294,7 @@ def load_clip_model(name, device):
     from transformers import CLIPModel
     with quiet_transformers():
         try:
-            model = CLIPModel.from_pretrained(name)
+            model = CLIPModel.from_pretrained(name, **NO_HUB_KERNELS)
         except (OSError, ValueError) as e:
             raise cannot_load(name, e) from None
     return model.to(device).eval()

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Every from_pretrained of a model passes these: transformers >= 5.x would otherwise fetch kernels from the Hub and
+# swap them into the model at train()/eval() (code from the network, other numbers offline than online).
+NO_HUB_KERNELS = {"use_kernels": False}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the study guide's constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -304,13 +307,23 @@ def _load_imagefolder_cached(root, image_size, log):
     return ImageDataset(*(torch.from_numpy(arrays[k]) for k in names), classes, "imagefolder")
 
 
+def open_rgb(path):
+    """Any image PIL reads as 8-bit RGB, the one decoder of every script: EXIF rotation applied; grey, palette,
+    RGBA (alpha dropped), CMYK and 16-bit images converted (16-bit scaled to 8 bits, not clipped)."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+        return im.convert("RGB")
+
+
 def _decode_one(path, image_size):
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    im = open_rgb(path)
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
 def _decode_split(root, files, image_size, log):
@@ -674,10 +687,14 @@ def save_checkpoint(obj, path, also=None):
                                    f"if any, is intact") from None
 
 
-def save_adapter(model, out_dir):
-    """A peft model's adapter into out_dir/adapter/, written beside it and swapped in whole (atomic as a file)."""
+def save_adapter(model, out_dir, base_model=None):
+    """A peft model's adapter into out_dir/adapter/, written beside it and swapped in whole (atomic as a file).
+    `base_model` (the checkpoint it adapts) goes into adapter_config.json, so a later load can check it."""
     final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
     shutil.rmtree(tmp, ignore_errors=True)
+    if base_model is not None:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = str(base_model)
     try:
         model.save_pretrained(tmp)
     except OSError as e:

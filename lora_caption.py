@@ -54,11 +54,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, error_line, flag, given_flags,
-                    init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb, plot_curves,
-                    prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter, save_checkpoint,
-                    set_global_batch, trainable_state, trim_metrics, undo_steps, wrap_distributed, write_json,
-                    write_text_atomic)
+from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, error_line,
+                    flag, given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
+                    plot_curves, open_rgb, prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter,
+                    save_checkpoint, set_global_batch, trainable_state, trim_metrics, undo_steps, wrap_distributed,
+                    write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -167,7 +167,9 @@ def amp_dtype_for(device):
     The adapters stay in fp32: autocast only lowers the matmuls."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
+    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def autocast(device, dtype, cache_enabled=True):
@@ -182,17 +184,6 @@ class CaptionSplit:
     names: list  # image file names
     images: torch.Tensor  # uint8 [N, 3, H, W], resized for the model
     captions: list  # [N] lists of reference captions
-
-
-def open_rgb(path):
-    """Any image PIL reads as 8-bit RGB: EXIF rotation applied; grey, palette, RGBA (alpha dropped), CMYK
-    and 16-bit images converted."""
-    from PIL import Image, ImageOps
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits, not clip
-            im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
-        return im.convert("RGB")
 
 
 def find_caption_table(root):
@@ -414,7 +405,7 @@ def load_captioner(name, device):
     from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
     quiet_transformers()
     try:
-        model = VisionEncoderDecoderModel.from_pretrained(name)
+        model = VisionEncoderDecoderModel.from_pretrained(name, **NO_HUB_KERNELS)
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
     except OSError as e:

@@ -279,7 +279,9 @@ def amp_dtype_for(device):
     """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
+    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def autocast(device, dtype):
