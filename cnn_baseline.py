@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.5", "torchvision>=0.20", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
+# dependencies = ["torch>=2.11", "torchvision>=0.26", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
 # ///
 """The CNN that the ViT is measured against: a compact residual network on the same CIFAR-10 data.
 
@@ -38,12 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
+from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl, check_positive,
                     check_same_data, confusion_matrix, error_line, flag, given_flags, init_distributed, load_checkpoint,
                     load_cifar10, load_weights, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
-                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line,
-                    save_checkpoint, set_global_batch, stratified_subset, trim_metrics, undo_steps, wrap_distributed,
-                    write_json)
+                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, quiet_compile_on_cpu, read_jsonl,
+                    resumed_args, resuming_line, save_checkpoint, set_global_batch, stratified_subset, trim_metrics,
+                    undo_steps, wrap_distributed, write_json)
 
 SCRIPT = "cnn_baseline"
 CHECKPOINT_VERSION = 2
@@ -100,8 +100,7 @@ def check_args(args):
         raise DataError(f"--widths needs a stem width and at least one stage width, all positive; got {args.widths}")
     if len(args.widths) - 1 > 5:
         raise DataError(f"--widths gives {len(args.widths) - 1} stages, but 32-pixel images can only be halved 5 times")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise DataError(f"--lr must be positive, got {args.lr}")
+    check_positive(args, "lr")
     for name in ("label_smoothing", "warmup"):
         if not 0 <= getattr(args, name) < 1:
             raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
@@ -118,15 +117,16 @@ def experiment_args(argv):
     differs is refused, more --epochs or --max-steps extend the run)."""
     parser = build_parser()
     cli, given = parser.parse_args(argv), given_flags(parser, argv)
+    if "compile_mode" in given and not cli.compile:
+        raise DataError("--compile-mode has no effect without --compile; drop it, or add --compile")
     if not cli.resume:
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         return cli, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
-    if args.epochs < ckpt["state"]["epoch"]:
-        raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
+                        parser=parser)
     return args, ckpt
 
 
@@ -388,10 +388,14 @@ class Progress:
 
 
 def load_data(args, ckpt, log=print):
-    data = load_cifar10(args.data_dir, download=not args.no_download, log=log)
+    # a resumed run reads its own folder (never a download into it), unless --data-dir names another
+    own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
+    data = load_cifar10(args.data_dir, download=not args.no_download, log=log,
+                        resumed_from=args.resume if own_folder else None)
     if ckpt:
         check_same_data(ckpt, data, args.data_dir)
-    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train")
+    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
+                                 every_class=True)
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
     if len(train_idx) < args.global_batch:
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
@@ -438,7 +442,7 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
     if ckpt:
         progress = restore_run(ckpt, args, model, optimizer, scaler, device, capture, len(data.classes))
         print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
-    elif rank == 0:
+    if rank == 0:  # on a resume too: config.json holds the flags in force (an extended run's --epochs)
         write_json(out_dir / "config.json", vars(args))
     last = out_dir / "last.pt"
     report.resume = last
@@ -450,6 +454,8 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
           f"{f' ({world_size} processes x {args.batch_size})' if world_size > 1 else ''} | out {out_dir}", flush=True)
 
     trained = wrap_distributed(model, device, world_size, sync_bn=args.sync_bn)
+    if args.compile and device.type != "cuda":
+        quiet_compile_on_cpu()
     if args.compile:
         trained.forward = torch.compile(trained.forward, mode=args.compile_mode)
     stats = torch.zeros(2, device=device)
@@ -541,13 +547,14 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
-    print("per class: " + ", ".join(shown))
+    print("per class: " + ", ".join(shown), flush=True)
+    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: curves.png, confusion.png")
     return summary
 
 
@@ -555,12 +562,17 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
 # The comparison a student pastes into a report
 
 def newest_summaries(root):
-    """The newest summary.json of each script (and fine-tuning mode) under root, by file time. Files
-    that are not a run's summary are skipped with a word."""
-    if not Path(root).is_dir():
-        raise DataError(f"--compare {root}: no such folder")
+    """The newest summary.json of each script (and fine-tuning mode) under root, by file time; root may also be
+    one summary.json. Files that are not a run's summary are skipped with a word."""
+    root = Path(root)
+    if root.is_file() and root.name.endswith(".json"):
+        paths = [root]
+    elif root.is_dir():
+        paths = list(root.rglob("summary.json"))
+    else:
+        raise DataError(f"--compare {root}: no such folder or summary.json")
     newest, skipped = {}, []
-    for path in Path(root).rglob("summary.json"):
+    for path in paths:
         try:
             summary = json.loads(path.read_text())
             script, params = summary["script"], summary["params"]
@@ -579,18 +591,29 @@ def newest_summaries(root):
 
 
 def comparison_table(summaries):
-    """A Markdown table: one row per run. Fields a script does not have (a captioner's accuracy) show '-'."""
+    """A Markdown table: one row per run. The score is a classifier's test accuracy or a captioner's BLEU-4; a field
+    a script does not have, or a value that cannot be right (not finite, negative), shows '-'."""
     def cell(value, spec):
-        return "-" if value is None else format(value, spec)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return format(value, spec) if ok else "-"
 
-    header = "| model | params | epochs | test acc | train s | img/s | peak MB | device | run |"
-    rows = [header, "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    def score(s):
+        if s.get("test_acc") is not None:
+            return f"acc {cell(s['test_acc'], '.2%')}"
+        if s.get("bleu4") is not None:
+            return f"BLEU-4 {cell(s['bleu4'], '.4f')}"
+        return "-"
+
+    header = "| model | data | params | epochs | test score | train s | img/s | peak MB | device | run |"
+    rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for s in summaries:
         name = s["script"] + (f" ({s['finetune']})" if s.get("finetune") else "")
-        rows.append(f"| {name} | {s['params'] / 1e6:.2f}M | {s.get('epochs', '-')} | "
-                    f"{cell(s.get('test_acc'), '.2%')} | {cell(s.get('train_seconds'), '.1f')} | "
-                    f"{cell(s.get('images_per_second'), ',.0f')} | {cell(s.get('peak_memory_mb'), ',.0f')} | "
-                    f"{s.get('device_name', '-')} | {s['run']} |")
+        rate = s.get("images_per_second") if s.get("images_per_second") is not None else s.get("pairs_per_second")
+        unit = " pairs" if s.get("images_per_second") is None and rate is not None else ""
+        rows.append(f"| {name} | {s.get('dataset', '-')} | {cell(s['params'] / 1e6, '.2f')}M | "
+                    f"{cell(s.get('epochs'), 'g')} | {score(s)} | {cell(s.get('train_seconds'), '.1f')} | "
+                    f"{cell(rate, ',.0f')}{unit if cell(rate, ',.0f') != '-' else ''} | "
+                    f"{cell(s.get('peak_memory_mb'), ',.0f')} | {s.get('device_name', '-')} | {s['run']} |")
     return "\n".join(rows)
 
 

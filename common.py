@@ -3,15 +3,19 @@ augmentation, torchrun helpers, image patching, classification metrics, charts a
 into another repository needs only this file beside it; loops, devices, precision and optimisers stay in each script.
 """
 import argparse
+import errno
 import functools
 import hashlib
 import itertools
 import json
+import logging
+import math
 import os
 import pickle
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -45,8 +49,12 @@ class NonFiniteLoss(ArithmeticError):
     """The training loss became NaN or infinite; the message names the step and learning rate."""
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, ...); the previous one is intact."""
+class OutputWriteError(OSError):
+    """An output file (checkpoint, summary, picture, ...) could not be written (full disk, ...); the previous
+    version of that file, if any, is intact."""
+
+
+CheckpointWriteError = OutputWriteError  # the name the scripts and tests have used
 
 
 def error_line(error, limit=200):
@@ -63,7 +71,7 @@ def one_line_errors(script, memory_hint="--batch-size"):
     script fills in the report (saved(): what is on disk; resume: the file --resume takes). An output folder
     this run created and left empty is removed."""
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
-                             created_out_dir=False)
+                             created_out_dir=False, lock=None)
     try:
         yield report
     except DataError as e:
@@ -76,13 +84,19 @@ def one_line_errors(script, memory_hint="--batch-size"):
         _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {report.saved()}", 1, report)
     except NonFiniteLoss as e:
         _stop(script, f"{e}; try a lower --lr (or a smaller --grad-clip); {report.saved()}", 1, report)
-    except CheckpointWriteError as e:
+    except OutputWriteError as e:
         _stop(script, f"{e}; free some space or pick another --out-dir", 1, report)
+    finally:
+        if report.lock is not None:  # main() may be called again in the same process (a notebook)
+            report.lock.close()
+            report.lock = None
 
 
 def _stop(script, message, code, report, prefix="error: "):
-    if report.created_out_dir and report.out_dir and report.out_dir.is_dir() and not any(report.out_dir.iterdir()):
-        report.out_dir.rmdir()  # a failed run leaves no empty folder behind
+    out = report.out_dir
+    if report.created_out_dir and out and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+        (out / LOCK_FILE).unlink(missing_ok=True)  # a failed run leaves no empty folder behind
+        out.rmdir()
     print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -126,9 +140,21 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def resumed_args(saved, cli, given, runtime, extendable=()):
+def check_positive(args, *names):
+    """Each named flag, if set, must be a finite number > 0 (one line naming the flag and the value typed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise DataError(f"{flag(name)} must be a finite number, got {value}")
+        if value is not None and value <= 0:
+            raise DataError(f"{flag(name)} must be positive, got {value}")
+
+
+def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
     """The flags a checkpoint saved, with the `runtime` ones from the command line. Other typed flags must
-    equal the saved ones (DataError naming both values), except `extendable` ones, which take effect."""
+    equal the saved ones (DataError naming both as a user types them), except `extendable` ones (--epochs,
+    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened."""
+    cli.resume = str(checkpoint_arg(cli.resume))  # a run folder stands for its checkpoint
     args = argparse.Namespace(**saved)
     for name in runtime:
         setattr(args, name, getattr(cli, name))
@@ -137,9 +163,11 @@ def resumed_args(saved, cli, given, runtime, extendable=()):
         if new == old:
             continue
         if name not in extendable:
-            shown = [" ".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in (new, old)]
-            raise DataError(f"{flag(name)} {shown[0]} differs from the checkpoint's {shown[1]}: a resumed run keeps "
-                            f"its settings; drop {flag(name)}, or start a new run to change it")
+            raise DataError(f"{as_typed(parser, name, new)} differs from the checkpoint's {as_typed(parser, name, old)}"
+                            f": a resumed run keeps its settings; drop {flag(name)}, or start a new run to change it")
+        if (math.inf if new is None else new) < (math.inf if old is None else old):
+            raise DataError(f"{as_typed(parser, name, new)} is below the run's {as_typed(parser, name, old)}: a "
+                            f"resumed run can be extended, not shortened; start a new run for a shorter one")
         setattr(args, name, new)
     if "out_dir" in given and Path(cli.out_dir).resolve() != Path(cli.resume).parent.resolve():
         raise DataError(f"--out-dir {cli.out_dir}: a resumed run continues in its own folder "
@@ -148,6 +176,20 @@ def resumed_args(saved, cli, given, runtime, extendable=()):
     if "data_dir" in given:
         args.data_dir = cli.data_dir  # the script checks that it holds the run's data
     return args
+
+
+def as_typed(parser, name, value):
+    """A flag's value as a user types it: --tta / --no-tta, --eager, --widths 32 64; (no --limit-train) for unset."""
+    action = next((a for a in parser._actions if a.dest == name), None) if parser else None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return action.option_strings[0] if value else action.option_strings[-1]
+    if isinstance(action, argparse._StoreTrueAction):
+        return flag(name) if value else f"(no {flag(name)})"
+    if value is None:
+        return f"(no {flag(name)})"
+    if isinstance(value, (list, tuple)):
+        return f"{flag(name)} {' '.join(map(str, value))}"
+    return f"{flag(name)} {value}"
 
 
 def resuming_line(path, progress, steps_per_epoch, total_steps):
@@ -186,20 +228,28 @@ class ImageDataset:
         return h.hexdigest()
 
 
-def load_cifar10(data_dir, download=True, image_size=32, log=print):
+def load_cifar10(data_dir, download=True, image_size=32, log=print, resumed_from=None):
     """CIFAR-10 from `data_dir`: an ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's
-    `cifar-10-batches-py` folder, downloaded there by torchvision when neither is present."""
+    `cifar-10-batches-py` folder, downloaded there by torchvision when neither is present. A resumed run
+    (`resumed_from`: its checkpoint) reads its own folder and never downloads: missing data is said as such."""
     root = Path(data_dir).expanduser()
     if (root / "train").is_dir() and (root / "test").is_dir():
         return _load_imagefolder_cached(root, image_size, log)
     batches = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
     missing = (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree (train/<class>/*, "
                f"test/<class>/*) or at torchvision's folder holding cifar-10-batches-py (downloaded when online)")
+    if resumed_from and not batches.is_dir():
+        raise DataError(f"--resume {resumed_from}: the run's data folder {root} no longer holds CIFAR-10 (moved or "
+                        f"deleted?); pass --data-dir with the folder that holds it now")
     if not batches.is_dir() and download:
         from torchvision.datasets import CIFAR10
+        created = [p for p in (root, *root.parents) if not p.exists()]
         try:
             CIFAR10(root=str(root), train=True, download=True)
         except Exception as e:  # offline, proxy, disk full...: all mean the same thing to the user
+            for folder in created:  # what the failed download made, if nothing else is in it
+                with suppress(OSError):
+                    shutil.rmtree(folder) if folder == root and not batches.exists() else folder.rmdir()
             raise DataError(f"{missing}; the download failed: {type(e).__name__}: {e}") from None
     if not batches.is_dir():
         raise DataError(missing)
@@ -218,7 +268,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR's batches are pickles: allow only what they hold (numpy arrays; protocol-2 files spell bytes as
     _codecs.encode), so that a tampered file cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}  # protocol 5
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -266,18 +317,30 @@ def _list_imagefolder(root, image_size, log):
     if test_classes != classes:
         missing = sorted(set(classes) ^ set(test_classes))
         raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
-    files, others, key = {}, [], hashlib.sha1(f"v1 {image_size}".encode())
+    files, others, broken, key = {}, [], [], hashlib.sha1(f"v1 {image_size}".encode())
     for split in ("train", "test"):
-        entries = [(f"{split}/{c}/{e.name}", k, e) for k, c in enumerate(classes) for e in _visible(root / split / c)
-                   if e.is_file()]
-        images = [(rel, k, e) for rel, k, e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
-        others += [rel for rel, _, e in entries if os.path.splitext(e.name)[1].lower() not in IMAGE_SUFFIXES]
+        entries = []
+        for k, c in enumerate(classes):
+            for e in _visible(root / split / c):
+                stat = loop = None
+                try:  # follows links: a link loop raises, a dangling link is no file
+                    stat = e.stat() if e.is_file() else None
+                except OSError as error:
+                    loop = error.errno == errno.ELOOP
+                if stat is not None:
+                    entries.append((f"{split}/{c}/{e.name}", k, stat))
+                elif e.is_symlink():
+                    broken.append(f"{split}/{c}/{e.name} ({'link loop' if loop else 'dangling link'})")
+        images = [(rel, k, st) for rel, k, st in entries if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES]
+        others += [rel for rel, _, _ in entries if os.path.splitext(rel)[1].lower() not in IMAGE_SUFFIXES]
         if not images:
             raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files[split] = [(rel, k) for rel, k, _ in images]
-        key.update("".join(f"{rel} {k} {e.stat().st_size} {e.stat().st_mtime_ns}\n" for rel, k, e in images).encode())
+        key.update("".join(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n" for rel, k, st in images).encode())
     if others:
         log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' * (len(others) > 3)}")
+    if broken:
+        log(f"skipped {len(broken)} broken link(s) in {root}: {', '.join(broken[:3])}{' ...' * (len(broken) > 3)}")
     return files, classes, key.hexdigest()
 
 
@@ -343,14 +406,18 @@ def _decode_split(root, files, image_size, log):
     return np.stack(images), np.array(labels, dtype=np.int64)
 
 
-def stratified_subset(labels, n, seed=0, name="--limit"):
-    """Indices of a deterministic, class-balanced subset of size n (sorted); n=None keeps everything."""
+def stratified_subset(labels, n, seed=0, name="--limit", every_class=False):
+    """Indices of a deterministic, class-balanced subset of size n (sorted); n=None keeps everything. With
+    `every_class`, a subset too small to hold each class once is refused."""
     if n is None or n == len(labels):
         return torch.arange(len(labels))
     if not 0 < n <= len(labels):
         raise DataError(f"{name} {n}: asked for a subset of {n} images but the split holds {len(labels)}")
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
+    if every_class and n < len(classes):  # training on a class that is never seen says nothing
+        raise DataError(f"{name} {n}: fewer images than the {len(classes)} classes, so some class would have none; "
+                        f"use at least {len(classes)}")
     per_class = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
     picked = []
     for c, k in zip(classes, per_class):
@@ -575,8 +642,10 @@ def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -596,8 +665,10 @@ def plot_confusion(cm, classes, path, log=print):
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -606,6 +677,8 @@ def plot_confusion(cm, classes, path, log=print):
 
 # What makes a folder another run's: a config.json alone is a run that stopped before any result, and is reused.
 RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter")
+CHECKPOINT_FILES = ("last.pt", "training_state.pt")  # what --resume takes, by script
+LOCK_FILE = ".lock"  # held (flock) by the one process that writes into a run folder
 
 
 def new_run_dir(script):
@@ -620,23 +693,26 @@ def new_run_dir(script):
 
 
 def prepare_out_dir(path, report, overwrite=False, resuming=False):
-    """The run's output folder (new under runs/ for None), proven writable before any work; one holding another
-    run's results is refused unless resuming or `overwrite` (which removes them)."""
+    """The run's output folder (new under runs/ for None), proven writable and locked for this process before any
+    work (a second run into the same folder is refused while this one lives); one holding another run's results is
+    refused unless resuming or `overwrite` (which removes them)."""
     given, report.created_out_dir = path is not None, path is None or not Path(path).exists()
     try:
         path = report.out_dir = Path(path) if given else new_run_dir(report.script)
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        lock = open(path / LOCK_FILE, "a+")
     except OSError as e:
         where = f"--out-dir {path}" if given else f"the default output folder {path or Path('runs') / report.script}"
         hint = "pass another --out-dir" if given else "pass --out-dir"
         raise DataError(f"{where}: cannot write there ({e.strerror or e}); {hint}") from None
+    hold_lock(lock, path, report)
     previous = [name for name in RESULT_FILES if (path / name).exists()] if not resuming else []
     if previous and not overwrite:
-        resume = next((f" (resume it with --resume {path / n})" for n in ("last.pt", "training_state.pt")
-                       if n in previous), "")
+        owner = run_owner(path)
+        if owner not in (None, report.script):
+            raise DataError(f"--out-dir {path} holds a {owner}.py run ({', '.join(previous)}); pick a new folder, "
+                            f"or add --overwrite to replace it")
+        resume = next((f" (resume it with --resume {path / n})" for n in CHECKPOINT_FILES if n in previous), "")
         raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
                         f"pick a new folder, or add --overwrite to replace them")
     for name in previous:  # --overwrite
@@ -646,13 +722,58 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
     return path
 
 
+def hold_lock(lock, path, report):
+    """Take the run folder's lock for this process (released when main() ends), or refuse in one line."""
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows: a lock on the file's first byte
+        import msvcrt
+        try:
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            lock.close()
+            raise DataError(f"--out-dir {path} is in use by a run still going; wait for it to end, or pick another "
+                            f"folder") from None
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        report.created_out_dir = False  # the folder is the other run's: a failed start must not remove it
+        raise DataError(f"--out-dir {path} is in use by a run still going ({holder}); wait for it to end, or pick "
+                        f"another folder") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}, started {datetime.now():%Y-%m-%d %H:%M:%S}")
+    lock.flush()
+    report.lock = lock
+
+
+def run_owner(path):
+    """Which script wrote the run in `path` (from its summary.json or checkpoint), None if unknown."""
+    with suppress(Exception):
+        return json.loads((path / "summary.json").read_text())["script"]
+    for name in CHECKPOINT_FILES:
+        with suppress(Exception):  # mmap: only the small "script" entry is read from disk
+            return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)["script"]
+    return None
+
+
 def _atomic_write(path, write):
-    """write(file) into a temporary file, renamed over `path`: a crash or full disk leaves the old file intact.
-    Ctrl-C waits until the file is complete (inside torch.save it would surface as a RuntimeError)."""
+    """write(file) into a temporary file, renamed over `path`: a crash or full disk leaves the old file intact
+    (OutputWriteError says so). Ctrl-C waits until the file is complete (inside torch.save it would surface as a
+    RuntimeError); a process that ignores Ctrl-C (nohup, a background job) keeps ignoring it."""
     path, held = Path(path), []
-    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    # Signal handlers belong to the main thread; an ignored SIGINT stays ignored.
+    main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN
     previous = signal.signal(signal.SIGINT, lambda *_: held.append(True)) if main else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        raise _write_error(path, e) from None
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         with os.fdopen(fd, "wb") as f:
@@ -660,6 +781,9 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -668,6 +792,25 @@ def _atomic_write(path, write):
             signal.signal(signal.SIGINT, previous)
     if held:
         raise KeyboardInterrupt
+
+
+def _write_error(path, error):
+    if isinstance(error, OutputWriteError):
+        return error
+    return OutputWriteError(error.errno, f"could not write {path} ({error.strerror or error}); the previous "
+                                         f"{Path(path).name}, if any, is intact")
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG, atomically (a full disk leaves the previous picture and says so)."""
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return path
+
+
+def save_image(image, path):
+    """A PIL image as a PNG, atomically."""
+    _atomic_write(path, lambda f: image.save(f, format="PNG"))
+    return path
 
 
 def save_checkpoint(obj, path, also=None):
@@ -683,8 +826,7 @@ def save_checkpoint(obj, path, also=None):
                 shutil.copyfile(path, tmp)
             os.replace(tmp, also)
     except OSError as e:
-        raise CheckpointWriteError(f"could not write {path} ({e.strerror or e}); the previous {Path(path).name}, "
-                                   f"if any, is intact") from None
+        raise _write_error(path, e) from None
 
 
 def save_adapter(model, out_dir, base_model=None):
@@ -699,8 +841,8 @@ def save_adapter(model, out_dir, base_model=None):
         model.save_pretrained(tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"could not write the adapter ({e.strerror or e}); the previous {final} "
-                                   f"is intact") from None
+        raise OutputWriteError(e.errno, f"could not write the adapter ({e.strerror or e}); the previous {final} "
+                                        f"is intact") from None
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -721,13 +863,21 @@ def write_text_atomic(path, text):
 
 
 def read_jsonl(path):
+    """The rows of a .jsonl file; a line cut short (a full disk, a kill mid-write) is left out."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
 
 
 def append_jsonl(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+    except OSError as e:  # the lines already there stay; a half line is dropped by the next resume's trim
+        raise OutputWriteError(e.errno, f"could not add a line to {path} ({e.strerror or e})") from None
 
 
 def trim_metrics(path, keep):
@@ -739,9 +889,13 @@ def trim_metrics(path, keep):
 
 def load_checkpoint(path, script, option="--resume"):
     """A checkpoint of plain values (weights_only=True: nothing in it can run code) written by `script`."""
-    if not Path(path).is_file():
-        raise DataError(f"{option} {path}: no such file")
+    path = checkpoint_arg(path, option)
     if not zipfile.is_zipfile(path):  # what torch.save writes
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+        if zip_start:  # a zip archive whose end is missing or garbled: a copy or write cut short
+            raise DataError(f"{option} {path}: truncated or damaged ({path.stat().st_size:,} bytes, its end is "
+                            f"missing); use best.pt or another copy of the run")
         raise DataError(f"{option} {path}: not a PyTorch checkpoint; pass the last.pt of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -752,6 +906,21 @@ def load_checkpoint(path, script, option="--resume"):
         found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataError(f"{option} {path}: written by {found!r}, not by {script}.py")
     return ckpt
+
+
+def checkpoint_arg(value, option="--resume"):
+    """A --resume value as the checkpoint file: a run folder stands for the checkpoint it holds. Usable as an
+    argparse type."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        found = [path / n for n in CHECKPOINT_FILES if (path / n).is_file()]
+        if not found:
+            raise DataError(f"{option} {value}: this folder holds no {' or '.join(CHECKPOINT_FILES)}; pass a run "
+                            f"folder or its checkpoint")
+        return found[0]
+    if not path.is_file():
+        raise DataError(f"{option} {value}: no such file or folder")
+    return path
 
 
 def load_weights(model, ckpt, path, expected_config=None):
@@ -779,6 +948,18 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def no_cuda_home_warning(record):
+    """torch.compile on a machine without CUDA logs 'No CUDA runtime is found, using CUDA_HOME=...' once: it says
+    nothing about a CPU run (a logging filter for torch.utils.cpp_extension)."""
+    return "No CUDA runtime is found" not in record.getMessage()
+
+
+def quiet_compile_on_cpu():
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if no_cuda_home_warning not in logger.filters:
+        logger.addFilter(no_cuda_home_warning)
 
 
 def progress_bar(total, desc, disable=False):

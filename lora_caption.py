@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "peft>=0.13", "huggingface_hub", "numpy",
+# dependencies = ["torch>=2.11", "torchvision>=0.26", "transformers>=5.17", "peft>=0.21", "huggingface_hub", "numpy",
 #                 "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
 # ///
 """LoRA fine-tuning of the ViT-GPT2 image captioner's decoder on a custom image-caption set.

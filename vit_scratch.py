@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.5", "torchvision>=0.20", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
+# dependencies = ["torch>=2.11", "torchvision>=0.26", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
 # ///
 """A Vision Transformer trained from scratch on CIFAR-10: the study guide's model, trained in seconds.
 
@@ -40,12 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl,
+from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl, check_positive,
                     check_same_data, confusion_matrix, derived_seed, error_line, flag, given_flags, img_to_patch,
                     init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, normalize,
                     one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
-                    progress_bar, read_jsonl, resumed_args, resuming_line, save_checkpoint, set_global_batch,
-                    stratified_subset, trim_metrics, undo_steps, wrap_distributed, write_json)
+                    progress_bar, quiet_compile_on_cpu, read_jsonl, resumed_args, resuming_line, save_checkpoint,
+                    save_image, set_global_batch, stratified_subset, trim_metrics, undo_steps, wrap_distributed,
+                    write_json)
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2
@@ -121,12 +122,7 @@ def check_args(args):
                  "num_layers"):
         if getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "muon_lr"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise DataError(f"{flag(name)} must be positive, got {value}")
-    if args.optimizer == "muon" and args.muon_lr is None:
-        raise DataError("--optimizer muon needs --muon-lr")
+    check_positive(args, "lr", "muon_lr")
     if args.image_size % args.patch_size:
         raise DataError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
     if args.embed_dim % args.num_heads:
@@ -150,22 +146,41 @@ def experiment_args(argv):
     parser = build_parser()
     cli, given = parser.parse_args(argv), given_flags(parser, argv)
     if cli.show_attention:
+        unused = sorted(given - {"show_attention", "data_dir", "no_download", "device", "out_dir"})
+        if unused:
+            raise DataError(f"{flag(unused[0])} has no effect with --show-attention (it only draws); drop it")
         cli.data_dir = cli.data_dir if "data_dir" in given else None  # None: the checkpoint's own
         return cli, None
     if not cli.resume:
+        check_no_effect(cli, given)
         for name, value in RECIPES[cli.recipe].items():
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
+        if cli.optimizer == "muon" and cli.muon_lr is None:  # the guide's recipe has no Muon: take the fast one's
+            cli.muon_lr = RECIPES["fast"]["muon_lr"]
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         return cli, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed "
                         f"(its weights still load with --show-attention)")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
-    if args.epochs < ckpt["state"]["epoch"]:
-        raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
+                        parser=parser)
     return args, ckpt
+
+
+def check_no_effect(cli, given):
+    """A typed flag that would change nothing is refused: the user meant something else."""
+    optimizer = cli.optimizer or RECIPES[cli.recipe]["optimizer"]
+    if "muon_lr" in given and optimizer != "muon":
+        raise DataError(f"--muon-lr has no effect with --optimizer {optimizer} (recipe {cli.recipe}); drop it, or add "
+                        f"--optimizer muon")
+    schedule = cli.schedule or RECIPES[cli.recipe]["schedule"]
+    if "warmup" in given and schedule == "epoch":
+        raise DataError("--warmup has no effect with --schedule epoch (the per-epoch cosine starts at the peak); "
+                        "drop it, or add --schedule step")
+    if "compile_mode" in given and not cli.compile:
+        raise DataError("--compile-mode has no effect without --compile; drop it, or add --compile")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -526,10 +541,14 @@ class Progress:
 
 
 def load_data(args, ckpt, log=print):
-    data = load_cifar10(args.data_dir, download=not args.no_download, image_size=args.image_size, log=log)
+    # a resumed run reads its own folder (never a download into it), unless --data-dir names another
+    own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
+    data = load_cifar10(args.data_dir, download=not args.no_download, image_size=args.image_size, log=log,
+                        resumed_from=args.resume if own_folder else None)
     if ckpt:
         check_same_data(ckpt, data, args.data_dir)
-    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train")
+    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
+                                 every_class=True)
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
     if len(train_idx) < args.global_batch:
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
@@ -570,7 +589,7 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
     if ckpt:
         progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes))
         print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
-    elif rank == 0:
+    if rank == 0:  # on a resume too: config.json holds the flags in force (an extended run's --epochs)
         write_json(out_dir / "config.json", vars(args))
     last = out_dir / "last.pt"
     report.resume = last
@@ -582,6 +601,8 @@ def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, repor
           f"epochs, batch {args.global_batch}"
           f"{f' ({world_size} processes x {args.batch_size})' if world_size > 1 else ''} | out {out_dir}", flush=True)
 
+    if args.compile and device.type != "cuda":
+        quiet_compile_on_cpu()
     compiled = list(model.blocks) if args.compile else []
     for block in compiled:  # regional compilation: one block's code, compiled once, reused by every block
         block.forward = torch.compile(block.forward, mode=args.compile_mode)
@@ -680,12 +701,12 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        save_pictures(out_dir, model, data, cm)
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
-    print("per class: " + ", ".join(shown))
+    print("per class: " + ", ".join(shown), flush=True)
+    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+        save_pictures(out_dir, model, data, cm)
     return summary
 
 
@@ -781,8 +802,7 @@ def save_attention_grid(model, images, labels, classes, path, cell=96):
     images = images.cpu()
     cells = [[images[i]] + [heat_overlay(images[i], h, cell) for h in heat[i]] for i in range(len(images))]
     header = ["image"] + [f"layer {n + 1}" for n in range(heat.shape[1] - 1)] + ["rollout"]
-    draw_grid(cells, header, [classes[int(y)] for y in labels], cell).save(path)
-    return path
+    return save_image(draw_grid(cells, header, [classes[int(y)] for y in labels], cell), path)
 
 
 def save_pictures(out_dir, model, data, cm):

@@ -16,6 +16,23 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
+def default_sigint():
+    """preexec_fn for a child that a test sends Ctrl-C: the default SIGINT, whatever this process inherited (a
+    background job, nohup and some CI runners start with SIGINT ignored, and children inherit that)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def terminal_sigint():
+    """Ctrl-C raises KeyboardInterrupt in this process for the test's duration, as in a terminal; the disposition
+    the suite started with is put back afterwards."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def one_line_error(capsys, call):
     """Runs call(), which must end as a bad input does: exit 2, one line on stderr, no traceback."""
     with pytest.raises(SystemExit) as stop:

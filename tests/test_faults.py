@@ -20,7 +20,7 @@ import cnn_baseline
 import common
 import lora_caption
 import vit_scratch
-from conftest import ROOT, TINY_CAPTIONS
+from conftest import ROOT, TINY_CAPTIONS, default_sigint
 
 TINY = {
     vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size",
@@ -110,6 +110,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_cifar, tmp_path
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        preexec_fn=default_sigint,
     )
     wait_for(out / "last.pt", proc)
     proc.send_signal(signal.SIGINT)
@@ -119,7 +120,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_cifar, tmp_path
     assert weights(out / "last.pt")  # the last checkpoint is kept and loads
 
 
-def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path):
+def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path, terminal_sigint):
     def interrupted_write(obj, f):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the write
         time.sleep(0.1)
@@ -128,7 +129,24 @@ def test_ctrl_c_during_a_save_finishes_the_file_first(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         common._atomic_write(tmp_path / "last.pt", lambda f: interrupted_write({"epoch": 3}, f))
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 3}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # what it was before the write
+
+
+def test_a_save_in_a_process_that_ignores_ctrl_c_keeps_ignoring_it(tmp_path):
+    """Issue 21 A4: started with SIGINT ignored (nohup, a background job), a save neither turns Ctrl-C on nor
+    raises KeyboardInterrupt for it, and leaves the disposition as it found it."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        def interrupted_write(f):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            torch.save({"epoch": 4}, f)
+
+        common._atomic_write(tmp_path / "last.pt", interrupted_write)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 4}
 
 
 # 3. A crash while a checkpoint is written ---------------------------------------------------------

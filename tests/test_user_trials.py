@@ -96,7 +96,7 @@ def test_resume_extends_epochs_and_refuses_changed_flags(script, tiny_cifar, tmp
     err = one_line_error(capsys, lambda: script.main(["--resume", last, "--out-dir", str(tmp_path / "elsewhere")]))
     assert "a resumed run continues in its own folder" in err and not (tmp_path / "elsewhere").exists()
     err = one_line_error(capsys, lambda: script.main(["--resume", last, "--epochs", "1", "--device", "cpu"]))
-    assert "--epochs 1: the run has already done 2 epochs" in err
+    assert "--epochs 1 is below the run's --epochs 2: a resumed run can be extended, not shortened" in err  # B12
     summary = script.main(
         ["--resume", last, "--epochs", "4", "--device", "cpu", "--no-plots"]
     )  # a finished run, extended
@@ -166,7 +166,7 @@ def test_per_class_accuracy_is_null_for_classes_without_test_images(tiny_cifar, 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_learning_rate_is_one_line(script, value, tiny_cifar, tmp_path, capsys):
     err = one_line_error(capsys, lambda: train(script, tiny_cifar, tmp_path, "--lr", value))
-    assert f"--lr must be positive, got {value}" in err
+    assert f"--lr must be a finite number, got {value}" in err  # issue 21 B25: not "must be positive"
 
 
 def test_show_attention_into_a_file_is_one_line(tiny_cifar, tmp_path, capsys):
