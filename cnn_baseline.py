@@ -4,13 +4,10 @@
 # ///
 """The CNN that the ViT is measured against: a compact residual network on the same CIFAR-10 data.
 
-The study guide's lesson is that on 50,000 images a CNN beats a ViT trained from scratch (and a
-pre-trained model beats both). This is the CNN side: a stem and three wide stages (conv, max-pool,
-BatchNorm, GELU, plus a residual conv), max-pooled into a linear head; 1.98M parameters with the
-default widths. Same data, same on-device augmentation (RandomCrop(32, pad 4) + flip, from common.py),
-same kind of loop as vit_scratch.py: AdamW with warm-up + cosine, label smoothing, mixed precision,
-gradient clipping at 1.0, channels_last on CUDA, flip test-time augmentation, and on CUDA the whole
-training step captured once as a CUDA graph and replayed for every batch.
+The study guide's lesson is that on 50,000 images a CNN beats a ViT trained from scratch (and a pre-trained model
+beats both). This is the CNN side: a stem and three wide stages (conv, max-pool, BatchNorm, GELU, plus a residual
+conv), max-pooled into a linear head; 1.98M parameters. Same data, augmentation and kind of loop as vit_scratch.py
+(AdamW, warm-up + cosine, label smoothing, flip test-time augmentation, the step captured as a CUDA graph on a GPU).
 
     python cnn_baseline.py --epochs 10 --data-dir /tmp/cifar10                      # GPU
     python cnn_baseline.py --epochs 1 --limit-train 5000 --limit-test 1000 --device cpu
@@ -18,11 +15,9 @@ training step captured once as a CUDA graph and replayed for every batch.
     python cnn_baseline.py --compare runs/          # table of the newest run of each script under runs/
     torchrun --standalone --nproc_per_node=4 cnn_baseline.py --sync-bn --batch-size 32   # 4 GPUs, global batch 128
 
-Measured (BENCHMARKS.md has every figure with its command), CIFAR-10 (JPEG q75 copy): `--epochs 10` on
-one H100 (torch 2.11) reaches 89.32% +- 0.25 over three seeds in 5.7 s of training once cuDNN is warm
-(11.5 s for the first CNN of a process); the CPU run above 28.4% (chance 10%) in 29 s on a 2-core CPU.
-Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt, curves.png,
-confusion.png. Needs common.py beside it.
+Measured (BENCHMARKS.md, CIFAR-10 JPEG q75 copy, one H100): `--epochs 10` 89.32% +- 0.25 (3 seeds) in 5.7 s of
+training once cuDNN is warm. Outputs in --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt,
+curves.png, confusion.png. Needs common.py beside it.
 """
 import argparse
 import json
@@ -38,100 +33,71 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl, check_positive,
-                    check_same_data, confusion_matrix, error_line, flag, given_flags, init_distributed, load_checkpoint,
-                    load_cifar10, load_weights, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
-                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, quiet_compile_on_cpu, read_jsonl,
-                    resumed_args, resuming_line, save_checkpoint, set_global_batch, stratified_subset, trim_metrics,
-                    undo_steps, wrap_distributed, write_json)
+import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
+from common import (DataError, TensorLoader, accuracy_from, confusion_matrix, load_cifar10,  # part 1
+                    per_class_accuracy, stratified_subset, undo_steps)
+from common import fraction, non_negative, positive_float, positive_int  # argparse types: a flag's range
 
 SCRIPT = "cnn_baseline"
 CHECKPOINT_VERSION = 2
 # Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "eager", "compile", "compile_mode", "no_download", "no_progress", "no_plots", "overwrite")
+RUNTIME_FLAGS = ("device", "eager", "no_download", "no_progress", "no_plots", "overwrite")
+LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = plumbing.make_parser(__doc__)
     a = p.add_argument
     # data
     a("--data-dir", default="./data",
       help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10; fail if --data-dir has none")
-    a("--limit-train", type=int, help="use a class-stratified subset of N training images")
-    a("--limit-test", type=int, help="use a class-stratified subset of N test images")
+    a("--limit-train", type=positive_int, help="use a class-stratified subset of N training images")
+    a("--limit-test", type=positive_int, help="use a class-stratified subset of N test images")
     # model
-    a("--widths", type=int, nargs="+", default=[32, 64, 256, 256],
+    a("--widths", type=positive_int, nargs="+", default=[32, 64, 256, 256],
       help="stem width, then one width per stage (each stage halves the resolution)")
     # optimisation
-    a("--epochs", type=int, default=10, help="passes over the training set")
-    a("--batch-size", type=int, default=128,
+    a("--epochs", type=positive_int, default=10, help="passes over the training set")
+    a("--batch-size", type=positive_int, default=128,
       help="images per step and process (under torchrun the global batch is this x processes)")
-    a("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    a("--weight-decay", type=float, default=0.05,
+    a("--lr", type=positive_float, default=3e-3, help="peak AdamW learning rate")
+    a("--weight-decay", type=non_negative, default=0.05,
       help="AdamW decoupled weight decay (not on BatchNorm weights and biases)")
-    a("--warmup", type=float, default=0.1, help="linear warm-up, as a fraction of all steps; cosine decay to 0 after")
-    a("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing in [0, 1)")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    a("--warmup", type=fraction, default=0.1, help="linear warm-up as a fraction of all steps; cosine decay to 0 after")
+    a("--label-smoothing", type=fraction, default=0.1, help="cross-entropy label smoothing in [0, 1)")
+    a("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global batch")
     a("--tta", action=argparse.BooleanOptionalAction, default=True,
       help="evaluate with flip test-time augmentation (mean of image and mirror logits)")
-    a("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    a("--max-steps", type=positive_int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling and augmentation")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--eager", action="store_true", help="CUDA: run each step eagerly instead of replaying a captured CUDA graph")
-    a("--compile", action="store_true", help="torch.compile the model (the first steps compile)")
-    a("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"], help="torch.compile mode")
     a("--out-dir", help="where results go (default: a new folder runs/cnn_baseline/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", help="continue from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--resume", help="continue from a run folder or its last.pt; its flags are kept (--epochs, --max-steps may grow)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no pictures (curves.png, confusion.png)")
-    a("--compare", metavar="DIR", help="print a table of the newest summary.json of each script under DIR, then exit")
+    a("--compare", metavar="DIR",
+      help="print a table of the newest summary.json of each script under DIR (or of one summary.json), then exit")
     return p
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    if len(args.widths) < 2 or min(args.widths) <= 0:
-        raise DataError(f"--widths needs a stem width and at least one stage width, all positive; got {args.widths}")
+    """The rules that involve two flags (each flag's own range is checked by its type=)."""
+    if len(args.widths) < 2:
+        raise DataError(f"--widths needs a stem width and at least one stage width; got {args.widths}")
     if len(args.widths) - 1 > 5:
         raise DataError(f"--widths gives {len(args.widths) - 1} stages, but 32-pixel images can only be halved 5 times")
-    check_positive(args, "lr")
-    for name in ("label_smoothing", "warmup"):
-        if not 0 <= getattr(args, name) < 1:
-            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
-    for name in ("limit_train", "limit_test", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise DataError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
-
-
-def experiment_args(argv):
-    """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
-    differs is refused, more --epochs or --max-steps extend the run)."""
-    parser = build_parser()
-    cli, given = parser.parse_args(argv), given_flags(parser, argv)
-    if "compile_mode" in given and not cli.compile:
-        raise DataError("--compile-mode has no effect without --compile; drop it, or add --compile")
-    if not cli.resume:
-        cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
-        return cli, None
-    ckpt = load_checkpoint(cli.resume, SCRIPT)
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
-                        parser=parser)
-    return args, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: a few wide stages, each halving the resolution (the shape the fast CIFAR-10 trainers use)
+# Model: edit freely; checkpoints record model_config, and BatchNorm's running statistics are part of the step.
 
 BN_MOMENTUM = 0.6  # running stats follow the last few batches: short runs evaluate with current statistics
 
@@ -184,18 +150,8 @@ def model_config(args, num_classes):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device, precision, optimiser, schedule
-
-def pick_device(name, local_rank=0):
-    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
+# Precision, optimizer and schedule. The learning rate is a device tensor under a CUDA graph: set it with
+# set_learning_rate (in place), never by assigning a float.
 
 def amp_dtype_for(device):
     """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
@@ -212,8 +168,7 @@ def autocast(device, dtype):
 
 
 def make_optimizer(model, args, device, capture):
-    """AdamW; no decay on BatchNorm weights and biases. With `capture` the learning rate is a device
-    tensor (the schedule writes it before every graph replay) and AdamW is capturable."""
+    """AdamW, no decay on BatchNorm weights and biases; under `capture` a device-tensor rate, capturable AdamW."""
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
@@ -224,8 +179,7 @@ def make_optimizer(model, args, device, capture):
 
 
 def place_learning_rate(optimizer, peak, device, capture):
-    """Record the peak learning rate and hold the current one where the step reads it: a device tensor
-    under CUDA-graph capture (also after loading a checkpoint), a float otherwise."""
+    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
     for group in optimizer.param_groups:
         group["peak_lr"] = peak
         group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
@@ -240,19 +194,23 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 def set_learning_rate(optimizer, factor):
-    """Peak x factor into every group; a device tensor is filled in place (no host sync, graph-safe)."""
+    """Peak x factor into every group, a device tensor in place (graph-safe); returns the rate, for the log."""
     for group in optimizer.param_groups:
         lr = group["peak_lr"] * factor
-        group["lr"].fill_(lr) if torch.is_tensor(group["lr"]) else group.__setitem__("lr", lr)
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    return optimizer.param_groups[0]["peak_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training step, eager or replayed as one CUDA graph
+# The step: edit train_step. The CUDA graph replays it unchanged, so nothing in it may read a value back to the
+# host (no .item(), no print, no Python branch on a tensor); the running statistics stay on the device.
 
 def train_step(model, optimizer, scaler, amp_dtype, label_smoothing, grad_clip, x, y, stats):
     """Forward, loss, backward, clipping, update (BatchNorm's running statistics included), and the running
-    [loss sum, correct] in `stats`: no host sync, so the same function runs eagerly and inside a CUDA
-    graph. (Gradients are zeroed before it, outside: in a graph, backward writes them in place.)"""
+    [loss sum, correct] added to `stats`. (Gradients are zeroed outside it: in a graph, backward writes in place.)"""
     with autocast(x.device, amp_dtype):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -273,10 +231,8 @@ def eager(step, optimizer):
 
 
 class CapturedStep:
-    """`step(x, y)` recorded once as a CUDA graph and replayed for every batch (PyTorch's whole-network
-    capture): a few warm-up steps on a side stream (allocations, cuDNN's algorithm choice, optimizer
-    state), whose effects are then undone, then one capture over static input buffers that each batch is
-    copied into."""
+    """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
+    every batch copied into its input buffers."""
 
     def __init__(self, step, x, y, model, optimizer, stats, warmup=3):
         self.x, self.y = x.clone(), y.clone()  # clone keeps channels_last
@@ -293,6 +249,7 @@ class CapturedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             step(self.x, self.y)
+        torch.cuda.synchronize()
 
     def __call__(self, x, y):
         self.x.copy_(x)
@@ -301,63 +258,30 @@ class CapturedStep:
 
 
 def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, capture):
-    """The function that trains on one batch: a CUDA graph replay where capture applies, else eager. A
-    capture (or compilation) that fails falls back to the plain eager step with one line, so a run never
-    dies of it."""
+    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
+    else train_step run eagerly; a capture that fails falls back to eager with one line."""
     step = partial(train_step, model, optimizer, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats)
     if capture:
         try:
             model.train()
             x, y = next(iter(loader))
-            return CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats)
+            t0 = time.perf_counter()
+            captured = CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats)
+            captured.seconds = time.perf_counter() - t0
+            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+            return captured
         except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({error_line(e)}); training eagerly")
+            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
             torch.cuda.synchronize()
-            if "forward" in vars(model):  # compiled: back to the plain module too
-                del model.forward
     return eager(step, optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training and evaluation
-
-def train_one_epoch(model, loader, run_step, learning_rate, step, last_step, stats, bar):
-    """One pass over the loader, stopping at last_step; returns (mean loss, accuracy, images, step reached,
-    the last learning rate). `learning_rate(step)` sets and returns the rate of that step. Statistics stay
-    on the device and are read every 20 steps (a host sync: progress and the non-finite check) and at the end."""
-    model.train()
-    stats.zero_()
-    layout = channels_last(loader.device)
-    seen, t0 = 0, time.perf_counter()
-    for x, y in loader:
-        lr = learning_rate(step)
-        run_step(x.contiguous(memory_format=layout), y)
-        step, seen = step + 1, seen + len(y)
-        bar.update(1)
-        if step % 20 == 0:
-            check_progress(stats, seen, step, lr, time.perf_counter() - t0, bar)
-        if step >= last_step:
-            break
-    total = all_reduce_sum(stats.clone(), loader.world_size).tolist()  # the epoch over all processes
-    seen *= loader.world_size
-    loss, acc = check_progress(total, seen, step, lr, time.perf_counter() - t0, bar)
-    return loss, acc, seen, step, lr
-
-
-def check_progress(stats, seen, step, lr, seconds, bar):
-    loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
-    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
-    if not bar.disable:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / seconds:,.0f}", lr=f"{lr:.2e}")
-    return loss, acc
-
+# Evaluation
 
 @torch.no_grad()
 def evaluate(model, loader, amp_dtype, num_classes, tta=False):
-    """(confusion matrix, mean cross-entropy) over the whole test set; under torchrun each process
-    evaluates its shard and the counts are summed, so every image counts exactly once."""
+    """(confusion matrix, mean cross-entropy) over the test set; under torchrun the shards' counts are summed."""
     model.eval()
     preds, labels, loss_sum = [], [], torch.zeros((), device=loader.device)
     for x, y in loader:
@@ -370,12 +294,114 @@ def evaluate(model, loader, amp_dtype, num_classes, tta=False):
         preds.append(logits.argmax(1))
         labels.append(y)
     cm = confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).to(loader.device)
-    cm, loss_sum = (all_reduce_sum(t, loader.world_size) for t in (cm, loss_sum))
+    cm, loss_sum = (plumbing.all_reduce_sum(t, loader.world_size) for t in (cm, loss_sum))
     return cm.cpu(), loss_sum.item() / loader.total
 
 
 # ----------------------------------------------------------------------------------------------------
-# The experiment
+# The experiment: everything a run does, in order, with the loop written out
+
+def main(argv=None):
+    with plumbing.one_line_errors(SCRIPT) as report:
+        args, ckpt = experiment_args(argv)
+        if args.compare:
+            return compare(args.compare)
+        rank, world_size, local_rank = plumbing.init_distributed(args.device)
+        plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
+        device = pick_device(args.device, local_rank, args.sync_bn and world_size > 1)
+        out_dir = open_run_folder(args, ckpt, report, rank)
+        data, train_idx, test_idx = load_data(args, ckpt)
+
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
+        layout = channels_last(device)
+        model = ResidualCNN(widths=args.widths, num_classes=len(data.classes)).to(device, memory_format=layout)
+        train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device,
+                                    train=True, seed=args.seed, rank=rank, world_size=world_size)
+        test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 2000, device, train=False,
+                                   rank=rank, world_size=world_size)
+        steps_per_epoch = len(train_loader)
+        total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+        amp_dtype = amp_dtype_for(device)
+        capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and world_size == 1 and not args.eager
+        optimizer = make_optimizer(model, args, device, capture)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        progress = Progress()
+        if ckpt:
+            progress = restore_run(ckpt, args, model, optimizer, scaler, device, capture, len(data.classes))
+            print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
+        start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, capture, train_idx, test_idx,
+                  steps_per_epoch)
+        trained = plumbing.wrap_distributed(model, device, world_size, sync_bn=args.sync_bn)
+        stats = torch.zeros(2, device=device)  # the epoch's [loss sum, correct], kept on the device
+        step = make_step(trained, optimizer, scaler, amp_dtype, args, stats, train_loader, layout, capture)
+        progress.train_seconds += getattr(step, "seconds", 0.0)  # a capture counts as training time
+
+        cm = None
+        for epoch in range(progress.epoch + 1, args.epochs + 1):
+            if progress.step >= total_steps:
+                break
+            train_loader.set_epoch(epoch)
+            trained.train()
+            stats.zero_()
+            seen = 0
+            t0 = time.perf_counter()
+            with plumbing.progress_bar(steps_per_epoch, f"epoch {epoch}/{args.epochs}",
+                                       args.no_progress or rank != 0) as bar:
+                for x, y in train_loader:
+                    lr = set_learning_rate(optimizer, lr_factor(progress.step, int(args.warmup * total_steps),
+                                                                total_steps))
+                    step(x.contiguous(memory_format=layout), y)
+                    progress.step += 1
+                    seen += len(y)
+                    bar.update(1)
+                    if progress.step % LOG_EVERY == 0:  # a host read: the bar and the non-finite check
+                        check_progress(stats, seen, progress.step, lr, time.perf_counter() - t0, bar)
+                    if progress.step >= total_steps:
+                        break
+                totals = plumbing.all_reduce_sum(stats.clone(), world_size)  # the epoch over all processes
+                seen *= world_size
+                loss, acc = check_progress(totals, seen, progress.step, lr, time.perf_counter() - t0, bar)
+            seconds = time.perf_counter() - t0  # the read-back above waited for the device
+            cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+            progress.epoch = epoch
+            progress.train_seconds += seconds
+            progress.images_seen += seen
+            log_epoch(args, out_dir, rank, dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc,
+                                                test_loss=test_loss, test_acc=accuracy_from(cm), lr=lr,
+                                                epoch_seconds=seconds, images_per_second=seen / seconds))
+            if rank == 0:
+                save_run(args, model, optimizer, scaler, progress, accuracy_from(cm), out_dir, data)
+        if cm is None:  # resumed a finished run: evaluate what it left
+            cm, _ = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+        summary = write_summary(args, model, progress, data, cm, device, out_dir) if rank == 0 else None
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+        return summary
+
+
+
+# ===== Run plumbing: nothing below changes what is trained =====
+
+# ----------------------------------------------------------------------------------------------------
+# Flags on resume, the run folder, data checks, the machine
+
+def experiment_args(argv):
+    """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
+    differs is refused, more --epochs or --max-steps extend the run)."""
+    parser = build_parser()
+    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    if not cli.resume:
+        cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        check_args(cli)
+        return cli, None
+    ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed")
+    args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
+                                 parser=parser)
+    return args, ckpt
+
 
 @dataclass
 class Progress:
@@ -387,13 +413,48 @@ class Progress:
     images_seen: int = 0
 
 
+def pick_device(name, local_rank=0, sync_bn=False):
+    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+    if sync_bn and name != "cuda":
+        raise DataError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only); drop it on CPU")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def open_run_folder(args, ckpt, report, rank):
+    """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
+    if rank == 0:
+        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+    return Path(args.out_dir or ".")
+
+
+def start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, capture, train_idx, test_idx,
+              steps_per_epoch):
+    """config.json (on a resume too: the flags in force), what Ctrl-C reports, and the start line."""
+    if rank == 0:
+        plumbing.write_json(out_dir / "config.json", vars(args))
+    last = out_dir / "last.pt"
+    report.resume = last
+    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
+                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
+    processes = f" ({args.world_size} processes x {args.batch_size})" if args.world_size > 1 else ""
+    print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | {device} {amp_dtype or torch.float32}"
+          f"{' graph' if capture else ''} | train {len(train_idx):,} test {len(test_idx):,} images | {steps_per_epoch} "
+          f"steps/epoch x {args.epochs} epochs, batch {args.global_batch}{processes} | out {out_dir}", flush=True)
+
+
 def load_data(args, ckpt, log=print):
     # a resumed run reads its own folder (never a download into it), unless --data-dir names another
     own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
     data = load_cifar10(args.data_dir, download=not args.no_download, log=log,
                         resumed_from=args.resume if own_folder else None)
     if ckpt:
-        check_same_data(ckpt, data, args.data_dir)
+        plumbing.check_same_data(ckpt, data, args.data_dir)
     train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
                                  every_class=True)
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
@@ -404,122 +465,9 @@ def load_data(args, ckpt, log=print):
     return data, train_idx, test_idx
 
 
-def main(argv=None):
-    with one_line_errors(SCRIPT) as report:
-        args, ckpt = experiment_args(argv)
-        if args.compare:
-            table = comparison_table(newest_summaries(args.compare))
-            print(table)
-            return table
-        check_args(args)
-        rank, world_size, local_rank = init_distributed(args.device)
-        set_global_batch(args, world_size, resuming=ckpt is not None)
-        device = pick_device(args.device, local_rank)
-        if args.sync_bn and world_size > 1 and device.type != "cuda":
-            raise DataError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only); drop it on CPU")
-        if rank == 0:  # the other processes write nothing
-            args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-        data, train_idx, test_idx = load_data(args, ckpt)
-        return train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, report)
-
-
-def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, report):
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
-    layout = channels_last(device)
-    model = ResidualCNN(widths=args.widths, num_classes=len(data.classes)).to(device, memory_format=layout)
-    train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device, train=True,
-                                seed=args.seed, rank=rank, world_size=world_size)
-    test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 2000, device, train=False, rank=rank,
-                               world_size=world_size)
-    steps_per_epoch = len(train_loader)
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    amp_dtype = amp_dtype_for(device)
-    capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and world_size == 1 and not args.eager
-    optimizer = make_optimizer(model, args, device, capture)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    progress, out_dir = Progress(), Path(args.out_dir or ".")
-    if ckpt:
-        progress = restore_run(ckpt, args, model, optimizer, scaler, device, capture, len(data.classes))
-        print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
-    if rank == 0:  # on a resume too: config.json holds the flags in force (an extended run's --epochs)
-        write_json(out_dir / "config.json", vars(args))
-    last = out_dir / "last.pt"
-    report.resume = last
-    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
-                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
-    print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | {device} {amp_dtype or torch.float32}"
-          f"{' graph' if capture else ''} | train {len(train_idx):,} test {len(test_idx):,} images | {steps_per_epoch} "
-          f"steps/epoch x {args.epochs} epochs, batch {args.global_batch}"
-          f"{f' ({world_size} processes x {args.batch_size})' if world_size > 1 else ''} | out {out_dir}", flush=True)
-
-    trained = wrap_distributed(model, device, world_size, sync_bn=args.sync_bn)
-    if args.compile and device.type != "cuda":
-        quiet_compile_on_cpu()
-    if args.compile:
-        trained.forward = torch.compile(trained.forward, mode=args.compile_mode)
-    stats = torch.zeros(2, device=device)
-    t0 = time.perf_counter()
-    run_step = make_step(trained, optimizer, scaler, amp_dtype, args, stats, train_loader, layout, capture) \
-        if progress.step < total_steps else None
-    if isinstance(run_step, CapturedStep):  # capture (and compilation) count as training time
-        torch.cuda.synchronize(device)
-        progress.train_seconds += time.perf_counter() - t0
-        print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
-
-    def learning_rate(step):
-        factor = lr_factor(step, int(args.warmup * total_steps), total_steps)
-        set_learning_rate(optimizer, factor)
-        return args.lr * factor
-
-    cm = None
-    for epoch in range(progress.epoch + 1, args.epochs + 1):
-        if progress.step >= total_steps:
-            break
-        train_loader.set_epoch(epoch)
-        with progress_bar(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.no_progress or rank != 0) as bar:
-            t0 = time.perf_counter()
-            loss, acc, seen, progress.step, lr = train_one_epoch(trained, train_loader, run_step, learning_rate,
-                                                                 progress.step, total_steps, stats, bar)
-            seconds = time.perf_counter() - t0  # the statistics' read-back above waited for the device
-        cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
-        test_acc = accuracy_from(cm)
-        progress.epoch, progress.train_seconds = epoch, progress.train_seconds + seconds
-        progress.images_seen += seen
-        log_epoch(args, out_dir, rank, epoch, progress.step, loss, acc, test_loss, test_acc, lr, seconds, seen)
-        if rank == 0:
-            save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data, device)
-    if cm is None:  # resumed a finished run: evaluate what it left
-        cm, _ = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
-    summary = write_summary(args, model, progress, data, cm, device, out_dir) if rank == 0 else None
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return summary
-
-
-def log_epoch(args, out_dir, rank, epoch, step, loss, acc, test_loss, test_acc, lr, seconds, seen):
-    row = {"epoch": epoch, "step": step, "train_loss": loss, "train_acc": acc, "test_loss": test_loss,
-           "test_acc": test_acc, "lr": lr, "epoch_seconds": seconds, "images_per_second": seen / seconds}
-    if rank == 0:
-        append_jsonl(out_dir / "metrics.jsonl", row)
-    print(f"epoch {epoch:>3}/{args.epochs} | train loss {loss:.4f} acc {acc:.2%} | test loss {test_loss:.4f} "
-          f"acc {test_acc:.2%} | lr {lr:.2e} | {seen / seconds:,.0f} img/s | {seconds:.1f}s", flush=True)
-
-
-def save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data, device):
-    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet)."""
-    is_best = test_acc > progress.best_acc
-    progress.best_acc = max(progress.best_acc, test_acc)
-    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "state": asdict(progress), "args": vars(args),
-            "data_fingerprint": data.fingerprint}
-    save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
-
-
 def restore_run(ckpt, args, model, optimizer, scaler, device, capture, num_classes):
     """Weights, optimizer state and scaler from a checkpoint; returns its Progress."""
-    load_weights(model, ckpt, args.resume, model_config(args, num_classes))
+    plumbing.load_weights(model, ckpt, args.resume, model_config(args, num_classes))
     optimizer.load_state_dict(ckpt["optimizer"])
     place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
     for group in optimizer.param_groups:
@@ -527,8 +475,40 @@ def restore_run(ckpt, args, model, optimizer, scaler, device, capture, num_class
     for s in optimizer.state.values():  # fused and capturable AdamW keep the step count on the device
         s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     scaler.load_state_dict(ckpt["scaler"])
-    trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
+    plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return Progress(**ckpt["state"])
+
+
+def save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data):
+    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet)."""
+    is_best = test_acc > progress.best_acc
+    progress.best_acc = max(progress.best_acc, test_acc)
+    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "state": asdict(progress), "args": vars(args),
+            "data_fingerprint": data.fingerprint}
+    plumbing.save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress, logs, summary
+
+def check_progress(stats, seen, step, lr, seconds, bar):
+    loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
+    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+    if not math.isfinite(loss):
+        raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / seconds:,.0f}", lr=f"{lr:.2e}")
+    return loss, acc
+
+
+def log_epoch(args, out_dir, rank, row):
+    if rank == 0:
+        plumbing.append_jsonl(out_dir / "metrics.jsonl", row)
+    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
+          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
+          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
 
 
 def write_summary(args, model, progress, data, cm, device, out_dir):
@@ -541,25 +521,31 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
         "global_batch": args.global_batch,
         "test_acc": accuracy_from(cm), "best_test_acc": progress.best_acc, "train_seconds": progress.train_seconds,
         "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
+        "peak_memory_mb": plumbing.peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "args": vars(args), "classes": data.classes,
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
-    write_json(out_dir / "summary.json", summary)
+    plumbing.write_json(out_dir / "summary.json", summary)
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
     print("per class: " + ", ".join(shown), flush=True)
     if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
-        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        plumbing.plot_curves(plumbing.read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+        plumbing.plot_confusion(cm, data.classes, out_dir / "confusion.png")
         print(f"pictures in {out_dir}: curves.png, confusion.png")
     return summary
 
 
 # ----------------------------------------------------------------------------------------------------
 # The comparison a student pastes into a report
+
+def compare(root):
+    table = comparison_table(newest_summaries(root))
+    print(table)
+    return table
+
 
 def newest_summaries(root):
     """The newest summary.json of each script (and fine-tuning mode) under root, by file time; root may also be

@@ -1,6 +1,8 @@
-"""Code that at least two of the course scripts use: command-line plumbing, CIFAR-10 loading and on-device
-augmentation, torchrun helpers, image patching, classification metrics, charts and run outputs. A script copied
-into another repository needs only this file beside it; loops, devices, precision and optimisers stay in each script.
+"""What the course scripts share, in two parts. Part 1, what the experiments use: CIFAR-10 in memory, the
+guide's augmentation on the device (TensorLoader), patching, classification metrics, seeds and the CUDA-graph
+warm-up undo. Part 2, below the banner, run plumbing that never changes what is trained: one-line errors, flags,
+resume, run folders and atomic outputs, torchrun, charts. A script copied elsewhere needs only this file beside it;
+models, loops, devices, precision and optimisers stay in each script.
 """
 import argparse
 import errno
@@ -12,6 +14,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -30,181 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Every from_pretrained of a model passes these: transformers >= 5.x would otherwise fetch kernels from the Hub and
-# swap them into the model at train()/eval() (code from the network, other numbers offline than online).
-NO_HUB_KERNELS = {"use_kernels": False}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the study guide's constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Errors and the command line: every way a run ends early is one line on stderr
-
-class DataError(Exception):
-    """Bad input (a flag, the data, a checkpoint); the message says what is wrong and what to do."""
-
-
-class NonFiniteLoss(ArithmeticError):
-    """The training loss became NaN or infinite; the message names the step and learning rate."""
-
-
-class OutputWriteError(OSError):
-    """An output file (checkpoint, summary, picture, ...) could not be written (full disk, ...); the previous
-    version of that file, if any, is intact."""
-
-
-CheckpointWriteError = OutputWriteError  # the name the scripts and tests have used
-
-
-def error_line(error, limit=200):
-    """An exception in one short line, for a fallback's log: its type and the first line of its message, if any
-    (some errors, such as a bare AssertionError, have none)."""
-    first = (str(error).strip().splitlines() or [""])[0][:limit]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
-@contextmanager
-def one_line_errors(script, memory_hint="--batch-size"):
-    """The one path from a failure to its one-line message: bad input (DataError, argparse's included) exits 2;
-    Ctrl-C 130, with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint write 1. The
-    script fills in the report (saved(): what is on disk; resume: the file --resume takes). An output folder
-    this run created and left empty is removed."""
-    report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
-                             created_out_dir=False, lock=None)
-    try:
-        yield report
-    except DataError as e:
-        _stop(script, str(e), 2, report)
-    except KeyboardInterrupt:
-        resume = report.resume and Path(report.resume).exists()
-        hint = f"\nresume with: python {script}.py --resume {report.resume}" if resume else ""
-        _stop(script, f"interrupted; {report.saved()}{hint}", 130, report, prefix="")
-    except torch.OutOfMemoryError:
-        _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {report.saved()}", 1, report)
-    except NonFiniteLoss as e:
-        _stop(script, f"{e}; try a lower --lr (or a smaller --grad-clip); {report.saved()}", 1, report)
-    except OutputWriteError as e:
-        _stop(script, f"{e}; free some space or pick another --out-dir", 1, report)
-    finally:
-        if report.lock is not None:  # main() may be called again in the same process (a notebook)
-            report.lock.close()
-            report.lock = None
-
-
-def _stop(script, message, code, report, prefix="error: "):
-    out = report.out_dir
-    if report.created_out_dir and out and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
-        (out / LOCK_FILE).unlink(missing_ok=True)  # a failed run leaves no empty folder behind
-        out.rmdir()
-    print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a flag's default once, and only where it says something (not None, not a switch's False)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-def make_parser(doc):
-    """A parser described by the docstring's first paragraph, its commands as epilog, errors as DataError."""
-    examples = [line for line in doc.splitlines() if line.split()[:1] in (["python"], ["torchrun"])]
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
-                                     epilog="examples:\n" + "\n".join(examples) if examples else None)
-
-    def error(message):
-        raise DataError(message)
-    parser.error = error
-    return parser
-
-
-def given_flags(parser, argv):
-    """The destinations of the flags typed on the command line, whatever their values."""
-    actions = [a for a in parser._actions if a.option_strings]
-    defaults = [a.default for a in actions]
-    for a in actions:
-        a.default = argparse.SUPPRESS
-    try:
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for a, d in zip(actions, defaults):
-            a.default = d
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def check_positive(args, *names):
-    """Each named flag, if set, must be a finite number > 0 (one line naming the flag and the value typed)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise DataError(f"{flag(name)} must be a finite number, got {value}")
-        if value is not None and value <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {value}")
-
-
-def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
-    """The flags a checkpoint saved, with the `runtime` ones from the command line. Other typed flags must
-    equal the saved ones (DataError naming both as a user types them), except `extendable` ones (--epochs,
-    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened."""
-    cli.resume = str(checkpoint_arg(cli.resume))  # a run folder stands for its checkpoint
-    args = argparse.Namespace(**saved)
-    for name in runtime:
-        setattr(args, name, getattr(cli, name))
-    for name in sorted(given - set(runtime) - {"resume", "out_dir", "data_dir"}):
-        new, old = getattr(cli, name), saved.get(name)
-        if new == old:
-            continue
-        if name not in extendable:
-            raise DataError(f"{as_typed(parser, name, new)} differs from the checkpoint's {as_typed(parser, name, old)}"
-                            f": a resumed run keeps its settings; drop {flag(name)}, or start a new run to change it")
-        if (math.inf if new is None else new) < (math.inf if old is None else old):
-            raise DataError(f"{as_typed(parser, name, new)} is below the run's {as_typed(parser, name, old)}: a "
-                            f"resumed run can be extended, not shortened; start a new run for a shorter one")
-        setattr(args, name, new)
-    if "out_dir" in given and Path(cli.out_dir).resolve() != Path(cli.resume).parent.resolve():
-        raise DataError(f"--out-dir {cli.out_dir}: a resumed run continues in its own folder "
-                        f"({Path(cli.resume).parent}); copy that folder first to branch off")
-    args.resume, args.out_dir = cli.resume, str(Path(cli.resume).parent)
-    if "data_dir" in given:
-        args.data_dir = cli.data_dir  # the script checks that it holds the run's data
-    return args
-
-
-def as_typed(parser, name, value):
-    """A flag's value as a user types it: --tta / --no-tta, --eager, --widths 32 64; (no --limit-train) for unset."""
-    action = next((a for a in parser._actions if a.dest == name), None) if parser else None
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return action.option_strings[0] if value else action.option_strings[-1]
-    if isinstance(action, argparse._StoreTrueAction):
-        return flag(name) if value else f"(no {flag(name)})"
-    if value is None:
-        return f"(no {flag(name)})"
-    if isinstance(value, (list, tuple)):
-        return f"{flag(name)} {' '.join(map(str, value))}"
-    return f"{flag(name)} {value}"
-
-
-def resuming_line(path, progress, steps_per_epoch, total_steps):
-    """What a run resumed from a per-epoch checkpoint prints first. Batches of an epoch that --max-steps cut
-    short are not trained on resume (the next epoch starts): the line says how many."""
-    line = f"resuming {path} after epoch {progress.epoch} (step {progress.step})"
-    cut = progress.epoch * steps_per_epoch - progress.step
-    if cut > 0 and progress.step < total_steps:
-        line += f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
-    return line
-
-
-def derived_seed(*parts):
-    """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank): hashing keeps streams apart."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -236,23 +67,8 @@ def load_cifar10(data_dir, download=True, image_size=32, log=print, resumed_from
     if (root / "train").is_dir() and (root / "test").is_dir():
         return _load_imagefolder_cached(root, image_size, log)
     batches = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
-    missing = (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree (train/<class>/*, "
-               f"test/<class>/*) or at torchvision's folder holding cifar-10-batches-py (downloaded when online)")
-    if resumed_from and not batches.is_dir():
-        raise DataError(f"--resume {resumed_from}: the run's data folder {root} no longer holds CIFAR-10 (moved or "
-                        f"deleted?); pass --data-dir with the folder that holds it now")
-    if not batches.is_dir() and download:
-        from torchvision.datasets import CIFAR10
-        created = [p for p in (root, *root.parents) if not p.exists()]
-        try:
-            CIFAR10(root=str(root), train=True, download=True)
-        except Exception as e:  # offline, proxy, disk full...: all mean the same thing to the user
-            for folder in created:  # what the failed download made, if nothing else is in it
-                with suppress(OSError):
-                    shutil.rmtree(folder) if folder == root and not batches.exists() else folder.rmdir()
-            raise DataError(f"{missing}; the download failed: {type(e).__name__}: {e}") from None
     if not batches.is_dir():
-        raise DataError(missing)
+        _download_cifar10(root, batches, download, resumed_from)
     data = _load_torchvision_batches(batches)
     if image_size != 32:
         data.train_x, data.test_x = _resize(data.train_x, image_size), _resize(data.test_x, image_size)
@@ -262,29 +78,6 @@ def load_cifar10(data_dir, download=True, image_size=32, log=print, resumed_from
 def _resize(x, size):
     x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
     return x.round().clamp(0, 255).to(torch.uint8)
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR's batches are pickles: allow only what they hold (numpy arrays; protocol-2 files spell bytes as
-    _codecs.encode), so that a tampered file cannot run code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}  # protocol 5
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
-
-
-def _read_batch(path):
-    try:
-        with open(path, "rb") as f:
-            return _ArrayUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: the torchvision CIFAR-10 folder is incomplete") from None
-    except Exception as e:
-        raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}); delete the folder to re-download") from None
 
 
 def _load_torchvision_batches(batches):
@@ -300,74 +93,6 @@ def _load_torchvision_batches(batches):
     test_x, test_y = split(["test_batch"])
     meta = {text(k): v for k, v in _read_batch(batches / "batches.meta").items()}
     return ImageDataset(train_x, train_y, test_x, test_y, [text(c) for c in meta["label_names"]], "torchvision")
-
-
-def _visible(folder):
-    """A folder's entries by name (scandir: no system call per file), hidden ones (.DS_Store, ...) left out."""
-    return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-
-
-def _list_imagefolder(root, image_size, log):
-    """({split: [(path, class index)]}, class names, a key of every image's name, size and time for the decode
-    cache). Non-images (by suffix) are reported and skipped."""
-    classes = [e.name for e in _visible(root / "train") if e.is_dir()]
-    if not classes:
-        raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
-    test_classes = [e.name for e in _visible(root / "test") if e.is_dir()]
-    if test_classes != classes:
-        missing = sorted(set(classes) ^ set(test_classes))
-        raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
-    files, others, broken, key = {}, [], [], hashlib.sha1(f"v1 {image_size}".encode())
-    for split in ("train", "test"):
-        entries = []
-        for k, c in enumerate(classes):
-            for e in _visible(root / split / c):
-                stat = loop = None
-                try:  # follows links: a link loop raises, a dangling link is no file
-                    stat = e.stat() if e.is_file() else None
-                except OSError as error:
-                    loop = error.errno == errno.ELOOP
-                if stat is not None:
-                    entries.append((f"{split}/{c}/{e.name}", k, stat))
-                elif e.is_symlink():
-                    broken.append(f"{split}/{c}/{e.name} ({'link loop' if loop else 'dangling link'})")
-        images = [(rel, k, st) for rel, k, st in entries if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES]
-        others += [rel for rel, _, _ in entries if os.path.splitext(rel)[1].lower() not in IMAGE_SUFFIXES]
-        if not images:
-            raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        files[split] = [(rel, k) for rel, k, _ in images]
-        key.update("".join(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n" for rel, k, st in images).encode())
-    if others:
-        log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' * (len(others) > 3)}")
-    if broken:
-        log(f"skipped {len(broken)} broken link(s) in {root}: {', '.join(broken[:3])}{' ...' * (len(broken) > 3)}")
-    return files, classes, key.hexdigest()
-
-
-def _load_imagefolder_cached(root, image_size, log):
-    """Decode the tree once: the arrays are cached beside it (in ~/.cache when that is read-only), keyed by the
-    files' names, sizes and times; a cache that cannot be read is rebuilt."""
-    files, classes, key = _list_imagefolder(root, image_size, log)
-    name, names = f".decoded-{image_size}px.npz", ("train_x", "train_y", "test_x", "test_y")
-    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-course"
-    paths = [root / name, user / f"{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}{name}"]
-    for path in filter(Path.is_file, paths):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == key:
-                    return ImageDataset(*(torch.from_numpy(z[k]) for k in names), classes, "imagefolder")
-        except Exception as e:  # cut short or corrupted: a miss
-            log(f"the decode cache {path} could not be read ({type(e).__name__}); decoding the images again")
-    arrays = dict(zip(names, [*_decode_split(root, files["train"], image_size, log),
-                              *_decode_split(root, files["test"], image_size, log)]))
-    for path in paths:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, lambda f: np.savez(f, fingerprint=key, **arrays))
-            break
-        except OSError:
-            continue  # read-only data folder: try the user cache
-    return ImageDataset(*(torch.from_numpy(arrays[k]) for k in names), classes, "imagefolder")
 
 
 def open_rgb(path):
@@ -501,6 +226,284 @@ class TensorLoader:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Patching
+
+def img_to_patch(x, patch_size, flatten_channels=True):
+    """[B, C, H, W] -> [B, num_patches, C*P*P] (or [B, num_patches, C, P, P]): the study guide's function."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch_size, patch_size, W // patch_size, patch_size)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # [B, H', W', C, P, P]
+    x = x.flatten(1, 2)  # [B, H'*W', C, P, P]
+    if flatten_channels:
+        x = x.flatten(2, 4)  # [B, H'*W', C*P*P]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classification metrics
+
+def confusion_matrix(preds, targets, num_classes):
+    """[K, K] counts, rows = true class, columns = predicted class."""
+    idx = targets.long().cpu() * num_classes + preds.long().cpu()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def accuracy_from(cm):
+    """Top-1 accuracy from a confusion matrix, computed on integers (no float32 noise in the summary)."""
+    return int(cm.diag().sum()) / max(int(cm.sum()), 1)
+
+
+def per_class_accuracy(cm):
+    """Per true class, the fraction predicted right; None for a class with no test image."""
+    return [int(cm[k, k]) / int(cm[k].sum()) if cm[k].sum() else None for k in range(len(cm))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds and CUDA-graph warm-ups
+
+def derived_seed(*parts):
+    """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank): hashing keeps streams apart."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def undo_steps(tensors, optimizers, rng=None):
+    """A function that puts back what optimizer steps taken from now on change: `tensors` (weights, buffers,
+    running statistics), the optimizers' state (state they create starts from zero, as a fresh optimizer's)
+    and, if given, the state of `rng` (torch or torch.cuda: the generator dropout draws from)."""
+    saved = [t.detach().clone() for t in tensors]
+    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+              for opt in optimizers for p, s in opt.state.items()}
+    rng_state = rng.get_rng_state() if rng else None
+
+    def undo():
+        for t, w in zip(tensors, saved):
+            t.detach().copy_(w)
+        for opt in optimizers:
+            for p, state in opt.state.items():
+                old = before.get(id(p), {})
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        v.copy_(old[k]) if k in old else v.zero_()
+        if rng:
+            rng.set_rng_state(rng_state)
+    return undo
+
+
+# ===== Run plumbing: nothing below changes what is trained =====
+
+# Every from_pretrained of a model passes these: transformers >= 5.x would otherwise fetch kernels from the Hub and
+# swap them into the model at train()/eval() (code from the network, other numbers offline than online).
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and the command line: every way a run ends early is one line on stderr
+
+class DataError(Exception):
+    """Bad input (a flag, the data, a checkpoint); the message says what is wrong and what to do."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite; the message names the step and learning rate."""
+
+
+class OutputWriteError(OSError):
+    """An output file (checkpoint, summary, picture, ...) could not be written (full disk, ...); the previous
+    version of that file, if any, is intact."""
+
+
+CheckpointWriteError = OutputWriteError  # the name the scripts and tests have used
+
+
+def error_line(error, limit=200):
+    """An exception in one short line, for a fallback's log: its type and the first line of its message, if any
+    (some errors, such as a bare AssertionError, have none)."""
+    first = (str(error).strip().splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+@contextmanager
+def one_line_errors(script, memory_hint="--batch-size"):
+    """The one path from a failure to its one-line message: bad input (DataError, argparse's included) exits 2;
+    Ctrl-C 130, with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint write 1. The
+    script fills in the report (saved(): what is on disk; resume: the file --resume takes). An output folder
+    this run created and left empty is removed."""
+    report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
+                             created_out_dir=False, lock=None)
+    try:
+        yield report
+    except DataError as e:
+        _stop(script, str(e), 2, report)
+    except KeyboardInterrupt:
+        resume = report.resume and Path(report.resume).exists()
+        hint = f"\nresume with: python {script}.py --resume {report.resume}" if resume else ""
+        _stop(script, f"interrupted; {report.saved()}{hint}", 130, report, prefix="")
+    except torch.OutOfMemoryError:
+        _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {report.saved()}", 1, report)
+    except NonFiniteLoss as e:
+        _stop(script, f"{e}; try a lower --lr (or a smaller --grad-clip); {report.saved()}", 1, report)
+    except OutputWriteError as e:
+        _stop(script, f"{e}; free some space or pick another --out-dir", 1, report)
+    finally:
+        if report.lock is not None:  # main() may be called again in the same process (a notebook)
+            report.lock.close()
+            report.lock = None
+
+
+def _stop(script, message, code, report, prefix="error: "):
+    out = report.out_dir
+    if report.created_out_dir and out and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+        (out / LOCK_FILE).unlink(missing_ok=True)  # a failed run leaves no empty folder behind
+        out.rmdir()
+    print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default once, and only where it says something (not None, not a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def make_parser(doc):
+    """A parser described by the docstring's first paragraph, its commands as epilog, errors as DataError."""
+    examples = [line for line in doc.splitlines() if line.split()[:1] in (["python"], ["torchrun"])]
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     epilog="examples:\n" + "\n".join(examples) if examples else None)
+
+    def error(message):  # "argument --lr: must be positive, got 0" -> "--lr must be positive, got 0"
+        raise DataError(re.sub(r"^argument (-[\w-]+)(?:/[\w/-]+)?: (must .*)", r"\1 \2", message))
+    parser.error = error
+    return parser
+
+
+# argparse types: each flag's range is checked where the flag is declared (type=positive_int, ...)
+
+def positive_int(text):
+    value = _number(text, int, "a whole number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = _number(text, float, "a number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative(text):
+    value = _number(text, float, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
+    return value
+
+
+def fraction(text):
+    value = _number(text, float, "a number")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _number(text, kind, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags typed on the command line, whatever their values."""
+    actions = [a for a in parser._actions if a.option_strings]
+    defaults = [a.default for a in actions]
+    for a in actions:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in zip(actions, defaults):
+            a.default = d
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_positive(args, *names):
+    """Each named flag, if set, must be a finite number > 0 (one line naming the flag and the value typed)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise DataError(f"{flag(name)} must be a finite number, got {value}")
+        if value is not None and value <= 0:
+            raise DataError(f"{flag(name)} must be positive, got {value}")
+
+
+def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
+    """The flags a checkpoint saved, with the `runtime` ones from the command line. Other typed flags must
+    equal the saved ones (DataError naming both as a user types them), except `extendable` ones (--epochs,
+    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened."""
+    cli.resume = str(checkpoint_arg(cli.resume))  # a run folder stands for its checkpoint
+    args = argparse.Namespace(**saved)
+    for action in parser._actions if parser else []:  # a flag added after the checkpoint was written: its default
+        if action.dest != "help" and not hasattr(args, action.dest):
+            setattr(args, action.dest, action.default)
+    for name in runtime:
+        setattr(args, name, getattr(cli, name))
+    for name in sorted(given - set(runtime) - {"resume", "out_dir", "data_dir"}):
+        new, old = getattr(cli, name), saved.get(name)
+        if new == old:
+            continue
+        if name not in extendable:
+            raise DataError(f"{as_typed(parser, name, new)} differs from the checkpoint's {as_typed(parser, name, old)}"
+                            f": a resumed run keeps its settings; drop {flag(name)}, or start a new run to change it")
+        if (math.inf if new is None else new) < (math.inf if old is None else old):
+            raise DataError(f"{as_typed(parser, name, new)} is below the run's {as_typed(parser, name, old)}: a "
+                            f"resumed run can be extended, not shortened; start a new run for a shorter one")
+        setattr(args, name, new)
+    if "out_dir" in given and Path(cli.out_dir).resolve() != Path(cli.resume).parent.resolve():
+        raise DataError(f"--out-dir {cli.out_dir}: a resumed run continues in its own folder "
+                        f"({Path(cli.resume).parent}); copy that folder first to branch off")
+    args.resume, args.out_dir = cli.resume, str(Path(cli.resume).parent)
+    if "data_dir" in given:
+        args.data_dir = cli.data_dir  # the script checks that it holds the run's data
+    return args
+
+
+def as_typed(parser, name, value):
+    """A flag's value as a user types it: --tta / --no-tta, --eager, --widths 32 64; (no --limit-train) for unset."""
+    action = next((a for a in parser._actions if a.dest == name), None) if parser else None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return action.option_strings[0] if value else action.option_strings[-1]
+    if isinstance(action, argparse._StoreTrueAction):
+        return flag(name) if value else f"(no {flag(name)})"
+    if value is None:
+        return f"(no {flag(name)})"
+    if isinstance(value, (list, tuple)):
+        return f"{flag(name)} {' '.join(map(str, value))}"
+    return f"{flag(name)} {value}"
+
+
+def resuming_line(path, progress, steps_per_epoch, total_steps):
+    """What a run resumed from a per-epoch checkpoint prints first. Batches of an epoch that --max-steps cut
+    short are not trained on resume (the next epoch starts): the line says how many."""
+    line = f"resuming {path} after epoch {progress.epoch} (step {progress.step})"
+    cut = progress.epoch * steps_per_epoch - progress.step
+    if cut > 0 and progress.step < total_steps:
+        line += f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------
 # torchrun: one process per device; without torchrun everything below is a no-op
 
 def init_distributed(device_name):
@@ -549,127 +552,118 @@ def all_reduce_sum(value, world_size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CUDA graphs: a capture is preceded by warm-up steps whose effects must not count
+# CIFAR-10 input hardening: downloads, allow-listed pickles, odd files in ImageFolder trees, the decode cache
 
-def undo_steps(tensors, optimizers, rng=None):
-    """A function that puts back what optimizer steps taken from now on change: `tensors` (weights, buffers,
-    running statistics), the optimizers' state (state they create starts from zero, as a fresh optimizer's)
-    and, if given, the state of `rng` (torch or torch.cuda: the generator dropout draws from)."""
-    saved = [t.detach().clone() for t in tensors]
-    before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-              for opt in optimizers for p, s in opt.state.items()}
-    rng_state = rng.get_rng_state() if rng else None
-
-    def undo():
-        for t, w in zip(tensors, saved):
-            t.detach().copy_(w)
-        for opt in optimizers:
-            for p, state in opt.state.items():
-                old = before.get(id(p), {})
-                for k, v in state.items():
-                    if torch.is_tensor(v):
-                        v.copy_(old[k]) if k in old else v.zero_()
-        if rng:
-            rng.set_rng_state(rng_state)
-    return undo
-
-
-# ----------------------------------------------------------------------------------------------------
-# Patching
-
-def img_to_patch(x, patch_size, flatten_channels=True):
-    """[B, C, H, W] -> [B, num_patches, C*P*P] (or [B, num_patches, C, P, P]): the study guide's function."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // patch_size, patch_size, W // patch_size, patch_size)
-    x = x.permute(0, 2, 4, 1, 3, 5)  # [B, H', W', C, P, P]
-    x = x.flatten(1, 2)  # [B, H'*W', C, P, P]
-    if flatten_channels:
-        x = x.flatten(2, 4)  # [B, H'*W', C*P*P]
-    return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# Classification metrics
-
-def confusion_matrix(preds, targets, num_classes):
-    """[K, K] counts, rows = true class, columns = predicted class."""
-    idx = targets.long().cpu() * num_classes + preds.long().cpu()
-    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
-def accuracy_from(cm):
-    """Top-1 accuracy from a confusion matrix, computed on integers (no float32 noise in the summary)."""
-    return int(cm.diag().sum()) / max(int(cm.sum()), 1)
-
-
-def per_class_accuracy(cm):
-    """Per true class, the fraction predicted right; None for a class with no test image."""
-    return [int(cm[k, k]) / int(cm[k].sum()) if cm[k].sum() else None for k in range(len(cm))]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Charts with matplotlib when it is installed
-
-def _pyplot(name, log):
+def _download_cifar10(root, batches, download, resumed_from):
+    """torchvision's download into `root`, or one line saying what is missing; a failed download leaves no folder
+    behind, and a resumed run never downloads into its old place."""
+    missing = (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree (train/<class>/*, "
+               f"test/<class>/*) or at torchvision's folder holding cifar-10-batches-py (downloaded when online)")
+    if resumed_from:
+        raise DataError(f"--resume {resumed_from}: the run's data folder {root} no longer holds CIFAR-10 (moved or "
+                        f"deleted?); pass --data-dir with the folder that holds it now")
+    if not download:
+        raise DataError(missing)
+    from torchvision.datasets import CIFAR10
+    created = [p for p in (root, *root.parents) if not p.exists()]
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        log(f"skipped {name}: it needs matplotlib (pip install matplotlib)")
-        return None
+        CIFAR10(root=str(root), train=True, download=True)
+    except Exception as e:  # offline, proxy, disk full...: all mean the same thing to the user
+        for folder in created:  # what the failed download made, if nothing else is in it
+            with suppress(OSError):
+                shutil.rmtree(folder) if folder == root and not batches.exists() else folder.rmdir()
+        raise DataError(f"{missing}; the download failed: {type(e).__name__}: {e}") from None
 
 
-CURVES = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")), ("learning rate", ("lr",)))
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles: allow only what they hold (numpy arrays; protocol-2 files spell bytes as
+    _codecs.encode), so that a tampered file cannot run code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}  # protocol 5
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
-def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
-    """One figure, a panel per (title, metric keys), each key plotted against `x`. None without matplotlib."""
-    plt = _pyplot(Path(path).name, log)
-    if plt is None:
-        return None
-    from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            points = [(r[x], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3,
-                        label=key.replace("_", " "))
-        ax.set(title=title, xlabel=x)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+def _read_batch(path):
     try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: the torchvision CIFAR-10 folder is incomplete") from None
+    except Exception as e:
+        raise DataError(f"{path} is unreadable ({type(e).__name__}: {e}); delete the folder to re-download") from None
 
 
-def plot_confusion(cm, classes, path, log=print):
-    """The confusion matrix normalised per true class, values printed in the cells. None without matplotlib."""
-    plt = _pyplot(Path(path).name, log)
-    if plt is None:
-        return None
-    rates = (cm.float() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(classes), 0.8 + 0.55 * len(classes)))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
-    fig.tight_layout()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+def _visible(folder):
+    """A folder's entries by name (scandir: no system call per file), hidden ones (.DS_Store, ...) left out."""
+    return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _list_imagefolder(root, image_size, log):
+    """({split: [(path, class index)]}, class names, a key of every image's name, size and time for the decode
+    cache). Non-images (by suffix) are reported and skipped."""
+    classes = [e.name for e in _visible(root / "train") if e.is_dir()]
+    if not classes:
+        raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
+    test_classes = [e.name for e in _visible(root / "test") if e.is_dir()]
+    if test_classes != classes:
+        missing = sorted(set(classes) ^ set(test_classes))
+        raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
+    files, others, broken, key = {}, [], [], hashlib.sha1(f"v1 {image_size}".encode())
+    for split in ("train", "test"):
+        entries = []
+        for k, c in enumerate(classes):
+            for e in _visible(root / split / c):
+                stat = loop = None
+                try:  # follows links: a link loop raises, a dangling link is no file
+                    stat = e.stat() if e.is_file() else None
+                except OSError as error:
+                    loop = error.errno == errno.ELOOP
+                if stat is not None:
+                    entries.append((f"{split}/{c}/{e.name}", k, stat))
+                elif e.is_symlink():
+                    broken.append(f"{split}/{c}/{e.name} ({'link loop' if loop else 'dangling link'})")
+        images = [(rel, k, st) for rel, k, st in entries if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES]
+        others += [rel for rel, _, _ in entries if os.path.splitext(rel)[1].lower() not in IMAGE_SUFFIXES]
+        if not images:
+            raise DataError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files[split] = [(rel, k) for rel, k, _ in images]
+        key.update("".join(f"{rel} {k} {st.st_size} {st.st_mtime_ns}\n" for rel, k, st in images).encode())
+    if others:
+        log(f"ignored {len(others)} non-image file(s) in {root}: {', '.join(others[:3])}{' ...' * (len(others) > 3)}")
+    if broken:
+        log(f"skipped {len(broken)} broken link(s) in {root}: {', '.join(broken[:3])}{' ...' * (len(broken) > 3)}")
+    return files, classes, key.hexdigest()
+
+
+def _load_imagefolder_cached(root, image_size, log):
+    """Decode the tree once: the arrays are cached beside it (in ~/.cache when that is read-only), keyed by the
+    files' names, sizes and times; a cache that cannot be read is rebuilt."""
+    files, classes, key = _list_imagefolder(root, image_size, log)
+    name, names = f".decoded-{image_size}px.npz", ("train_x", "train_y", "test_x", "test_y")
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-course"
+    paths = [root / name, user / f"{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}{name}"]
+    for path in filter(Path.is_file, paths):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == key:
+                    return ImageDataset(*(torch.from_numpy(z[k]) for k in names), classes, "imagefolder")
+        except Exception as e:  # cut short or corrupted: a miss
+            log(f"the decode cache {path} could not be read ({type(e).__name__}); decoding the images again")
+    arrays = dict(zip(names, [*_decode_split(root, files["train"], image_size, log),
+                              *_decode_split(root, files["test"], image_size, log)]))
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, lambda f: np.savez(f, fingerprint=key, **arrays))
+            break
+        except OSError:
+            continue  # read-only data folder: try the user cache
+    return ImageDataset(*(torch.from_numpy(arrays[k]) for k in names), classes, "imagefolder")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -967,3 +961,66 @@ def progress_bar(total, desc, disable=False):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
                 disable=disable or not sys.stderr.isatty())
+# ----------------------------------------------------------------------------------------------------
+# Charts with matplotlib when it is installed
+
+def _pyplot(name, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        log(f"skipped {name}: it needs matplotlib (pip install matplotlib)")
+        return None
+
+
+CURVES = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")), ("learning rate", ("lr",)))
+
+
+def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
+    """One figure, a panel per (title, metric keys), each key plotted against `x`. None without matplotlib."""
+    plt = _pyplot(Path(path).name, log)
+    if plt is None:
+        return None
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) <= 30 else None, markersize=3,
+                        label=key.replace("_", " "))
+        ax.set(title=title, xlabel=x)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_confusion(cm, classes, path, log=print):
+    """The confusion matrix normalised per true class, values printed in the cells. None without matplotlib."""
+    plt = _pyplot(Path(path).name, log)
+    if plt is None:
+        return None
+    rates = (cm.float() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(classes), 0.8 + 0.55 * len(classes)))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
+    fig.tight_layout()
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
+    return path

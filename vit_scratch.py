@@ -4,14 +4,10 @@
 # ///
 """A Vision Transformer trained from scratch on CIFAR-10: the study guide's model, trained in seconds.
 
-The guide's ViT (patch 4 -> 64 tokens + CLS, learnable positions, pre-LN blocks, GELU MLP, embed 256,
-MLP 512, 8 heads, 6 layers; 3,195,146 parameters) with two recipes. `--recipe guide` is the guide's
-own: AdamW 3e-4, batch 128, cosine stepped per epoch, dropout 0.1, no label smoothing, N(0, 1) CLS and
-positions. `--recipe fast` (the default) was chosen by measurement: Muon for the blocks' 2-D weights
-and AdamW for the rest, batch 256, warm-up + cosine per step, label smoothing 0.1, no dropout, small
-CLS/position initialisation, flip test-time augmentation. Both crop (pad 4) and flip on the device,
-clip gradients at 1.0 and train in bf16 on GPUs. On CUDA the whole training step (forward, loss,
-backward, clipping, update) is captured once as a CUDA graph and replayed for every batch.
+The guide's ViT (patch 4, CLS, learnable positions, pre-LN, embed 256, MLP 512, 8 heads, 6 layers) with two
+recipes (RECIPES below): the guide's own (`--recipe guide`) and a faster, more accurate one chosen by measurement
+(default: Muon + AdamW, warm-up + cosine, label smoothing, flip test-time augmentation). Crop and flip run on the
+device; on one CUDA GPU the whole training step is captured once as a CUDA graph and replayed for every batch.
 
     python vit_scratch.py --epochs 10                           # downloads CIFAR-10 to ./data
     python vit_scratch.py --epochs 10 --data-dir /tmp/cifar10   # ImageFolder tree or torchvision folder
@@ -21,14 +17,12 @@ backward, clipping, update) is captured once as a CUDA graph and replayed for ev
     python vit_scratch.py --show-attention runs/vit_scratch/<run>/best.pt               # attention.png only
     torchrun --standalone --nproc_per_node=4 vit_scratch.py --epochs 10 --batch-size 64 # 4 GPUs, global batch 256
 
-Measured (BENCHMARKS.md has every figure with its command), CIFAR-10 (JPEG q75 copy): `--epochs 10` on
-one H100 (torch 2.11) reaches 79.11% +- 0.35 over three seeds in 14.2 s of training (35 s for the whole
-process), the guide's recipe 66.17% in 15.2 s; the CPU smoke run above 27.5% (chance 10%) in 61 s on a
-2-core x86 CPU.
-Outputs go to --out-dir: config.json, metrics.jsonl, summary.json, last.pt, best.pt and the pictures
-attention.png, curves.png, confusion.png (charts need matplotlib). Needs common.py beside it.
+Measured (BENCHMARKS.md, CIFAR-10 JPEG q75 copy, one H100): `--epochs 10` 79.11% +- 0.35 (3 seeds) in 14.2 s of
+training; the guide's recipe 66.17%. Outputs in --out-dir: config.json, metrics.jsonl, summary.json, last.pt,
+best.pt, attention.png, curves.png, confusion.png. Needs common.py beside it.
 """
 import argparse
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -40,20 +34,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (DataError, NonFiniteLoss, TensorLoader, accuracy_from, all_reduce_sum, append_jsonl, check_positive,
-                    check_same_data, confusion_matrix, derived_seed, error_line, flag, given_flags, img_to_patch,
-                    init_distributed, load_checkpoint, load_cifar10, load_weights, make_parser, normalize,
-                    one_line_errors, peak_memory_mb, per_class_accuracy, plot_confusion, plot_curves, prepare_out_dir,
-                    progress_bar, quiet_compile_on_cpu, read_jsonl, resumed_args, resuming_line, save_checkpoint,
-                    save_image, set_global_batch, stratified_subset, trim_metrics, undo_steps, wrap_distributed,
-                    write_json)
+import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
+from common import (DataError, TensorLoader, accuracy_from, confusion_matrix, derived_seed, img_to_patch,  # part 1
+                    load_cifar10, normalize, per_class_accuracy, stratified_subset, undo_steps)
+from common import fraction, non_negative, positive_float, positive_int  # argparse types: a flag's range
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2
 # Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "eager", "compile", "compile_mode", "no_download", "no_progress", "no_plots", "overwrite")
-# The recipes. "fast" was chosen on one H100 by benchmarks/sweep_vit.py (BENCHMARKS.md); "guide" is the
-# study guide's own settings. A flag given on the command line overrides the recipe's value.
+RUNTIME_FLAGS = ("device", "eager", "compile", "no_download", "no_progress", "no_plots", "overwrite")
+LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: the recipes and the flags. Add a flag in build_parser (its range in type=); a rule between two flags
+# goes in check_args. A recipe value is the default of its flag; a flag typed on the command line wins.
+
+# "fast" was chosen on one H100 by benchmarks/sweep_vit.py (BENCHMARKS.md); "guide" is the study guide's own.
 RECIPES = {
     "fast": dict(batch_size=256, optimizer="muon", lr=1e-3, muon_lr=0.01, weight_decay=0.05, schedule="step",
                  warmup=0.1, label_smoothing=0.1, dropout=0.0, init_std=0.02, tta=True),
@@ -63,53 +60,54 @@ RECIPES = {
 
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = plumbing.make_parser(__doc__)
     a = p.add_argument
     # data
     a("--data-dir", default="./data",
       help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10; fail if --data-dir has none")
-    a("--limit-train", type=int, help="use a class-stratified subset of N training images")
-    a("--limit-test", type=int, help="use a class-stratified subset of N test images")
+    a("--limit-train", type=positive_int, help="use a class-stratified subset of N training images")
+    a("--limit-test", type=positive_int, help="use a class-stratified subset of N test images")
     # model (the guide's table)
-    a("--image-size", type=int, default=32, help="input height = width in pixels")
-    a("--patch-size", type=int, default=4, help="patch side in pixels; must divide --image-size")
-    a("--embed-dim", type=int, default=256, help="token width; must be divisible by --num-heads")
-    a("--hidden-dim", type=int, default=512, help="MLP hidden width")
-    a("--num-heads", type=int, default=8, help="attention heads")
-    a("--num-layers", type=int, default=6, help="transformer blocks")
+    a("--image-size", type=positive_int, default=32, help="input height = width in pixels")
+    a("--patch-size", type=positive_int, default=4, help="patch side in pixels; must divide --image-size")
+    a("--embed-dim", type=positive_int, default=256, help="token width; must be divisible by --num-heads")
+    a("--hidden-dim", type=positive_int, default=512, help="MLP hidden width")
+    a("--num-heads", type=positive_int, default=8, help="attention heads")
+    a("--num-layers", type=positive_int, default=6, help="transformer blocks")
     # recipe: each default below comes from --recipe
     a("--recipe", default="fast", choices=sorted(RECIPES),
       help="fast: measured best; guide: the study guide's settings")
-    a("--epochs", type=int, default=10, help="passes over the training set")
-    a("--batch-size", type=int,
+    a("--epochs", type=positive_int, default=10, help="passes over the training set")
+    a("--batch-size", type=positive_int,
       help="images per step and process; under torchrun the global batch is this x processes (recipe: 256 / 128)")
     a("--optimizer", choices=["muon", "adamw"],
       help="muon: Muon on the blocks' 2-D weights, AdamW on the rest; adamw: AdamW on all (recipe)")
-    a("--lr", type=float, help="peak AdamW learning rate (recipe: 1e-3 / 3e-4)")
-    a("--muon-lr", type=float, help="peak Muon learning rate, with --optimizer muon (recipe: 0.01)")
-    a("--weight-decay", type=float,
+    a("--lr", type=positive_float, help="peak AdamW learning rate (recipe: 1e-3 / 3e-4)")
+    a("--muon-lr", type=positive_float,
+      help="peak Muon learning rate, with --optimizer muon (recipe: 0.01; the guide's recipe has no Muon and takes it)")
+    a("--weight-decay", type=non_negative,
       help="AdamW decoupled weight decay, not on norms, biases, CLS, positions (recipe: 0.05 / 0.01)")
     a("--schedule", choices=["step", "epoch"],
       help="cosine decay stepped per iteration (after --warmup) or per epoch as the guide (recipe)")
-    a("--warmup", type=float, help="linear warm-up as a fraction of all steps, with --schedule step (recipe: 0.1 / 0)")
-    a("--label-smoothing", type=float, help="cross-entropy label smoothing in [0, 1) (recipe: 0.1 / 0)")
-    a("--dropout", type=float, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
-    a("--init-std", type=float,
+    a("--warmup", type=fraction,
+      help="linear warm-up as a fraction of all steps, with --schedule step (recipe: 0.1 / 0)")
+    a("--label-smoothing", type=fraction, help="cross-entropy label smoothing in [0, 1) (recipe: 0.1 / 0)")
+    a("--dropout", type=fraction, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
+    a("--init-std", type=non_negative,
       help="standard deviation of the CLS token and positions at initialisation (recipe: 0.02 / the guide's 1)")
     a("--tta", action=argparse.BooleanOptionalAction,
       help="evaluate with flip test-time augmentation, the mean of image and mirror logits (recipe: on / off)")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
-    a("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
+    a("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm to this (0 = off)")
+    a("--max-steps", type=positive_int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling, augmentation and dropout")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--eager", action="store_true", help="CUDA: run each step eagerly instead of replaying a captured CUDA graph")
     a("--compile", action="store_true", help="torch.compile each transformer block (the first steps compile)")
-    a("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"], help="torch.compile mode")
     a("--out-dir", help="where results go (default: a new folder runs/vit_scratch/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", help="continue from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--resume", help="continue from a run folder or its last.pt; its flags are kept (--epochs, --max-steps may grow)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no pictures (attention.png, curves.png, confusion.png)")
     a("--show-attention", metavar="CHECKPOINT",
@@ -118,73 +116,18 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size", "image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads",
-                 "num_layers"):
-        if getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    check_positive(args, "lr", "muon_lr")
+    """The rules that involve two flags (each flag's own range is checked by its type=)."""
     if args.image_size % args.patch_size:
         raise DataError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
     if args.embed_dim % args.num_heads:
         raise DataError(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
-    for name in ("dropout", "label_smoothing", "warmup"):
-        if not 0 <= getattr(args, name) < 1:
-            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
     if args.schedule == "epoch" and args.warmup:
         raise DataError("--warmup applies to --schedule step; the per-epoch cosine starts at the peak")
-    for name in ("limit_train", "limit_test", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("weight_decay", "grad_clip", "init_std"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise DataError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
-
-
-def experiment_args(argv):
-    """(args, checkpoint or None): the command line with its recipe filled in, or on --resume the run's
-    own flags (a flag that differs is refused, more --epochs or --max-steps extend the run)."""
-    parser = build_parser()
-    cli, given = parser.parse_args(argv), given_flags(parser, argv)
-    if cli.show_attention:
-        unused = sorted(given - {"show_attention", "data_dir", "no_download", "device", "out_dir"})
-        if unused:
-            raise DataError(f"{flag(unused[0])} has no effect with --show-attention (it only draws); drop it")
-        cli.data_dir = cli.data_dir if "data_dir" in given else None  # None: the checkpoint's own
-        return cli, None
-    if not cli.resume:
-        check_no_effect(cli, given)
-        for name, value in RECIPES[cli.recipe].items():
-            if getattr(cli, name) is None:
-                setattr(cli, name, value)
-        if cli.optimizer == "muon" and cli.muon_lr is None:  # the guide's recipe has no Muon: take the fast one's
-            cli.muon_lr = RECIPES["fast"]["muon_lr"]
-        cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
-        return cli, None
-    ckpt = load_checkpoint(cli.resume, SCRIPT)
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed "
-                        f"(its weights still load with --show-attention)")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
-                        parser=parser)
-    return args, ckpt
-
-
-def check_no_effect(cli, given):
-    """A typed flag that would change nothing is refused: the user meant something else."""
-    optimizer = cli.optimizer or RECIPES[cli.recipe]["optimizer"]
-    if "muon_lr" in given and optimizer != "muon":
-        raise DataError(f"--muon-lr has no effect with --optimizer {optimizer} (recipe {cli.recipe}); drop it, or add "
-                        f"--optimizer muon")
-    schedule = cli.schedule or RECIPES[cli.recipe]["schedule"]
-    if "warmup" in given and schedule == "epoch":
-        raise DataError("--warmup has no effect with --schedule epoch (the per-epoch cosine starts at the peak); "
-                        "drop it, or add --schedule step")
-    if "compile_mode" in given and not cli.compile:
-        raise DataError("--compile-mode has no effect without --compile; drop it, or add --compile")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model
+# Model: the guide's ViT. Edit freely; checkpoints record MODEL_FLAGS, Muon takes every 2-D weight in the blocks,
+# and the pictures read the model only through VisionTransformer.attention_maps.
 
 def attention_probs(q, k):
     """The plain math: softmax(Q K^T / sqrt(d)). (B, h, T, d) x 2 -> (B, h, T, T)."""
@@ -263,6 +206,16 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         return self.mlp_head(self.forward_features(x)[:, 0])  # classify from the CLS token
 
+    @torch.no_grad()
+    def attention_maps(self, x):
+        """Per layer, the attention weights (B, h, T, T) for images x, recomputed with the plain softmax (the fused
+        kernel that training uses never returns them): what the pictures show."""
+        tokens, maps = self.embed(x), []
+        for block in self.blocks:
+            maps.append(block.attn.probs(block.norm1(tokens)))
+            tokens = block(tokens)
+        return maps
+
 
 MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads", "num_layers", "dropout")
 
@@ -272,23 +225,14 @@ def model_config(args, num_classes):
 
 
 def hidden_matrices(model):
-    """The blocks' 2-D weights (attention and MLP projections): what Muon trains in the fast recipe."""
-    return [m.weight for b in model.blocks for m in (b.attn.to_qkv, b.attn.to_out, b.mlp[0], b.mlp[3])]
+    """What Muon trains in the fast recipe: every 2-D weight inside the blocks (attention and MLP projections),
+    found by shape, so that a block edited by hand (layers added, dropped or renamed) still gets Muon."""
+    return [p for p in model.blocks.parameters() if p.ndim == 2]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device, precision, optimisers, schedule
-
-def pick_device(name, local_rank=0):
-    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
+# Device, precision, optimizers and schedule. Learning rates are device tensors under a CUDA graph: set them with
+# set_learning_rates (in place), never by assigning a float.
 
 def amp_dtype_for(device):
     """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
@@ -305,9 +249,8 @@ def autocast(device, dtype):
 
 
 def newton_schulz(G, steps=5):
-    """An approximately orthogonal matrix with G's singular vectors ("zeroth power" of G), for a batch of
-    matrices (n, rows, cols): five steps of a quintic Newton-Schulz iteration in bf16, with the
-    coefficients of Keller Jordan's Muon (fast at the cost of singular values in about [0.7, 1.2])."""
+    """G's "zeroth power" (its singular values set to about 1), for a batch (n, rows, cols): five quintic
+    Newton-Schulz steps in bf16 with the coefficients of Keller Jordan's Muon."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
     wide = X.size(-2) <= X.size(-1)
@@ -320,9 +263,8 @@ def newton_schulz(G, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon: SGD with Nesterov momentum whose update of each 2-D weight is orthogonalised, scaled by
-    sqrt(max(1, rows / cols)). Written here rather than taken from torch.optim so that the learning rate
-    may be a device tensor inside a CUDA graph; weights of one shape are orthogonalised as one batch."""
+    """SGD with Nesterov momentum whose update of each 2-D weight is orthogonalised, scaled by sqrt(max(1, rows /
+    cols)); written here so that the learning rate may be a device tensor in a CUDA graph."""
 
     def __init__(self, params, lr, momentum=0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum))
@@ -348,9 +290,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def make_optimizers(model, args, device, capture):
-    """[AdamW] or [AdamW, Muon]: AdamW without decay on norms, biases, the CLS token and positions; Muon
-    (--optimizer muon) on the blocks' 2-D weights. With `capture` the learning rates are device tensors
-    (the schedule writes them before every graph replay) and AdamW is capturable."""
+    """[AdamW] or [AdamW, Muon]: AdamW (no decay on norms, biases, CLS, positions), Muon on hidden_matrices. With
+    `capture` the learning rates are device tensors and AdamW is capturable."""
     muon_params = {id(p) for p in hidden_matrices(model)} if args.optimizer == "muon" else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -366,8 +307,7 @@ def make_optimizers(model, args, device, capture):
 
 
 def place_learning_rates(optimizer, peak, device, capture):
-    """Record each group's peak learning rate and hold the current one where the step reads it: a device
-    tensor under CUDA-graph capture (also after loading a checkpoint), a float otherwise."""
+    """Each group's peak rate, and its current rate as a device tensor under capture (a float otherwise)."""
     for group in optimizer.param_groups:
         group["peak_lr"] = peak
         group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
@@ -382,28 +322,31 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 def schedule_factor(args, step, steps_per_epoch, total_steps):
-    """--schedule step: warm-up then cosine per iteration; epoch: the guide's CosineAnnealingLR(T_max=epochs)
-    stepped after each epoch."""
+    """step: warm-up, then cosine per iteration; epoch: the guide's CosineAnnealingLR(T_max=epochs)."""
     if args.schedule == "epoch":
         return 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / args.epochs))
     return lr_factor(step, int(args.warmup * total_steps), total_steps)
 
 
 def set_learning_rates(optimizers, factor):
-    """Peak x factor into every group; device tensors are filled in place (no host sync, graph-safe)."""
+    """Peak x factor into every group, device tensors in place (graph-safe); returns AdamW's rate, for the log."""
     for opt in optimizers:
         for group in opt.param_groups:
             lr = group["peak_lr"] * factor
-            group["lr"].fill_(lr) if torch.is_tensor(group["lr"]) else group.__setitem__("lr", lr)
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+    return optimizers[0].param_groups[0]["peak_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training step, eager or replayed as one CUDA graph
+# The step: edit train_step. The CUDA graph replays it unchanged, so nothing in it may read a value back to the
+# host (no .item(), no print, no Python branch on a tensor); the running statistics stay on the device.
 
 def train_step(model, optimizers, scaler, amp_dtype, label_smoothing, grad_clip, x, y, stats):
-    """Forward, loss, backward, clipping, update, and the running [loss sum, correct] in `stats`: nothing
-    here reads a value back to the host, so the same function runs eagerly and inside a CUDA graph.
-    (Gradients are zeroed before it, outside: in a graph, backward writes them in place.)"""
+    """Forward, loss, backward, clipping, update, and the running [loss sum, correct] added to `stats`.
+    (Gradients are zeroed outside it: in a graph, backward writes them in place.)"""
     with autocast(x.device, amp_dtype):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -427,10 +370,8 @@ def eager(step, optimizers):
 
 
 class CapturedStep:
-    """`step(x, y)` recorded once as a CUDA graph and replayed for every batch (PyTorch's whole-network
-    capture): a few warm-up steps on a side stream (allocations, cuBLAS/cuDNN choices, optimizer state),
-    whose effects are then undone, then one capture over static input buffers that each batch is copied
-    into. A replay launches the ~1,000 kernels of a step at once instead of one Python call each."""
+    """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
+    every batch copied into its input buffers: ~1,000 kernels launched at once instead of one Python call each."""
 
     def __init__(self, step, x, y, model, optimizers, stats, warmup=3):
         self.x, self.y = x.clone(), y.clone()
@@ -448,6 +389,7 @@ class CapturedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             step(self.x, self.y)
+        torch.cuda.synchronize()
 
     def __call__(self, x, y):
         self.x.copy_(x)
@@ -456,16 +398,19 @@ class CapturedStep:
 
 
 def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled):
-    """The function that trains on one batch: a CUDA graph replay where capture applies, else eager. A
-    capture (or compilation) that fails falls back to the plain eager step with one line, so a run never
-    dies of it."""
+    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
+    else train_step run eagerly; a capture that fails falls back to eager with one line."""
     step = partial(train_step, model, optimizers, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats)
     if capture:
         try:
             model.train()
-            return CapturedStep(step, *next(iter(loader)), model, optimizers, stats)
+            t0 = time.perf_counter()
+            captured = CapturedStep(step, *next(iter(loader)), model, optimizers, stats)
+            captured.seconds = time.perf_counter() - t0
+            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+            return captured
         except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({error_line(e)}); training eagerly")
+            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
             torch.cuda.synchronize()
             for module in compiled:  # back to the plain modules too
                 del module.forward
@@ -473,45 +418,11 @@ def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training and evaluation
-
-def train_one_epoch(model, loader, run_step, learning_rate, step, last_step, stats, bar):
-    """One pass over the loader, stopping at last_step; returns (mean loss, accuracy, images, step reached,
-    the last learning rate).
-    `learning_rate(step)` sets and returns the rate of that step. Statistics stay on the device and are
-    read every 20 steps (a host sync: progress and the non-finite check) and at the end."""
-    model.train()
-    stats.zero_()
-    seen, t0 = 0, time.perf_counter()
-    for x, y in loader:
-        lr = learning_rate(step)
-        run_step(x, y)
-        step, seen = step + 1, seen + len(y)
-        bar.update(1)
-        if step % 20 == 0:
-            check_progress(stats, seen, step, lr, time.perf_counter() - t0, bar)
-        if step >= last_step:
-            break
-    total = all_reduce_sum(stats.clone(), loader.world_size).tolist()  # the epoch over all processes
-    seen *= loader.world_size
-    loss, acc = check_progress(total, seen, step, lr, time.perf_counter() - t0, bar)
-    return loss, acc, seen, step, lr
-
-
-def check_progress(stats, seen, step, lr, seconds, bar):
-    loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
-    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
-    if not bar.disable:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / seconds:,.0f}", lr=f"{lr:.2e}")
-    return loss, acc
-
+# Evaluation
 
 @torch.no_grad()
 def evaluate(model, loader, amp_dtype, num_classes, tta=False):
-    """(confusion matrix, mean cross-entropy) over the whole test set; under torchrun each process
-    evaluates its shard and the counts are summed, so every image counts exactly once."""
+    """(confusion matrix, mean cross-entropy) over the test set; under torchrun the shards' counts are summed."""
     model.eval()
     preds, labels, loss_sum = [], [], torch.zeros((), device=loader.device)
     for x, y in loader:
@@ -523,12 +434,97 @@ def evaluate(model, loader, amp_dtype, num_classes, tta=False):
         preds.append(logits.argmax(1))
         labels.append(y)
     cm = confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).to(loader.device)
-    cm, loss_sum = (all_reduce_sum(t, loader.world_size) for t in (cm, loss_sum))
+    cm, loss_sum = (plumbing.all_reduce_sum(t, loader.world_size) for t in (cm, loss_sum))
     return cm.cpu(), loss_sum.item() / loader.total
 
 
 # ----------------------------------------------------------------------------------------------------
-# The experiment
+# The experiment: everything a run does, in order, with the loop written out
+
+def main(argv=None):
+    with plumbing.one_line_errors(SCRIPT) as report:
+        args, ckpt = experiment_args(argv)
+        if args.show_attention:
+            return show_attention(args)
+        rank, world_size, local_rank = plumbing.init_distributed(args.device)
+        plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
+        device = pick_device(args.device, local_rank)
+        out_dir = open_run_folder(args, ckpt, report, rank)
+        data, train_idx, test_idx = load_data(args, ckpt)
+
+        torch.manual_seed(args.seed)
+        model = VisionTransformer(**model_config(args, len(data.classes)), init_std=args.init_std).to(device)
+        train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device,
+                                    train=True, seed=args.seed, rank=rank, world_size=world_size)
+        test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 2000, device, train=False,
+                                   rank=rank, world_size=world_size)
+        steps_per_epoch = len(train_loader)
+        total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+        amp_dtype = amp_dtype_for(device)
+        capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and world_size == 1 and not args.eager
+        optimizers = make_optimizers(model, args, device, capture)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        progress = Progress()
+        if ckpt:
+            progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes))
+            print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
+        start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, capture, train_idx, test_idx,
+                  steps_per_epoch)
+        compiled = compile_blocks(model, device) if args.compile else []
+        trained = plumbing.wrap_distributed(model, device, world_size)
+        stats = torch.zeros(2, device=device)  # the epoch's [loss sum, correct], kept on the device
+        step = make_step(trained, optimizers, scaler, amp_dtype, args, stats, train_loader, capture, compiled)
+        progress.train_seconds += getattr(step, "seconds", 0.0)  # a capture (and compilation) counts as training
+
+        cm = None
+        for epoch in range(progress.epoch + 1, args.epochs + 1):
+            if progress.step >= total_steps:
+                break
+            train_loader.set_epoch(epoch)
+            torch.manual_seed(derived_seed(args.seed, "dropout", epoch, rank))  # resumable at any process count
+            trained.train()
+            stats.zero_()
+            seen = 0
+            t0 = time.perf_counter()
+            with plumbing.progress_bar(steps_per_epoch, f"epoch {epoch}/{args.epochs}",
+                                       args.no_progress or rank != 0) as bar:
+                for x, y in train_loader:
+                    lr = set_learning_rates(optimizers, schedule_factor(args, progress.step, steps_per_epoch,
+                                                                        total_steps))
+                    step(x, y)
+                    progress.step += 1
+                    seen += len(y)
+                    bar.update(1)
+                    if progress.step % LOG_EVERY == 0:  # a host read: the bar and the non-finite check
+                        check_progress(stats, seen, progress.step, lr, time.perf_counter() - t0, bar)
+                    if progress.step >= total_steps:
+                        break
+                totals = plumbing.all_reduce_sum(stats.clone(), world_size)  # the epoch over all processes
+                seen *= world_size
+                loss, acc = check_progress(totals, seen, progress.step, lr, time.perf_counter() - t0, bar)
+            seconds = time.perf_counter() - t0  # the read-back above waited for the device
+            cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+            progress.epoch = epoch
+            progress.train_seconds += seconds
+            progress.images_seen += seen
+            log_epoch(args, out_dir, rank, dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc,
+                                                test_loss=test_loss, test_acc=accuracy_from(cm), lr=lr,
+                                                epoch_seconds=seconds, images_per_second=seen / seconds))
+            if rank == 0:
+                save_run(args, model, optimizers, scaler, progress, accuracy_from(cm), out_dir, data)
+        if cm is None:  # resumed a finished run: evaluate what it left
+            cm, _ = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+        summary = write_summary(args, model, progress, data, cm, device, out_dir) if rank == 0 else None
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+        return summary
+
+
+
+# ===== Run plumbing: nothing below changes what is trained =====
+
+# ----------------------------------------------------------------------------------------------------
+# Flags on resume, the run folder, data checks, the machine
 
 @dataclass
 class Progress:
@@ -540,13 +536,103 @@ class Progress:
     images_seen: int = 0
 
 
+def pick_device(name, local_rank=0):
+    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def compile_blocks(model, device):
+    """--compile: regional compilation, one block's code compiled once and reused by every block."""
+    if device.type != "cuda":
+        quiet_compile_on_cpu()
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward)
+    return list(model.blocks)
+
+
+def experiment_args(argv):
+    """(args, checkpoint or None): the command line with its recipe filled in, or on --resume the run's
+    own flags (a flag that differs is refused, more --epochs or --max-steps extend the run)."""
+    parser = build_parser()
+    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    if cli.show_attention:
+        unused = sorted(given - {"show_attention", "data_dir", "no_download", "device", "out_dir"})
+        if unused:
+            raise DataError(f"{plumbing.flag(unused[0])} has no effect with --show-attention (it only draws); drop it")
+        cli.data_dir = cli.data_dir if "data_dir" in given else None  # None: the checkpoint's own
+        return cli, None
+    if not cli.resume:
+        check_no_effect(cli, given)
+        for name, value in RECIPES[cli.recipe].items():
+            if getattr(cli, name) is None:
+                setattr(cli, name, value)
+        if cli.optimizer == "muon" and cli.muon_lr is None:  # the guide's recipe has no Muon: take the fast one's
+            cli.muon_lr = RECIPES["fast"]["muon_lr"]
+        cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        check_args(cli)
+        return cli, None
+    ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed "
+                        f"(its weights still load with --show-attention)")
+    args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
+                                 parser=parser)
+    for name, value in RECIPES[args.recipe].items():  # a flag newer than the checkpoint: its recipe value
+        if getattr(args, name) is None and name != "muon_lr":
+            setattr(args, name, value)
+    return args, ckpt
+
+
+def check_no_effect(cli, given):
+    """A typed flag that would change nothing is refused: the user meant something else."""
+    optimizer = cli.optimizer or RECIPES[cli.recipe]["optimizer"]
+    if "muon_lr" in given and optimizer != "muon":
+        raise DataError(f"--muon-lr has no effect with --optimizer {optimizer} (recipe {cli.recipe}); drop it, or add "
+                        f"--optimizer muon")
+    schedule = cli.schedule or RECIPES[cli.recipe]["schedule"]
+    if "warmup" in given and schedule == "epoch":
+        raise DataError("--warmup has no effect with --schedule epoch (the per-epoch cosine starts at the peak); "
+                        "drop it, or add --schedule step")
+
+
+
+
+def open_run_folder(args, ckpt, report, rank):
+    """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
+    if rank == 0:
+        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+    return Path(args.out_dir or ".")
+
+
+def start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, capture, train_idx, test_idx,
+              steps_per_epoch):
+    """config.json (on a resume too: the flags in force), what Ctrl-C reports, and the start line."""
+    if rank == 0:
+        plumbing.write_json(out_dir / "config.json", vars(args))
+    last = out_dir / "last.pt"
+    report.resume = last
+    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
+                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
+    processes = f" ({args.world_size} processes x {args.batch_size})" if args.world_size > 1 else ""
+    print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | recipe {args.recipe} "
+          f"({args.optimizer}) | {device} {amp_dtype or torch.float32}{' graph' if capture else ''} | "
+          f"train {len(train_idx):,} test {len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} "
+          f"epochs, batch {args.global_batch}{processes} | out {out_dir}", flush=True)
+
+
 def load_data(args, ckpt, log=print):
     # a resumed run reads its own folder (never a download into it), unless --data-dir names another
     own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
     data = load_cifar10(args.data_dir, download=not args.no_download, image_size=args.image_size, log=log,
                         resumed_from=args.resume if own_folder else None)
     if ckpt:
-        check_same_data(ckpt, data, args.data_dir)
+        plumbing.check_same_data(ckpt, data, args.data_dir)
     train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
                                  every_class=True)
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
@@ -557,119 +643,9 @@ def load_data(args, ckpt, log=print):
     return data, train_idx, test_idx
 
 
-def main(argv=None):
-    with one_line_errors(SCRIPT) as report:
-        args, ckpt = experiment_args(argv)
-        if args.show_attention:
-            return show_attention(args)
-        check_args(args)
-        rank, world_size, local_rank = init_distributed(args.device)
-        set_global_batch(args, world_size, resuming=ckpt is not None)
-        device = pick_device(args.device, local_rank)
-        if rank == 0:  # the other processes write nothing
-            args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-        data, train_idx, test_idx = load_data(args, ckpt)
-        return train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, report)
-
-
-def train(args, ckpt, data, train_idx, test_idx, device, rank, world_size, report):
-    torch.manual_seed(args.seed)
-    model = VisionTransformer(**model_config(args, len(data.classes)), init_std=args.init_std).to(device)
-    train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device, train=True,
-                                seed=args.seed, rank=rank, world_size=world_size)
-    test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 2000, device, train=False, rank=rank,
-                               world_size=world_size)
-    steps_per_epoch = len(train_loader)
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    amp_dtype = amp_dtype_for(device)
-    capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and world_size == 1 and not args.eager
-    optimizers = make_optimizers(model, args, device, capture)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    progress, out_dir = Progress(), Path(args.out_dir or ".")
-    if ckpt:
-        progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes))
-        print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
-    if rank == 0:  # on a resume too: config.json holds the flags in force (an extended run's --epochs)
-        write_json(out_dir / "config.json", vars(args))
-    last = out_dir / "last.pt"
-    report.resume = last
-    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
-                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
-    print(f"{SCRIPT}: {sum(p.numel() for p in model.parameters()):,} parameters | recipe {args.recipe} "
-          f"({args.optimizer}) | {device} {amp_dtype or torch.float32}{' graph' if capture else ''} | "
-          f"train {len(train_idx):,} test {len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} "
-          f"epochs, batch {args.global_batch}"
-          f"{f' ({world_size} processes x {args.batch_size})' if world_size > 1 else ''} | out {out_dir}", flush=True)
-
-    if args.compile and device.type != "cuda":
-        quiet_compile_on_cpu()
-    compiled = list(model.blocks) if args.compile else []
-    for block in compiled:  # regional compilation: one block's code, compiled once, reused by every block
-        block.forward = torch.compile(block.forward, mode=args.compile_mode)
-    trained = wrap_distributed(model, device, world_size)
-    stats = torch.zeros(2, device=device)
-    t0 = time.perf_counter()
-    run_step = make_step(trained, optimizers, scaler, amp_dtype, args, stats, train_loader, capture, compiled) \
-        if progress.step < total_steps else None
-    if isinstance(run_step, CapturedStep):  # capture (and compilation) count as training time
-        torch.cuda.synchronize(device)
-        progress.train_seconds += time.perf_counter() - t0
-        print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
-
-    def learning_rate(step):
-        factor = schedule_factor(args, step, steps_per_epoch, total_steps)
-        set_learning_rates(optimizers, factor)
-        return args.lr * factor
-
-    cm = None
-    for epoch in range(progress.epoch + 1, args.epochs + 1):
-        if progress.step >= total_steps:
-            break
-        train_loader.set_epoch(epoch)
-        torch.manual_seed(derived_seed(args.seed, "dropout", epoch, rank))  # resumable at any process count
-        with progress_bar(steps_per_epoch, f"epoch {epoch}/{args.epochs}", args.no_progress or rank != 0) as bar:
-            t0 = time.perf_counter()
-            loss, acc, seen, progress.step, lr = train_one_epoch(trained, train_loader, run_step, learning_rate,
-                                                                 progress.step, total_steps, stats, bar)
-            seconds = time.perf_counter() - t0  # the statistics' read-back above waited for the device
-        cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
-        test_acc = accuracy_from(cm)
-        progress.epoch, progress.train_seconds = epoch, progress.train_seconds + seconds
-        progress.images_seen += seen
-        log_epoch(args, out_dir, rank, epoch, progress.step, loss, acc, test_loss, test_acc, lr, seconds, seen)
-        if rank == 0:
-            save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data, device)
-    if cm is None:  # resumed a finished run: evaluate what it left
-        cm, _ = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
-    summary = write_summary(args, model, progress, data, cm, device, out_dir) if rank == 0 else None
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return summary
-
-
-def log_epoch(args, out_dir, rank, epoch, step, loss, acc, test_loss, test_acc, lr, seconds, seen):
-    row = {"epoch": epoch, "step": step, "train_loss": loss, "train_acc": acc, "test_loss": test_loss,
-           "test_acc": test_acc, "lr": lr, "epoch_seconds": seconds, "images_per_second": seen / seconds}
-    if rank == 0:
-        append_jsonl(out_dir / "metrics.jsonl", row)
-    print(f"epoch {epoch:>3}/{args.epochs} | train loss {loss:.4f} acc {acc:.2%} | test loss {test_loss:.4f} "
-          f"acc {test_acc:.2%} | lr {lr:.2e} | {seen / seconds:,.0f} img/s | {seconds:.1f}s", flush=True)
-
-
-def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data, device):
-    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet)."""
-    is_best = test_acc > progress.best_acc
-    progress.best_acc = max(progress.best_acc, test_acc)
-    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
-            "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-            "scaler": scaler.state_dict(), "state": asdict(progress), "args": vars(args),
-            "data_fingerprint": data.fingerprint}
-    save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
-
-
 def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_classes):
     """Weights, optimizer states and scaler from a checkpoint; returns its Progress."""
-    load_weights(model, ckpt, args.resume, model_config(args, num_classes))
+    plumbing.load_weights(model, ckpt, args.resume, model_config(args, num_classes))
     if len(ckpt["optimizers"]) != len(optimizers):
         raise DataError(f"--resume {args.resume}: its optimizer state does not fit --optimizer {args.optimizer}")
     for opt, state, peak in zip(optimizers, ckpt["optimizers"], (args.lr, args.muon_lr)):
@@ -681,8 +657,40 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
             for s in opt.state.values():  # fused and capturable AdamW keep the step count on the device
                 s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     scaler.load_state_dict(ckpt["scaler"])
-    trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
+    plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return Progress(**ckpt["state"])
+
+
+def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data):
+    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet)."""
+    is_best = test_acc > progress.best_acc
+    progress.best_acc = max(progress.best_acc, test_acc)
+    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
+            "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "scaler": scaler.state_dict(), "state": asdict(progress), "args": vars(args),
+            "data_fingerprint": data.fingerprint}
+    plumbing.save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progress, logs, summary
+
+def check_progress(stats, seen, step, lr, seconds, bar):
+    loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
+    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+    if not math.isfinite(loss):
+        raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / seconds:,.0f}", lr=f"{lr:.2e}")
+    return loss, acc
+
+
+def log_epoch(args, out_dir, rank, row):
+    if rank == 0:
+        plumbing.append_jsonl(out_dir / "metrics.jsonl", row)
+    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
+          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
+          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
 
 
 def write_summary(args, model, progress, data, cm, device, out_dir):
@@ -695,12 +703,12 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
         "global_batch": args.global_batch,
         "test_acc": accuracy_from(cm), "best_test_acc": progress.best_acc, "train_seconds": progress.train_seconds,
         "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
+        "peak_memory_mb": plumbing.peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "args": vars(args), "classes": data.classes,
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
-    write_json(out_dir / "summary.json", summary)
+    plumbing.write_json(out_dir / "summary.json", summary)
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
@@ -710,19 +718,25 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
     return summary
 
 
+def no_cuda_home_warning(record):
+    """torch.compile on a machine without CUDA logs 'No CUDA runtime is found, using CUDA_HOME=...' once: it says
+    nothing about a CPU run (a logging filter for torch.utils.cpp_extension)."""
+    return "No CUDA runtime is found" not in record.getMessage()
+
+
+def quiet_compile_on_cpu():
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if no_cuda_home_warning not in logger.filters:
+        logger.addFilter(no_cuda_home_warning)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pictures: attention maps (computed only for pictures, never during training), curves, confusion
 
-@torch.no_grad()
 def attention_maps(model, x):
-    """Per layer, the attention weights (B, h, T, T) for images x, recomputed with the plain softmax
-    (the fused kernel used in training does not return them)."""
+    """Per layer, the attention weights (B, h, T, T) for images x: the model's own attention_maps, in eval mode."""
     model.eval()
-    tokens, maps = model.embed(x), []
-    for block in model.blocks:
-        maps.append(block.attn.probs(block.norm1(tokens)))
-        tokens = block(tokens)
-    return maps
+    return model.attention_maps(x)
 
 
 def attention_rollout(maps):
@@ -802,12 +816,12 @@ def save_attention_grid(model, images, labels, classes, path, cell=96):
     images = images.cpu()
     cells = [[images[i]] + [heat_overlay(images[i], h, cell) for h in heat[i]] for i in range(len(images))]
     header = ["image"] + [f"layer {n + 1}" for n in range(heat.shape[1] - 1)] + ["rollout"]
-    return save_image(draw_grid(cells, header, [classes[int(y)] for y in labels], cell), path)
+    return plumbing.save_image(draw_grid(cells, header, [classes[int(y)] for y in labels], cell), path)
 
 
 def save_pictures(out_dir, model, data, cm):
-    plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-    plot_confusion(cm, data.classes, out_dir / "confusion.png")
+    plumbing.plot_curves(plumbing.read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+    plumbing.plot_confusion(cm, data.classes, out_dir / "confusion.png")
     picked = fixed_examples(data.test_y)
     save_attention_grid(model, data.test_x[picked], data.test_y[picked], data.classes, out_dir / "attention.png")
     print(f"pictures in {out_dir}: attention.png, curves.png, confusion.png")
@@ -816,12 +830,12 @@ def save_pictures(out_dir, model, data, cm):
 def show_attention(args):
     """--show-attention: attention.png for a saved checkpoint, nothing trained. The checkpoint's data
     folder is used unless --data-dir is given."""
-    ckpt = load_checkpoint(args.show_attention, SCRIPT, option="--show-attention")
+    ckpt = plumbing.load_checkpoint(args.show_attention, SCRIPT, option="--show-attention")
     data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
     data = load_cifar10(data_dir, download=not args.no_download, image_size=ckpt["model_config"]["image_size"])
     device = pick_device(args.device)
     model = VisionTransformer(**ckpt["model_config"]).to(device)
-    load_weights(model, ckpt, args.show_attention)
+    plumbing.load_weights(model, ckpt, args.show_attention)
     out_dir = Path(args.out_dir or Path(args.show_attention).parent)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -211,16 +211,20 @@ def test_failed_adapter_save_keeps_the_previous_adapter(tiny_captioner, tmp_path
 @SCRIPTS
 def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
     script, tiny_cifar, tmp_path, monkeypatch, capsys):
-    real, calls = script.train_one_epoch, []
+    real, calls = script.make_step, []
 
-    def poisoned_in_epoch_two(model, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return real(model, *a, **k)
+    def poisoned_in_epoch_two(model, *a, **k):  # the step of main()'s loop, NaN weights from epoch 2's first batch
+        step = real(model, *a, **k)
 
-    monkeypatch.setattr(script, "train_one_epoch", poisoned_in_epoch_two)
+        def run(x, y):
+            calls.append(1)
+            if len(calls) == 10:  # 9 steps an epoch (300 images, batch 32)
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+            step(x, y)
+        return run
+
+    monkeypatch.setattr(script, "make_step", poisoned_in_epoch_two)
     with pytest.raises(SystemExit) as stop:
         script.main(
             ["--data-dir", str(tiny_cifar), "--epochs", "3", "--device", "cpu", "--no-plots", "--out-dir",

@@ -281,16 +281,19 @@ def test_the_guide_recipe_with_muon_takes_the_fast_recipes_muon_rate(tiny_cifar,
     (["--optimizer", "adamw", "--muon-lr", "0.05"], "--muon-lr has no effect with --optimizer adamw"),
     (["--recipe", "guide", "--muon-lr", "0.05"], "--muon-lr has no effect with --optimizer adamw (recipe guide)"),
     (["--recipe", "guide", "--warmup", "0.1"], "--warmup has no effect with --schedule epoch"),
-    (["--compile-mode", "max-autotune-no-cudagraphs"], "--compile-mode has no effect without --compile"),
     (["--show-attention", "x.pt", "--epochs", "3"], "--epochs has no effect with --show-attention"),
 ])
 def test_vit_refuses_a_flag_that_has_no_effect(argv, message, capsys):
     assert message in one_line_error(capsys, lambda: vit_scratch.main(argv))
 
 
-def test_cnn_refuses_a_compile_mode_without_compile(capsys):
-    err = one_line_error(capsys, lambda: cnn_baseline.main(["--compile-mode", "max-autotune-no-cudagraphs"]))
-    assert "--compile-mode has no effect without --compile" in err
+@SCRIPTS
+def test_compile_mode_is_gone_and_cnn_has_no_compile(script, capsys):
+    """Issue 22: --compile-mode (both scripts) and the CNN's --compile were never measured to pay: removed."""
+    err = one_line_error(capsys, lambda: script.main(["--compile-mode", "default"]))
+    assert "unrecognized arguments: --compile-mode default" in err
+    err = one_line_error(capsys, lambda: cnn_baseline.main(["--compile"]))
+    assert "unrecognized arguments: --compile" in err
 
 
 @SCRIPTS
