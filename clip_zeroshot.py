@@ -25,8 +25,8 @@ starts from the zero-shot accuracy.
     python clip_zeroshot.py --resume runs/clip_zeroshot/<run>/last.pt --epochs 4     # continue, or extend
     python clip_zeroshot.py --finetune full --limit-train 2000 --limit-test 500 --max-steps 20 --device cpu
 
-Images are preprocessed as batched tensor ops on the device (bicubic resize, center crop, CLIP
-mean/std, with the model's own CLIPImageProcessor settings), so 10,000 images go through in large
+Images are preprocessed as batched tensor ops on the device (resize with the processor's filter,
+center crop, CLIP mean/std: the model's own CLIPImageProcessor settings), so 10,000 images go through in large
 batches without a PIL round-trip per image; fine-tuning first crops (padding 4) and flips each 32 px
 image, then resizes it to the tower's resolution the same way. Fine-tuning: AdamW with warm-up and
 cosine, weight decay, gradient clipping, bf16 autocast on CUDA, an evaluation after every epoch.
@@ -311,23 +311,38 @@ def pooled(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+def interpolation(processor):
+    """The processor's `resample` as torchvision's mode: PIL's codes (0 nearest, 2 bilinear, 3 bicubic), or
+    already a mode. Released CLIP processors say bicubic, other checkpoints bilinear: a resize with the
+    wrong filter is up to 25 uint8 levels off."""
+    from torchvision.transforms.v2 import InterpolationMode
+    resample = getattr(processor, "resample", 3)
+    if isinstance(resample, InterpolationMode):
+        return resample
+    modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+    if int(resample) not in modes:
+        raise DataError(f"the image processor's resample={int(resample)} is not nearest (0), bilinear (2) or "
+                        f"bicubic (3), the filters this script reproduces on tensors")
+    return modes[int(resample)]
+
+
 class TensorPreprocess:
     """The model's CLIPImageProcessor as batched tensor ops on the device: resize the shortest edge
-    (bicubic, antialiased, on uint8 like the processor), center crop, rescale to [0, 1], normalise with
-    CLIP's mean and std."""
+    (with the processor's filter, antialiased, on uint8 like the processor), center crop, rescale to
+    [0, 1], normalise with CLIP's mean and std."""
 
     def __init__(self, processor, device):
         size = processor.size
         self.resize = size.get("shortest_edge") or [size["height"], size["width"]]  # an int keeps the aspect ratio
+        self.mode = interpolation(processor)
         crop = processor.crop_size if processor.do_center_crop else None
         self.crop = [crop["height"], crop["width"]] if crop else None
         self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
 
     def __call__(self, x):  # uint8 (B, 3, H, W) -> float (B, 3, crop_h, crop_w)
-        from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
-        x = TF.resize(x, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = TF.resize(x, self.resize, interpolation=self.mode, antialias=True)
         if self.crop:
             x = TF.center_crop(x, self.crop)
         return (x.float() / 255 - self.mean) / self.std
@@ -775,6 +790,7 @@ def main(argv=None):
             raise DataError(f"--batch-size {args.batch_size} is larger than the {len(train_idx)} training images")
         config, tokenizer, processor = load_clip_parts(args.model)
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)  # before the weights load
+        interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
         if args.finetune:
             return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
         model = load_clip_model(args.model, device)

@@ -37,6 +37,21 @@ def test_tensor_preprocessing_matches_the_models_image_processor(loaded, tiny_ci
     assert (ours - reference).abs().max() <= tolerance
 
 
+@pytest.mark.parametrize("resample", [2, 3], ids=["bilinear", "bicubic"])
+def test_tensor_preprocessing_follows_the_processors_resample_issue_21_C1(resample, tiny_cifar):
+    """Issue 21 C1: a bilinear processor was resized bicubic (up to 25 levels off on 70% of the values)."""
+    from transformers import CLIPImageProcessor
+    processor = CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48},
+                                   resample=resample)
+    images = load_cifar10(tiny_cifar, download=False).test_x[:6]
+    ours = clip_zeroshot.TensorPreprocess(processor, torch.device("cpu"))(images)
+    reference = processor(images=as_pil(images), return_tensors="pt")["pixel_values"]
+    assert (ours - reference).abs().max() <= 1e-5
+    other = CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48},
+                               resample=5 - resample)  # bicubic for bilinear and back
+    assert (clip_zeroshot.TensorPreprocess(other, torch.device("cpu"))(images) - reference).abs().max() > 0.05
+
+
 def test_logits_equal_clipmodels_logits_per_image(loaded, tiny_cifar):
     model, tokenizer, processor = loaded
     classes = ["airplane", "cat", "ship"]
