@@ -226,3 +226,27 @@ def test_no_transformers_noise_on_stderr(tiny_clip, tiny_cifar, tmp_path, capfd)
     out, err = capfd.readouterr()
     assert "zero-shot top-1" in out and err == ""
     assert logging.is_progress_bar_enabled()  # switched off while loading only
+
+
+def test_top5_and_probe_accuracies_are_exact_fractions_issue_21_C3(loaded, tiny_clip, tiny_cifar, tmp_path):
+    """Issue 21 C3: top5_acc was a float32 mean (0.5600000023841858 for 28/50); now counted in integers."""
+    from common import stratified_subset
+    summary = clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                                  "--limit-test", "50", "--linear-probe", "--limit-train", "100", "--no-plots",
+                                  "--no-progress", "--out-dir", str(tmp_path / "run")])
+    model, tokenizer, processor = loaded
+    data = load_cifar10(tiny_cifar, download=False)
+    idx = stratified_subset(data.test_y, 50, seed=0, name="--limit-test")
+    cpu = torch.device("cpu")
+    text = clip_zeroshot.text_classifier(model, tokenizer, data.classes, ["a photo of a {}."], cpu)
+    features = clip_zeroshot.encode_images(model, clip_zeroshot.TensorPreprocess(processor, cpu), data.test_x[idx],
+                                           50, cpu, no_progress=True)
+    top5 = clip_zeroshot.zero_shot_logits(features, text, 1.0).topk(5, dim=1).indices
+    correct = sum(int(y) in row for y, row in zip(data.test_y[idx].tolist(), top5.tolist()))
+    assert torch.tensor(correct / 50).item() != correct / 50  # a count whose float32 mean would show the noise
+    assert summary["top5_acc"] == correct / 50
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["top5_acc"] == correct / 50 and written["test_acc"] == summary["test_acc"]
+    probe = written["linear_probe"]
+    assert probe["test_acc"] == round(probe["test_acc"] * 50) / 50
+    assert all(v == round(v * 20) / 20 for v in probe["val_acc_by_weight_decay"].values())  # 20 held out of 100
