@@ -185,14 +185,17 @@ def load_templates(spec):
     except UnicodeDecodeError as e:
         raise DataError(f"--prompts {spec}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}, as in a "
                         f"Latin-1 or Windows-1252 file); save it as UTF-8") from None
-    templates = [line.strip() for line in text.splitlines() if line.strip()]
-    if not templates:
-        raise DataError(f"--prompts {spec}: no templates in it (one per line, '{{}}' where the class name goes)")
-    for template in templates:
+    # Blank lines and '#' comments are notes to the reader, not templates; numbered as an editor shows them.
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise DataError(f"--prompts {spec}: no templates in it (one per line, '{{}}' where the class name goes; "
+                        f"lines starting with # are comments)")
+    for n, template in lines:
         problem = template_problem(template)
         if problem:
-            raise DataError(f"--prompts {spec}: {problem} (first bad line: {template!r})")
-    return templates
+            raise DataError(f"--prompts {spec}, line {n}: {problem} (the line: {template!r})")
+    return [template for _, template in lines]
 
 
 def template_problem(template):
@@ -201,8 +204,10 @@ def template_problem(template):
         fields = [(name, fmt, conv) for _, name, fmt, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as e:  # a lone brace: "a photo of a {} :-{"
         return f"a template is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'"
-    if not fields:  # "a {{}} photo" is the literal text "a {} photo"
+    if not fields and "{{" in template:  # "a {{}} photo" is the literal text "a {} photo"
         return "a template never inserts the class name ('{{}}' is a literal brace pair); put one '{}' where it goes"
+    if not fields:
+        return "a template has no '{}' where the class name goes; add one (or start the line with # for a comment)"
     other = [f"{{{name}{'!' + conv if conv else ''}{':' + fmt if fmt else ''}}}" for name, fmt, conv in fields
              if (name, fmt, conv) != ("", "", None)]
     if other or len(fields) > 1:

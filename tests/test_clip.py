@@ -11,7 +11,7 @@ from PIL import Image
 
 import clip_zeroshot
 from common import load_cifar10
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,29 @@ def test_a_bad_templates_file_is_refused(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a photo of a {}.\nno placeholder here\n")
     with pytest.raises(SystemExit):
         clip_zeroshot.main(["--prompts", str(tmp_path / "t.txt")])
-    assert "first bad line: 'no placeholder here'" in capsys.readouterr().err
+    assert "line 2: a template has no '{}' where the class name goes" in capsys.readouterr().err
+
+
+def test_comments_and_blank_lines_in_a_templates_file_are_skipped_issue_21_B17(tmp_path):
+    """Issue 21 B17: a '# comment' line was refused as a template with '{{}}' braces it does not have."""
+    (tmp_path / "t.txt").write_text("# CIFAR-10 templates\n\na photo of a {}.\n   # an indented note\n"
+                                    "a drawing of a {}.\n\n")
+    assert clip_zeroshot.load_templates(str(tmp_path / "t.txt")) == ["a photo of a {}.", "a drawing of a {}."]
+
+
+def test_a_bad_line_after_comments_is_named_with_its_line_number_issue_21_B17(tiny_clip, tiny_cifar, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Issue 21 B17: the real problem of the real line, numbered as an editor numbers it."""
+    (tmp_path / "t.txt").write_text("# my templates\n\na photo of a {}.\nno placeholder here\n")
+    never_load_the_weights(monkeypatch)
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(
+        ["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu", "--prompts",
+         str(tmp_path / "t.txt"), "--out-dir", str(tmp_path / "run")]))
+    assert f"--prompts {tmp_path / 't.txt'}, line 4: a template has no '{{}}' where the class name goes" in err
+    assert "'no placeholder here'" in err and "{{}}" not in err and "literal brace" not in err
+    (tmp_path / "c.txt").write_text("# only a comment\n\n")
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--prompts", str(tmp_path / "c.txt")]))
+    assert "no templates in it" in err
 
 
 # Issue 12: what a new user tried -------------------------------------------------------------------
