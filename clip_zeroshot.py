@@ -140,6 +140,7 @@ def experiment_args(argv):
 
 def check_args(args, given):
     """Impossible or ignored flags stop the run before any work, naming the flag."""
+    check_model_path(args.model)
     if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
         raise DataError("--batch-size, --limit-test and --limit-train must be positive")
     misplaced = [name for name in FINETUNE_FLAGS + LORA_FLAGS + ("resume",) if name in given]
@@ -277,10 +278,22 @@ def cannot_load(name, e):
                      f"HF_HUB_OFFLINE with internet access")
 
 
+def check_model_path(name):
+    """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at
+    most, no backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
+    path = Path(name).expanduser()
+    looks_like_path = (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+                       or path.exists())
+    if looks_like_path and not path.is_dir():
+        raise DataError(f"--model {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
+                        f"a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
+
+
 def load_clip_parts(name):
     """Config, tokenizer and image processor: small files, read before the weights, so that a model that
     is not CLIP, or a template too long for its text tower, stops the run before the weights load."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    check_model_path(name)
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(name)

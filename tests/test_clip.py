@@ -272,3 +272,19 @@ def test_top5_and_probe_accuracies_are_exact_fractions_issue_21_C3(loaded, tiny_
     probe = written["linear_probe"]
     assert probe["test_acc"] == round(probe["test_acc"] * 50) / 50
     assert all(v == round(v * 20) / 20 for v in probe["val_acc_by_weight_decay"].values())  # 20 held out of 100
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "./no-such-clip", "~/no-such-clip-folder", "a/b/c"])
+def test_a_model_path_that_does_not_exist_is_no_such_folder_issue_21_B21(model, tiny_cifar, tmp_path, capsys):
+    """Issue 21 B21: a missing folder showed the Hub's "Repo id must be in the form ..." text."""
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", model, "--data-dir", str(tiny_cifar),
+                                                             "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
+    assert f"--model {model}: no such folder" in err and "Repo id" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_that_is_a_file_is_not_a_folder_issue_21_B21(tiny_clip, tiny_cifar, tmp_path, capsys):
+    weights = tiny_clip / "model.safetensors"
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", str(weights), "--data-dir", str(tiny_cifar),
+                                                             "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
+    assert f"--model {weights}: not a folder" in err
