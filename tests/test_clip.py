@@ -288,3 +288,16 @@ def test_a_model_that_is_a_file_is_not_a_folder_issue_21_B21(tiny_clip, tiny_cif
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", str(weights), "--data-dir", str(tiny_cifar),
                                                              "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
     assert f"--model {weights}: not a folder" in err
+
+
+def test_clip_loaded_by_the_script_is_never_kernelized_issue_21_A2(tiny_clip, monkeypatch):
+    """Issue 21 A2: transformers >= 5 fetches Hub kernels and swaps them in at train()/eval() unless the load says
+    use_kernels=False; with USE_HUB_KERNELS unset nothing else stops it."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model = clip_zeroshot.load_clip_model(str(tiny_clip), torch.device("cpu"))
+    for switch in (model.train, model.eval):
+        switch()
+        assert getattr(model, "use_kernels", False) is False
+    model, _, _ = clip_zeroshot.load_clip(str(tiny_clip), torch.device("cpu"))
+    model.train()
+    assert getattr(model, "use_kernels", False) is False
