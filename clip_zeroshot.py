@@ -141,8 +141,6 @@ def experiment_args(argv):
 def check_args(args, given):
     """Impossible or ignored flags stop the run before any work, naming the flag."""
     check_model_path(args.model)
-    if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
-        raise DataError("--batch-size, --limit-test and --limit-train must be positive")
     misplaced = [name for name in FINETUNE_FLAGS + LORA_FLAGS + ("resume",) if name in given]
     if misplaced and not args.finetune:
         raise DataError(f"{flag(misplaced[0])} applies to fine-tuning; add --finetune full or --finetune lora")
@@ -151,22 +149,28 @@ def check_args(args, given):
         raise DataError(f"{flag(lora_only[0])} applies to --finetune lora, not full")
     if args.finetune and args.linear_probe:
         raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
-    if not args.finetune:
-        return
-    for name in ("epochs", "rank", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "alpha"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise DataError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
-    for name in ("weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise DataError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
-    for name in ("warmup", "lora_dropout"):
-        if not 0 <= getattr(args, name) < 1:
-            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
-    if args.wise is not None and not 0 <= args.wise <= 1:
-        raise DataError(f"--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got {args.wise}")
+    check_ranges(args)
+
+
+# Each numeric flag's range; a flag still None (a fine-tuning flag outside fine-tuning) is not checked.
+POSITIVE_INTS = ("batch_size", "limit_test", "limit_train", "epochs", "max_steps", "rank")
+POSITIVE_FLOATS = ("lr", "alpha")
+NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip")
+FRACTIONS = {"warmup": ("[0, 1)", lambda v: 0 <= v < 1), "lora_dropout": ("[0, 1)", lambda v: 0 <= v < 1),
+             "wise": ("[0, 1] (0 = zero-shot, 1 = fine-tuned)", lambda v: 0 <= v <= 1)}
+
+
+def check_ranges(args):
+    """Every numeric flag against its range, the message naming the flag and the value typed; a float must
+    also be finite (inf passes a bare `> 0`, nan fails it for the wrong reason)."""
+    ranges = [(name, "positive", lambda v: v > 0) for name in POSITIVE_INTS]
+    ranges += [(name, "a finite number > 0", lambda v: math.isfinite(v) and v > 0) for name in POSITIVE_FLOATS]
+    ranges += [(name, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0) for name in NON_NEGATIVE_FLOATS]
+    ranges += [(name, f"in {shown}", ok) for name, (shown, ok) in FRACTIONS.items()]
+    for name, wanted, ok in ranges:
+        v = getattr(args, name, None)
+        if v is not None and not ok(v):
+            raise DataError(f"{flag(name)} must be {wanted}, got {v}")
 
 
 # ----------------------------------------------------------------------------------------------------

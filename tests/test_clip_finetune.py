@@ -9,6 +9,7 @@ import torch
 import clip_zeroshot
 import cnn_baseline
 from common import load_cifar10, read_jsonl
+from conftest import one_line_error
 
 CPU = torch.device("cpu")
 LORA_ARGS = argparse.Namespace(rank=4, alpha=8, lora_dropout=0.0, targets=clip_zeroshot.LORA_TARGETS)
@@ -182,7 +183,7 @@ BAD_FLAGS = [
     (["--finetune", "lora", "--rank", "0"], "--rank must be positive, got 0"),
     (["--finetune", "full", "--rank", "8"], "--rank applies to --finetune lora, not full"),
     (["--epochs", "3"], "--epochs applies to fine-tuning; add --finetune full or --finetune lora"),
-    (["--finetune", "full", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--finetune", "full", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--finetune", "lora", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
     (["--finetune", "lora", "--wise", "1.5"], "--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got 1.5"),
     (["--finetune", "full", "--linear-probe"], "--linear-probe fits a classifier on frozen features"),
@@ -198,6 +199,33 @@ def test_bad_fine_tuning_flags_are_one_line(flags, message, tiny_clip, tiny_cifa
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# Issue 21 B25: each numeric flag, the message naming that flag and the value typed (inf and nan included).
+BAD_NUMBERS = [
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--limit-test", "-5"], "--limit-test must be positive, got -5"),
+    (["--linear-probe", "--limit-train", "0"], "--limit-train must be positive, got 0"),
+    (["--finetune", "full", "--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--finetune", "full", "--max-steps", "-1"], "--max-steps must be positive, got -1"),
+    (["--finetune", "lora", "--rank", "-2"], "--rank must be positive, got -2"),
+    (["--finetune", "full", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--finetune", "full", "--lr=-1e-5"], "--lr must be a finite number > 0, got -1e-05"),
+    (["--finetune", "lora", "--alpha", "inf"], "--alpha must be a finite number > 0, got inf"),
+    (["--finetune", "full", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--finetune", "full", "--grad-clip", "inf"], "--grad-clip must be a finite number >= 0, got inf"),
+    (["--finetune", "full", "--warmup", "nan"], "--warmup must be in [0, 1), got nan"),
+    (["--finetune", "lora", "--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
+    (["--finetune", "full", "--wise", "nan"], "--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got nan"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_NUMBERS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_each_numeric_flag_names_itself_and_the_value_issue_21_B25(flags, message, tiny_clip, tiny_cifar, tmp_path,
+                                                                  capsys):
+    err = one_line_error(capsys, lambda: run(tiny_clip, tiny_cifar, tmp_path / "run", *flags))
+    assert message in err and "must be positive" not in err.replace(message, ""), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_says_when_max_steps_cut_an_epoch_short(tiny_clip, tiny_cifar, tmp_path, capsys):
