@@ -23,6 +23,7 @@ starts from the zero-shot accuracy.
     python clip_zeroshot.py --finetune lora --epochs 2 --rank 16 --wise 0.5   # LoRA; WiSE-FT mix reported too
     python clip_zeroshot.py --finetune lora --model /path/to/local/clip --data-dir /tmp/cifar10
     python clip_zeroshot.py --resume runs/clip_zeroshot/<run>/last.pt --epochs 4     # continue, or extend
+    python clip_zeroshot.py --adapter runs/clip_zeroshot/<run>/adapter   # evaluate a LoRA run's adapter, no training
     python clip_zeroshot.py --finetune full --limit-train 2000 --limit-test 500 --max-steps 20 --device cpu
 
 Images are preprocessed as batched tensor ops on the device (resize with the processor's filter,
@@ -33,9 +34,12 @@ cosine, weight decay, gradient clipping, bf16 autocast on CUDA, an evaluation af
 Published figures for the released weights are in the README; figures measured here are in
 BENCHMARKS.md. Outputs in --out-dir: config.json, summary.json, confusion.png; fine-tuning adds
 metrics.jsonl, curves.png, last.pt and best.pt (LoRA: the adapters and the head only) and, for LoRA,
-adapter/ (peft; load_adapter() puts it on a fresh base). Charts need matplotlib. Needs common.py.
+adapter/ (peft, recording its base model; --adapter or load_adapter() puts it on a fresh base). Charts
+need matplotlib. Needs common.py.
 """
+import json
 import math
+import re
 import string
 import time
 from contextlib import contextmanager, nullcontext
@@ -107,6 +111,8 @@ def build_parser():
     a("--lora-dropout", type=float, default=0.05, help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
     a("--resume", help="continue fine-tuning from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
+                        "model is the one the folder records unless --model is given")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0, help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
@@ -128,6 +134,8 @@ def experiment_args(argv):
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        if cli.adapter and "model" not in given:
+            cli.model = adapter_base_model(cli.adapter)
         return cli, given, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -694,6 +702,12 @@ def start_run(args, run, templates, data):
     return Progress(zero_shot_acc=zero_shot_acc)
 
 
+def run_config(args, templates, classes):
+    """What config.json holds and summary.json repeats as its `args`: the run's effective flags, the
+    templates and the classes."""
+    return {**vars(args), "templates": templates, "classes": classes}
+
+
 def log_epoch(args, out_dir, row):
     append_jsonl(out_dir / "metrics.jsonl", row)
     if row["epoch"] == 0:
@@ -719,7 +733,7 @@ def save_run(args, run, progress, test_acc, data):
             "data_fingerprint": data.fingerprint}
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
     if args.finetune == "lora":
-        save_adapter(model, out_dir)
+        save_adapter(model, out_dir, base_model=args.model)  # so that --adapter finds its base on its own
 
 
 def restore_run(ckpt, args, run):
@@ -786,6 +800,95 @@ def write_finetune_summary(args, run, progress, data, preds, counts, templates, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# --adapter DIR: a saved LoRA classifier evaluated on the test set, no training
+
+def read_adapter_config(adapter_dir):
+    folder = Path(adapter_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"--adapter {adapter_dir}: no such folder")
+    try:
+        return json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass the adapter/ folder of a "
+                        f"--finetune lora run") from None
+
+
+def adapter_base_model(adapter_dir):
+    """The --model an adapter was trained on, as its adapter_config.json records it (runs of this script
+    record it since issue 21; older adapters say null)."""
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise DataError(f"--adapter {adapter_dir}: its adapter_config.json does not record the base model; pass "
+                        f"--model, the CLIP it was trained on")
+    return str(base)
+
+
+def check_adapter_fits(adapter_dir, config, num_classes):
+    """Before any weights load: a LoRA adapter whose targets all exist in CLIP's image tower, with a head
+    of num_classes x projection_dim (what --finetune lora saves). An adapter saved by lora_caption.py
+    targets GPT-2's c_attn/c_proj and has no head: peft would fail deep inside, or adapt nothing."""
+    from transformers import CLIPModel
+    saved = read_adapter_config(adapter_dir)
+    with torch.device("meta"):  # module names without memory or weights
+        names = ["tower." + n for n, _ in CLIPModel(config).vision_model.named_modules() if n]
+    targets = saved.get("target_modules") or []
+    if isinstance(targets, str):  # peft: a regular expression over full module names
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if saved.get("peft_type") != "LORA" or missing or not targets:
+        raise DataError(f"--adapter {adapter_dir}: does not fit CLIP's image tower (its target modules "
+                        f"{', '.join(missing or targets) or 'none'} match nothing there); pass the adapter/ of a "
+                        f"clip_zeroshot.py --finetune lora run")
+    from safetensors import safe_open
+    weights = Path(adapter_dir).expanduser() / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shape = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("head.weight")]
+    except Exception as e:  # missing or damaged
+        raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
+    if shape != [[num_classes, config.projection_dim]]:
+        found = f"a {shape[0][0]} x {shape[0][1]} head" if shape else "no classification head"
+        raise DataError(f"--adapter {adapter_dir}: holds {found}, not the {num_classes} x {config.projection_dim} "
+                        f"head of a CLIP classifier for these {num_classes} classes")
+
+
+def evaluate_adapter(args, data, test_idx, config, processor, device, report):
+    """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
+    check_adapter_fits(args.adapter, config, len(data.classes))
+    out_dir = Path(args.out_dir)
+    write_json(out_dir / "config.json", run_config(args, [], data.classes))
+    report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
+    try:
+        model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
+    except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
+        raise DataError(f"--adapter {args.adapter}: does not fit --model {args.model} "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+    print(f"{SCRIPT}: adapter {args.adapter} on {args.model} | {device} | {len(test_idx):,} test images | "
+          f"out {out_dir}")
+    test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)
+    preds, test_loss = evaluate(model, TensorPreprocess(processor, device), test_x, test_y, args.batch_size,
+                                amp_dtype_for(device))
+    cm = confusion_matrix(preds, test_y, len(data.classes))
+    trainable, total = count_params(model)
+    summary = {"script": SCRIPT, "finetune": "lora", "adapter": args.adapter,
+               "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(test_y),
+               "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "test_loss": test_loss, "train_seconds": 0.0,
+               "peak_memory_mb": peak_memory_mb(device), "params": total, "trainable_params": 0,
+               "adapter_params": trainable, "args": run_config(args, [], data.classes), "model": args.model,
+               "classes": data.classes, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
+               "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes)}
+    write_json(out_dir / "summary.json", summary)
+    if not args.no_plots:
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+    print(f"adapter test accuracy {summary['test_acc']:.2%} | test loss {test_loss:.4f}")
+    print_per_class(summary["per_class_acc"])
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
 # The experiment
 
 def most_confused(cm, classes, k=5):
@@ -820,6 +923,8 @@ def main(argv=None):
         config, tokenizer, processor = load_clip_parts(args.model)
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)  # before the weights load
         interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
+        if args.adapter:
+            return evaluate_adapter(args, data, test_idx, config, processor, device, report)
         if args.finetune:
             return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
         model = load_clip_model(args.model, device)

@@ -114,6 +114,57 @@ def test_a_saved_adapter_on_a_fresh_base_classifies_as_the_run_did(lora_run, tin
     assert int((preds == data.test_y).sum()) / len(preds) == summary["test_acc"]
 
 
+def test_the_adapter_records_its_base_model_issue_21_B23(lora_run, tiny_clip):
+    """Issue 21 B23 (a): adapter_config.json said base_model_name_or_path: null."""
+    out, _ = lora_run
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_clip)
+
+
+def test_adapter_evaluates_a_saved_adapter_from_the_command_line_issue_21_B23(lora_run, tiny_cifar, tmp_path,
+                                                                               capsys):
+    """Issue 21 B23 (b): --adapter DIR, its base model the one it records, classifies as the run ended."""
+    out, trained = lora_run
+    capsys.readouterr()
+    summary = clip_zeroshot.main(["--adapter", str(out / "adapter"), "--data-dir", str(tiny_cifar), "--device",
+                                  "cpu", "--out-dir", str(tmp_path / "eval"), "--no-progress", "--no-plots"])
+    assert summary["test_acc"] == trained["test_acc"] and summary["test_images"] == 100
+    assert summary["confusion_matrix"] == trained["confusion_matrix"]
+    written = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert written["test_acc"] == trained["test_acc"] and written["adapter"] == str(out / "adapter")
+    assert written["args"] == json.loads((tmp_path / "eval" / "config.json").read_text())
+    assert f"adapter test accuracy {trained['test_acc']:.2%}" in capsys.readouterr().out
+    assert not (tmp_path / "eval" / "last.pt").exists()  # nothing trained, nothing to resume
+
+
+def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny_captioner, tiny_cifar, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Issue 21 B23 (b): an adapter saved by lora_caption.py targets GPT-2's modules: one line, before the weights
+    load; so is an adapter that records no base model, without --model."""
+    import lora_caption
+    from transformers import VisionEncoderDecoderModel
+    captioner = VisionEncoderDecoderModel.from_pretrained(str(tiny_captioner))
+    lora = lora_caption.add_lora(captioner, argparse.Namespace(targets=lora_caption.DECODER_TARGETS, rank=4, alpha=8,
+                                                               lora_dropout=0.0, cross_attention=False))
+    clip_zeroshot.save_adapter(lora, tmp_path / "caption", base_model=tiny_captioner)
+    monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
+    adapter = tmp_path / "caption" / "adapter"
+    capsys.readouterr()  # transformers' loading bar for the captioner
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(adapter), "--model", str(tiny_clip),
+                                                             *flags]))
+    assert f"--adapter {adapter}: does not fit CLIP's image tower (its target modules " in err
+    assert "c_attn" in err and "match nothing there" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(adapter), *flags]))
+    assert "holds a VisionEncoderDecoderModel, not a CLIPModel" in err  # the base it records
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": null}')
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "old"), *flags]))
+    assert "does not record the base model; pass --model" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "none"), *flags]))
+    assert f"--adapter {tmp_path / 'none'}: no such folder" in err
+
+
 @pytest.fixture(scope="module")
 def lora_steps(tiny_clip, data):
     """A LoRA classifier before and after three training steps, on real images."""
