@@ -141,23 +141,43 @@ def experiment_args(argv):
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
     args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
+    vars(args).setdefault("adapter", None)  # checkpoints from before --adapter
     if args.epochs < ckpt["state"]["epoch"]:
         raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
     return args, given, ckpt
 
 
 def check_args(args, given):
-    """Impossible or ignored flags stop the run before any work, naming the flag."""
+    """Impossible flags, and flags typed where they change nothing, stop the run before any work, naming
+    the flag."""
     check_model_path(args.model)
-    misplaced = [name for name in FINETUNE_FLAGS + LORA_FLAGS + ("resume",) if name in given]
-    if misplaced and not args.finetune:
-        raise DataError(f"{flag(misplaced[0])} applies to fine-tuning; add --finetune full or --finetune lora")
-    lora_only = [name for name in LORA_FLAGS if name in given]
-    if lora_only and args.finetune == "full":
-        raise DataError(f"{flag(lora_only[0])} applies to --finetune lora, not full")
     if args.finetune and args.linear_probe:
         raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
+    useless = no_effect(args)
+    typed = sorted(given & useless.keys())
+    if typed:
+        raise DataError(f"{flag(typed[0])} has no effect {useless[typed[0]]}; drop it")
     check_ranges(args)
+
+
+def no_effect(args):
+    """{flag: in which mode it changes nothing} for this run's mode: a flag typed there would make the
+    user believe it did something (an --epochs 10 zero-shot run, a --rank 8 full fine-tuning)."""
+    useless = {}
+    if args.adapter:
+        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("finetune", "resume", "prompts", "linear_probe",
+                                                              "limit_train"),
+                                "with --adapter (it evaluates a trained adapter with its own head, no training)")
+    elif args.finetune == "full":
+        useless = dict.fromkeys(LORA_FLAGS, "with --finetune full (LoRA flags; add --finetune lora to use them)")
+    elif not args.finetune:
+        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("resume",),
+                                "without --finetune (add --finetune full or --finetune lora to use it)")
+        if not args.linear_probe:
+            useless["limit_train"] = "without --linear-probe or --finetune (zero-shot reads no training image)"
+    if args.limit_test is None and not args.linear_probe and (args.adapter or not args.finetune):
+        useless["seed"] = "when the whole test set is evaluated without training (nothing is drawn at random)"
+    return useless
 
 
 # Each numeric flag's range; a flag still None (a fine-tuning flag outside fine-tuning) is not checked.

@@ -232,8 +232,8 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(mode, tiny_clip, t
 BAD_FLAGS = [
     (["--finetune", "foo"], "argument --finetune: invalid choice: 'foo'"),
     (["--finetune", "lora", "--rank", "0"], "--rank must be positive, got 0"),
-    (["--finetune", "full", "--rank", "8"], "--rank applies to --finetune lora, not full"),
-    (["--epochs", "3"], "--epochs applies to fine-tuning; add --finetune full or --finetune lora"),
+    (["--finetune", "full", "--rank", "8"], "--rank has no effect with --finetune full"),
+    (["--epochs", "3"], "--epochs has no effect without --finetune (add --finetune full or --finetune lora"),
     (["--finetune", "full", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--finetune", "lora", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
     (["--finetune", "lora", "--wise", "1.5"], "--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got 1.5"),
@@ -250,6 +250,46 @@ def test_bad_fine_tuning_flags_are_one_line(flags, message, tiny_clip, tiny_cifa
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# Issue 21 B24: a flag typed where it changes nothing is refused, naming the mode.
+NO_EFFECT = [
+    (["--finetune", "full", "--rank", "8"], "--rank has no effect with --finetune full (LoRA flags; add --finetune "
+                                            "lora to use them); drop it"),
+    (["--finetune", "full", "--targets", "q_proj"], "--targets has no effect with --finetune full"),
+    (["--finetune", "full", "--alpha", "8"], "--alpha has no effect with --finetune full"),
+    (["--lr", "1e-3"], "--lr has no effect without --finetune (add --finetune full or --finetune lora to use it); "
+                       "drop it"),
+    (["--wise", "0.5"], "--wise has no effect without --finetune"),
+    (["--max-steps", "5"], "--max-steps has no effect without --finetune"),
+    (["--lora-dropout", "0.1"], "--lora-dropout has no effect without --finetune"),
+    (["--limit-train", "100"], "--limit-train has no effect without --linear-probe or --finetune (zero-shot reads no "
+                               "training image); drop it"),
+    (["--seed", "1"], "--seed has no effect when the whole test set is evaluated without training"),
+    (["--adapter", "somewhere", "--prompts", "ensemble"], "--prompts has no effect with --adapter (it evaluates a "
+                                                          "trained adapter with its own head, no training); drop it"),
+    (["--adapter", "somewhere", "--epochs", "2"], "--epochs has no effect with --adapter"),
+    (["--adapter", "somewhere", "--finetune", "lora"], "--finetune has no effect with --adapter"),
+    (["--adapter", "somewhere", "--seed", "3"], "--seed has no effect when the whole test set is evaluated"),
+]
+
+
+@pytest.mark.parametrize("flags, message", NO_EFFECT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_flag_without_effect_in_the_mode_is_refused_issue_21_B24(flags, message, tiny_clip, tiny_cifar, tmp_path,
+                                                                   capsys):
+    err = one_line_error(capsys, lambda: run(tiny_clip, tiny_cifar, tmp_path / "run", *flags))
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_that_do_have_an_effect_are_not_refused_issue_21_B24(tiny_clip, tiny_cifar, tmp_path):
+    """Issue 21 B24: --seed draws the --limit-test subset; --limit-train sizes the probe's training set."""
+    picked = [run(tiny_clip, tiny_cifar, tmp_path / f"seed{seed}", "--seed", seed, "--limit-test", "20", "--no-plots")
+              for seed in (0, 1)]
+    assert [p["test_images"] for p in picked] == [20, 20] and picked[0]["args"]["seed"] == 0
+    probe = run(tiny_clip, tiny_cifar, tmp_path / "probe", "--linear-probe", "--limit-train", "50", "--seed", "2",
+                "--no-plots")
+    assert probe["linear_probe"] is not None and probe["args"]["limit_train"] == 50
 
 
 # Issue 21 B25: each numeric flag, the message naming that flag and the value typed (inf and nan included).
