@@ -675,7 +675,9 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
           f"({trainable / total:.2%}) | {device} {run['amp_dtype'] or torch.float32} | train {len(train_idx):,} test "
           f"{len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, "
           f"lr {args.lr:g} | out {run['out_dir']}", flush=True)
-    progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, templates, data)
+    # Every start writes the effective flags, a resume too: one that extends --epochs leaves no stale config.
+    write_json(run["out_dir"] / "config.json", run_config(args, templates, data.classes))
+    progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, data)
     if ckpt:
         print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
     last = run["out_dir"] / "last.pt"
@@ -712,9 +714,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def start_run(args, run, templates, data):
-    """A new run: its config, then the zero-shot start evaluated as epoch 0 of the metrics."""
-    write_json(run["out_dir"] / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+def start_run(args, run, data):
+    """A new run: the zero-shot start evaluated as epoch 0 of the metrics."""
     preds, test_loss = evaluate(run["model"], run["preprocess"], run["test_x"], run["test_y"], args.batch_size,
                                 run["amp_dtype"])
     zero_shot_acc = accuracy_from(confusion_matrix(preds, run["test_y"], len(data.classes)))
@@ -799,7 +800,8 @@ def write_finetune_summary(args, run, progress, data, preds, counts, templates, 
         "train_seconds": progress.train_seconds,
         "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-        "args": vars(args), "model": args.model, "templates": templates, "classes": data.classes,
+        "args": run_config(args, templates, data.classes), "model": args.model, "templates": templates,
+        "classes": data.classes,
         "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
         "wise": wise, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
         "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes),
@@ -948,7 +950,7 @@ def main(argv=None):
         if args.finetune:
             return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
         model = load_clip_model(args.model, device)
-        write_json(Path(args.out_dir) / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+        write_json(Path(args.out_dir) / "config.json", run_config(args, templates, data.classes))
         print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | "
               f"out {args.out_dir}")
         report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
@@ -985,7 +987,8 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
                "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
                "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
                "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
-               "trainable_params": 0, "args": vars(args), "model": args.model, "templates": templates,
+               "trainable_params": 0, "args": run_config(args, templates, data.classes), "model": args.model,
+               "templates": templates,
                "classes": data.classes, "logit_scale": model.logit_scale.exp().item(),
                "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
                "most_confused": most_confused(cm, data.classes), "linear_probe": probe}

@@ -327,3 +327,16 @@ def test_resume_says_when_max_steps_cut_an_epoch_short(tiny_clip, tiny_cifar, tm
     out = capsys.readouterr().out
     assert "after epoch 1 (step 4); --max-steps stopped that epoch 2 of 6 batches short (skipped)" in out, out
     assert summary["steps"] == 8
+
+
+def test_config_is_rewritten_on_resume_and_equals_the_summarys_args_issue_21_B13(tiny_clip, tiny_cifar, tmp_path):
+    """Issue 21 B13: a resume that extends --epochs left config.json saying the old count."""
+    run(tiny_clip, tiny_cifar, tmp_path, "--finetune", "lora", "--epochs", "1", "--batch-size", "50", "--limit-train",
+        "100", "--limit-test", "20", "--no-plots")
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 1
+    summary = clip_zeroshot.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--no-progress"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["epochs"] == 2 and config["resume"] == str(tmp_path / "last.pt") and summary["epochs"] == 2
+    assert summary["args"] == config == json.loads((tmp_path / "summary.json").read_text())["args"]
+    zero_shot = run(tiny_clip, tiny_cifar, tmp_path / "zero-shot", "--limit-test", "20", "--no-plots")
+    assert zero_shot["args"] == json.loads((tmp_path / "zero-shot" / "config.json").read_text())
