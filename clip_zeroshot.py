@@ -18,7 +18,7 @@ starts from the zero-shot accuracy.
     python clip_zeroshot.py                                    # openai/clip-vit-base-patch32, 10,000 test images
     python clip_zeroshot.py --model openai/clip-vit-large-patch14 --prompts ensemble
     python clip_zeroshot.py --model /path/to/local/clip --data-dir /tmp/cifar10 --linear-probe
-    python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, one template per line, "{}" = class name
+    python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, a template a line, "{}" = class, # comments
     python clip_zeroshot.py --finetune full --epochs 2         # ViT-B/32 image tower, all weights
     python clip_zeroshot.py --finetune lora --epochs 2 --rank 16 --wise 0.5   # LoRA; WiSE-FT mix reported too
     python clip_zeroshot.py --finetune lora --model /path/to/local/clip --data-dir /tmp/cifar10
