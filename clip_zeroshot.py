@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = ["torch>=2.5", "torchvision>=0.20", "transformers>=4.46", "peft>=0.13", "ftfy>=6.1",
-#                 "regex>=2023.10.3", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
+#                 "regex>=2023.10.3", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7", "safetensors>=0.4"]
 # ///
 """CLIP on CIFAR-10: zero-shot from class-name prompts, a linear probe, and its ViT fine-tuned (full or LoRA).
 
