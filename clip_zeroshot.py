@@ -195,6 +195,7 @@ def check_ranges(args):
     ranges += [(name, "a finite number > 0", lambda v: math.isfinite(v) and v > 0) for name in POSITIVE_FLOATS]
     ranges += [(name, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0) for name in NON_NEGATIVE_FLOATS]
     ranges += [(name, f"in {shown}", ok) for name, (shown, ok) in FRACTIONS.items()]
+    ranges += [("seed", "in [0, 2**63)", lambda v: 0 <= v < 2 ** 63)]  # what torch.Generator accepts
     for name, wanted, ok in ranges:
         v = getattr(args, name, None)
         if v is not None and not ok(v):
@@ -366,7 +367,9 @@ def interpolation(processor):
     already a mode. Released CLIP processors say bicubic, other checkpoints bilinear: a resize with the
     wrong filter is up to 25 uint8 levels off."""
     from torchvision.transforms.v2 import InterpolationMode
-    resample = getattr(processor, "resample", 3)
+    resample = getattr(processor, "resample", None)
+    if resample is None:  # a processor that does not say: CLIP's own choice
+        return InterpolationMode.BICUBIC
     if isinstance(resample, InterpolationMode):
         return resample
     modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}

@@ -308,6 +308,8 @@ BAD_NUMBERS = [
     (["--finetune", "full", "--warmup", "nan"], "--warmup must be in [0, 1), got nan"),
     (["--finetune", "lora", "--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
     (["--finetune", "full", "--wise", "nan"], "--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got nan"),
+    (["--limit-test", "20", "--seed", str(2 ** 70)], f"--seed must be in [0, 2**63), got {2 ** 70}"),
+    (["--limit-test", "20", "--seed=-1"], "--seed must be in [0, 2**63), got -1"),
 ]
 
 
