@@ -861,7 +861,10 @@ def check_adapter_fits(adapter_dir, config, num_classes):
         missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
     else:
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if saved.get("peft_type") != "LORA" or missing or not targets:
+    if saved.get("peft_type") != "LORA":
+        raise DataError(f"--adapter {adapter_dir}: a {saved.get('peft_type')} adapter, not LoRA; pass the adapter/ "
+                        f"of a clip_zeroshot.py --finetune lora run")
+    if missing or not targets:
         raise DataError(f"--adapter {adapter_dir}: does not fit CLIP's image tower (its target modules "
                         f"{', '.join(missing or targets) or 'none'} match nothing there); pass the adapter/ of a "
                         f"clip_zeroshot.py --finetune lora run")
