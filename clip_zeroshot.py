@@ -140,7 +140,7 @@ def experiment_args(argv):
     ckpt = load_checkpoint(cli.resume, SCRIPT)
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"), parser=parser)
     vars(args).setdefault("adapter", None)  # checkpoints from before --adapter
     if args.epochs < ckpt["state"]["epoch"]:
         raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
@@ -810,9 +810,6 @@ def write_finetune_summary(args, run, progress, data, preds, counts, templates, 
         "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes),
     }
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
           f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
           f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
@@ -821,6 +818,10 @@ def write_finetune_summary(args, run, progress, data, preds, counts, templates, 
         print(f"WiSE-FT ({1 - wise['alpha']:g} x zero-shot + {wise['alpha']:g} x fine-tuned): test accuracy "
               f"{wise['test_acc']:.2%}")
     print_per_class(summary["per_class_acc"])
+    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: curves.png, confusion.png")
     return summary
 
 
@@ -909,10 +910,11 @@ def evaluate_adapter(args, data, test_idx, config, processor, device, report):
                "classes": data.classes, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
                "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes)}
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"adapter test accuracy {summary['test_acc']:.2%} | test loss {test_loss:.4f}")
     print_per_class(summary["per_class_acc"])
+    if not args.no_plots:
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: confusion.png")
     return summary
 
 
@@ -938,12 +940,14 @@ def main(argv=None):
         templates = load_templates(args.prompts)
         device = pick_device(args.device)
         args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-        data = load_cifar10(args.data_dir, download=not args.no_download)
+        own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]  # never download into it
+        data = load_cifar10(args.data_dir, download=not args.no_download,
+                            resumed_from=args.resume if own_folder else None)
         if ckpt:
             check_same_data(ckpt, data, args.data_dir)
         test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
-        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train") \
-            if args.linear_probe or args.finetune else None
+        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
+                                      every_class=True) if args.linear_probe or args.finetune else None
         if args.linear_probe:
             check_probe_size(len(train_idx), len(data.classes))
         if args.finetune and len(train_idx) < args.batch_size:
@@ -999,8 +1003,6 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
                "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
                "most_confused": most_confused(cm, data.classes), "linear_probe": probe}
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
           f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
     print_per_class(summary["per_class_acc"])
@@ -1009,6 +1011,9 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
     if probe:
         print(f"linear probe: test accuracy {probe['test_acc']:.2%} (L2 {probe['weight_decay']:g}, chosen on a "
               f"held-out 20%)")
+    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: confusion.png")
     return summary
 
 
