@@ -947,7 +947,7 @@ def main(argv=None):
             check_same_data(ckpt, data, args.data_dir)
         test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
         train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
-                                      every_class=True) if args.linear_probe or args.finetune else None
+                                      every_class=not args.linear_probe) if args.linear_probe or args.finetune else None
         if args.linear_probe:
             check_probe_size(len(train_idx), len(data.classes))
         if args.finetune and len(train_idx) < args.batch_size:

@@ -226,7 +226,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(mode, tiny_clip, t
     assert [r["test_acc"] for r in rows[0]] == [r["test_acc"] for r in rows[1]] and len(rows[0]) == 3
     with pytest.raises(SystemExit) as stop:  # a resumed run keeps its flags
         clip_zeroshot.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--lr", "1"])
-    assert stop.value.code == 2 and "--lr 1.0 differs from the checkpoint's 0.003" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--lr 1.0 differs from the checkpoint's --lr 0.003" in capsys.readouterr().err
 
 
 BAD_FLAGS = [
