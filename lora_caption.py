@@ -77,14 +77,17 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 def build_parser():
     p = make_parser(__doc__)
     a = p.add_argument
-    a("--data-dir", default=None, help="captions.csv (image,caption) + images; see the top of this file")
+    a("--data-dir", default=None, help="a folder holding captions.csv (columns image,caption; or Kaggle's "
+                                       "captions.txt) and the images, in images/ or beside the table; an optional "
+                                       "splits.json lists the train/val/test image names")
     a("--model", default=None, help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
                                     "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
     a("--rank", type=int, default=16, help="LoRA rank r")
     a("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
-    a("--targets", nargs="+", default=DECODER_TARGETS, help="module name suffixes that get adapters")
+    a("--targets", nargs="+", default=DECODER_TARGETS,
+      help=f"module name suffixes that get adapters (default: {' '.join(DECODER_TARGETS)})")
     a("--cross-attention", action="store_true",
       help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
     # optimisation
@@ -93,7 +96,8 @@ def build_parser():
     a("--batch-size", type=int, default=32, help="(image, caption) pairs per forward pass and process")
     a("--grad-accum", type=int, default=1, help="forward passes per optimizer step (effective batch = batch x this)")
     a("--lr", type=float, default=3e-4, help="peak AdamW learning rate of the adapters")
-    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    # common.HelpFormatter hides a default equal to False, which 0 and 0.0 are: those defaults are written out
+    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
     a("--warmup", type=float, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
     a("--grad-clip", type=float, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
     a("--max-length", type=int, default=40, help="caption tokens kept for training, EOS included; every batch is "
@@ -101,7 +105,7 @@ def build_parser():
     # evaluation
     a("--num-beams", type=int, default=1, help="beam search width for generation (1 = greedy)")
     a("--max-new-tokens", type=int, default=30, help="longest generated caption, in tokens")
-    a("--eval-images", type=int, default=None, help="score captions on the first N test images only")
+    a("--eval-images", type=int, default=None, help="score captions on the first N test images only (default: all)")
     a("--eval-every", type=int, default=200, help="validation loss and sample captions every N steps")
     a("--save-every", type=int, default=500, help="save the adapter and training state every N steps")
     a("--no-baseline", action="store_true", help="skip scoring the model before fine-tuning")
@@ -119,7 +123,8 @@ def build_parser():
     a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
       help="torch.compile mode")
     a("--eager", action="store_true", help="run each step eagerly instead of replaying it as a CUDA graph")
-    a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout")
+    a("--seed", type=int, default=0,
+      help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/lora_caption/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
     a("--resume", default=None,
@@ -134,8 +139,13 @@ def check_args(args):
                  "eval_every", "save_every"):
         if getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.alpha) and args.alpha > 0):
-        raise DataError("--lr and --alpha must be positive")
+    # float flags: argparse accepts nan and inf, so "positive" alone would be the wrong word for them
+    for name in ("lr", "alpha"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise DataError(f"{flag(name)} must be a finite number > 0, got {getattr(args, name)}")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise DataError(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
     for name in ("lora_dropout", "warmup"):
         if not 0 <= getattr(args, name) < 1:
             raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
