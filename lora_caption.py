@@ -385,22 +385,36 @@ class Pixels:
 # ----------------------------------------------------------------------------------------------------
 # Model: the captioner through transformers, adapters through peft
 
-def _drop_attention_mask_warning(record):
-    """generate() warns that it gets no attention mask whenever pad = EOS; the decoder starts from one start
-    token per image, so nothing is padded and the warning does not apply."""
-    return "attention mask" not in record.getMessage()
+# transformers' warnings that the decoder gets no attention mask, by the logger that emits each (5.x wording).
+# Nothing the decoder reads is padding: generation starts from one start token per image, and in training and
+# validation the padding comes after each caption's EOS, where the causal mask keeps it out and labels skip it.
+MASK_WARNINGS = {
+    # GPT-2's forward, whenever its config has a pad id (= EOS = the start token) in the first or last column
+    "transformers.modeling_utils": ("We strongly recommend passing in an `attention_mask`",),
+    # generate() with a batch, when pad = EOS
+    "transformers.generation.utils": ("The attention mask is not set", "The attention mask and the pad token id"),
+}
+
+
+def _mask_warning_filter(prefixes):
+    return lambda record: not record.getMessage().startswith(prefixes)
 
 
 def quiet_transformers():
     """Silence what the script handles itself: transformers' own progress bars ('Loading weights', 'Writing
-    model shards'; download bars stay) and generate()'s attention-mask warning."""
+    model shards'; download bars stay) and the warnings that the decoder gets no attention mask."""
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
     downloads_shown = not are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
     if downloads_shown:
         enable_progress_bars()
-    logging.getLogger("transformers.generation.utils").addFilter(_drop_attention_mask_warning)
+    for name, prefixes in MASK_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "mask_warnings", False) for f in logger.filters):  # once per process
+            drop = _mask_warning_filter(prefixes)
+            drop.mask_warnings = True
+            logger.addFilter(drop)
 
 
 @contextmanager
