@@ -425,14 +425,25 @@ def no_peft_deprecation_warning():
         yield
 
 
-def load_captioner(name, device):
-    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+def check_is_captioner(config, label):
+    """A folder of another kind of model (a CLIP, a plain GPT-2) would fail deep inside transformers: its
+    config.json, read first, says what it holds."""
+    if config.model_type != "vision-encoder-decoder":
+        kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
+        raise DataError(f"{label} holds a {kind}, not a VisionEncoderDecoderModel: pass an image captioner "
+                        f"with its tokenizer and image processor (e.g. {DEFAULT_MODEL}), or a --merge output")
+
+
+def load_captioner(name, device, label=None):
+    """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
     quiet_transformers()
     try:
+        check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
         model = VisionEncoderDecoderModel.from_pretrained(name, **NO_HUB_KERNELS)
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
                         f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
                         ) from None
