@@ -35,6 +35,7 @@ Needs common.py.
 """
 import csv
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -49,16 +50,17 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, error_line,
-                    flag, given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
-                    plot_curves, open_rgb, prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter,
-                    save_checkpoint, set_global_batch, trainable_state, trim_metrics, undo_steps, wrap_distributed,
-                    write_json, write_text_atomic)
+from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
+                    check_same_data, derived_seed, error_line, flag, given_flags, init_distributed, load_checkpoint,
+                    make_parser, one_line_errors, open_rgb, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
+                    read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch, trainable_state,
+                    trim_metrics, undo_steps, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -287,6 +289,16 @@ def load_caption_data(data_dir, image_size, resample, seed, log=print):
     empty = torch.zeros(0, 3, *image_size, dtype=torch.uint8)
     return {k: CaptionSplit(v, torch.stack([images[n] for n in v]) if v else empty, [by_image[n] for n in v])
             for k, v in splits.items()}
+
+
+def data_fingerprint(data):
+    """A hash of what a run reads: each split's image names, captions and decoded pixels. A copy of the folder
+    elsewhere gives the same hash; a changed image, caption or split gives another."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in SPLITS:
+        h.update(repr((k, data[k].names, data[k].captions)).encode())
+        h.update(data[k].images.contiguous().numpy().data)
+    return h.hexdigest()
 
 
 def decode_images(root, names, image_size, resample):
@@ -811,7 +823,7 @@ def save_training_state(run, state, args):
     save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
                      "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
                      "scaler": run["scaler"].state_dict(), "state": dict(state),
-                     "args": vars(args)},
+                     "args": vars(args), "data_fingerprint": run["data_fingerprint"]},
                     run["out_dir"] / "training_state.pt")
     save_adapter(run["model"], run["out_dir"])
 
@@ -1095,7 +1107,10 @@ def experiment_args(argv):
             cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         return cli, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
-    return resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps")), ckpt
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
+    if "data_dir" in given:
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    return args, ckpt
 
 
 def main(argv=None):
@@ -1121,6 +1136,9 @@ def train_main(args, ckpt, device, rank, report):
     model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
     size, resample = processor_geometry(processor)
     data = load_caption_data(args.data_dir, size, resample, args.seed)
+    fingerprint = data_fingerprint(data)
+    if ckpt:  # a --data-dir typed with --resume must hold the run's data (as in the CIFAR scripts)
+        check_same_data(ckpt, SimpleNamespace(fingerprint=fingerprint), args.data_dir)
     tokens = pair_tokens(tokenizer, data["train"], args.max_length)
     steps_per_epoch = len(tokens["pair_image"]) // (args.global_batch * args.grad_accum)
     if steps_per_epoch == 0:
@@ -1134,6 +1152,7 @@ def train_main(args, ckpt, device, rank, report):
     model = add_lora(model, args)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     run = make_run(args, model, tokenizer, pixels, amp_dtype, total_steps, out_dir, rank, data, tokens)
+    run["data_fingerprint"] = fingerprint
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
     if ckpt:
         state = restore_training(ckpt, args, model, run["optimizer"], run["schedule"], run["scaler"], device)
