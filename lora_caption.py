@@ -1159,8 +1159,9 @@ def train_main(args, ckpt, device, rank, report):
         print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
     else:
         state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
-        if rank == 0:
-            write_json(out_dir / "config.json", vars(args))
+    run["config"] = dict(vars(args))  # at every start: a resume may have extended --epochs or --max-steps
+    if rank == 0:
+        write_json(out_dir / "config.json", run["config"])
     t0 = time.perf_counter()
     inputs, run["compiled"], notes = fast_path(args, model, data, pixels, amp_dtype)
     state["train_seconds"] += time.perf_counter() - t0  # encoding the images once is part of training
@@ -1246,7 +1247,7 @@ def write_summary(args, run, state, data, after, counts):
                "train_seconds": state["train_seconds"], "images_per_second": None,
                "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
                "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-               "args": vars(args), "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
+               "args": run["config"], "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
                "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
                "examples": examples}
