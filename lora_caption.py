@@ -1252,8 +1252,9 @@ def write_summary(args, run, state, data, after, counts):
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
                "examples": examples}
     write_json(out_dir / "summary.json", summary)
-    for ex in examples:
-        print(f"{ex['image']}: before {ex['before']!r} | after {ex['after']!r} | reference {ex['references'][0]!r}")
+    for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
+        before = f"before {ex['before']!r} | " if ex["before"] is not None else ""
+        print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
           f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
