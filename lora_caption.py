@@ -306,7 +306,8 @@ def decode_images(root, names, image_size, resample):
     folder = root / "images" if (root / "images").is_dir() else root
     images, bad = {}, {"missing": [], "unreadable": []}
     for name in names:
-        path = folder / name
+        # a name is relative to images/ (Flickr8k's tables) or to the table's own folder ("images/x.jpg")
+        path = next((p for p in (folder / name, root / name) if p.is_file()), folder / name)
         if not path.is_file():
             bad["missing"].append(name)
             continue
