@@ -1098,11 +1098,31 @@ def after_step(args, run, state, data, loss):
 # ----------------------------------------------------------------------------------------------------
 # Modes: train (default), --caption, --merge
 
+# The flags each mode reads; any other flag typed with --caption or --merge would be silently ignored.
+MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device"},
+              "--merge": {"merge", "adapter", "model", "out_dir", "device"}}
+NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
+
+
+def check_mode_flags(parser, given, cli):
+    """A typed flag the chosen mode does not read is refused, so that nobody believes it took effect."""
+    mode = "--caption" if cli.caption else "--merge" if cli.merge else None
+    for action in parser._actions:  # in the parser's order, so that the message names the first one
+        name = action.dest
+        if name not in given:
+            continue
+        if mode and name not in MODE_FLAGS[mode]:
+            raise DataError(f"{flag(name)} has no effect with {mode}; drop it")
+        if not mode and name in NOT_TRAINING_FLAGS:
+            raise DataError(f"{flag(name)} has no effect in training (it is for --caption and --merge); drop it")
+
+
 def experiment_args(argv):
     """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
     differs is refused; more --epochs or --max-steps extend the run)."""
     parser = build_parser()
     cli, given = parser.parse_args(argv), given_flags(parser, argv)
+    check_mode_flags(parser, given, cli)
     if not cli.resume:
         if cli.data_dir:
             cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
