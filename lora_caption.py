@@ -820,13 +820,20 @@ def load_step(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
 
 
+def base_model_name(args):
+    """What the adapter records as its base: --model (a local folder as an absolute path, so that --caption
+    and --merge find it from anywhere) or the default hub id."""
+    name = args.model or DEFAULT_MODEL
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
 def save_training_state(run, state, args):
     save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
                      "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
                      "scaler": run["scaler"].state_dict(), "state": dict(state),
                      "args": vars(args), "data_fingerprint": run["data_fingerprint"]},
                     run["out_dir"] / "training_state.pt")
-    save_adapter(run["model"], run["out_dir"])
+    save_adapter(run["model"], run["out_dir"], base_model=base_model_name(args))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1338,13 +1345,62 @@ td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{
 
 
 def load_with_adapter(args, device):
+    """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
+    made for another model is refused: peft would load it with none of its weights in place."""
     from peft import PeftConfig, PeftModel
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise DataError(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
-    base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path or DEFAULT_MODEL
-    model, tokenizer, processor = load_captioner(base, device)
-    with no_peft_deprecation_warning():
-        return PeftModel.from_pretrained(model, args.adapter).to(device).eval(), tokenizer, processor
+    recorded = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    check_recorded_base(args.adapter, recorded)
+    base = args.model or recorded or DEFAULT_MODEL
+    label = f"--model {base}" if args.model else f"the base model {base} (recorded in --adapter {args.adapter})"
+    model, tokenizer, processor = load_captioner(base, device, label)
+    try:
+        with no_peft_deprecation_warning(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # peft's "missing adapter keys": checked below, in one line
+            model = PeftModel.from_pretrained(model, args.adapter)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # no weights file, no module of that name, other shapes
+        raise adapter_misfit(args.adapter, base, recorded, error_line(e)) from None
+    check_adapter_keys(model, args.adapter, base, recorded)
+    return model.to(device).eval(), tokenizer, processor
+
+
+def check_recorded_base(adapter, recorded):
+    """An adapter that records a local base folder of another kind of model (clip_zeroshot.py's adapters
+    record their CLIP) is refused by name. A hub id is not looked up: offline it cannot be."""
+    config = Path(recorded or "") / "config.json"
+    if recorded and config.is_file():
+        try:
+            held = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return
+        if held.get("model_type") != "vision-encoder-decoder":
+            kind = ", ".join(held.get("architectures") or []) or f"{held.get('model_type')} model"
+            raise DataError(f"--adapter {adapter} was trained on {recorded} (a {kind}), not on an image captioner: "
+                            f"pass the adapter/ folder of a {SCRIPT}.py run")
+
+
+def check_adapter_keys(model, adapter, base, recorded):
+    """Every weight in the adapter's file must have found its module in the model, and every adapter module
+    must have its weights: else merging or captioning would use an unchanged (or half-changed) base."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+    path, saved = Path(adapter) / "adapter_model.safetensors", set()
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            saved = set(f.keys())
+    elif path.with_suffix(".bin").is_file():  # older peft versions wrote adapter_model.bin
+        saved = set(torch.load(path.with_suffix(".bin"), map_location="cpu", weights_only=True))
+    expected = set(get_peft_model_state_dict(model))
+    if not expected or saved != expected:
+        example = sorted(saved - expected) or sorted(expected - saved) or ["no module matched"]
+        raise adapter_misfit(adapter, base, recorded, f"e.g. {example[0]}")
+
+
+def adapter_misfit(adapter, base, recorded, detail):
+    made_for = f" (it records {recorded} as its base)" if recorded and recorded != base else ""
+    return DataError(f"--adapter {adapter}: its weights do not fit the modules of {base}{made_for}: {detail}; "
+                     f"pass the adapter/ folder of a {SCRIPT}.py run on this model")
 
 
 def caption_files(args, device):
