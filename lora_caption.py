@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
+from common import (IMAGE_SUFFIXES, NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
                     check_same_data, derived_seed, error_line, flag, given_flags, init_distributed, load_checkpoint,
                     make_parser, one_line_errors, open_rgb, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
                     read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch, trainable_state,
@@ -1403,23 +1403,53 @@ def adapter_misfit(adapter, base, recorded, detail):
                      f"pass the adapter/ folder of a {SCRIPT}.py run on this model")
 
 
+def caption_inputs(given):
+    """--caption's arguments as files: a folder stands for the images in it (by suffix, sorted, hidden files
+    left out). Paths that are neither a file nor a folder are returned apart, to be named."""
+    files, missing = [], []
+    for name in given:
+        path = Path(name)
+        if path.is_dir():
+            files += [str(f) for f in sorted(path.iterdir())
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+        elif path.is_file():
+            files.append(name)
+        else:
+            missing.append(name)
+    return files, missing
+
+
 def caption_files(args, device):
-    """Captions for image files, by the base model + --adapter, or by a --model alone (a merged one)."""
+    """Captions for image files (or every image in a folder), by the base model + --adapter, or by a --model
+    alone (a merged one). A file that cannot be read is named in a line of its own and the others are
+    captioned; if none can be, that is one error."""
     from torchvision.transforms.v2 import functional as TF
+    files, missing = caption_inputs(args.caption)
+    skipped = [f"{name} (no such file or folder)" for name in missing]
+    if not files:
+        empty = [n for n in args.caption if Path(n).is_dir()]
+        why = f"{empty[0]} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})" if empty else skipped[0]
+        raise DataError(f"--caption: nothing to caption: {why}")
     model, tokenizer, processor = load_with_adapter(args, device) if args.adapter else \
         load_captioner(args.model, device)
     size, resample = processor_geometry(processor)
-    images = []
-    for path in args.caption:
+    images = {}
+    for path in files:
         try:
-            images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
-                                    interpolation=resample, antialias=True))
-        except Exception as e:
-            raise DataError(f"--caption {path}: cannot read it as an image ({type(e).__name__})") from None
-    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
-    for path, caption in zip(args.caption, captions):
+            images[path] = TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
+                                     interpolation=resample, antialias=True)
+        except Exception as e:  # PIL raises many kinds for a broken or foreign file
+            skipped.append(f"{path} (cannot read it as an image: {type(e).__name__})")
+    if not images:
+        raise DataError(f"--caption: none of the {len(files) + len(missing)} file(s) could be read as an image, "
+                        f"e.g. {skipped[0]}")
+    for line in skipped:
+        print(f"skipped {line}")
+    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(list(images.values())),
+                                 args)
+    for path, caption in zip(images, captions):
         print(f"{path}: {caption}")
-    return dict(zip(args.caption, captions))
+    return dict(zip(images, captions))
 
 
 def merge_out_dir(path, report):
