@@ -154,11 +154,6 @@ def check_args(args):
     for name in ("max_steps", "eval_images"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive")
-    if (args.merge and not args.adapter) or (args.caption and not (args.adapter or args.model)):
-        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
-                        "--caption also takes a merged model as --model DIR")
-    if args.merge and not args.out_dir:
-        raise DataError("--merge needs --out-dir for the merged model")
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
         raise DataError("training needs --data-dir (a folder with captions.csv and the images)")
 
@@ -1112,7 +1107,13 @@ NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
 
 
 def check_mode_flags(parser, given, cli):
-    """A typed flag the chosen mode does not read is refused, so that nobody believes it took effect."""
+    """What --caption and --merge need, then: a typed flag the chosen mode does not read is refused, so that
+    nobody believes it took effect."""
+    if (cli.merge and not cli.adapter) or (cli.caption and not (cli.adapter or cli.model)):
+        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
+                        "--caption also takes a merged model as --model DIR")
+    if cli.merge and not cli.out_dir:
+        raise DataError("--merge needs --out-dir for the merged model")
     mode = "--caption" if cli.caption else "--merge" if cli.merge else None
     for action in parser._actions:  # in the parser's order, so that the message names the first one
         name = action.dest
@@ -1433,11 +1434,12 @@ def caption_files(args, device):
     model, tokenizer, processor = load_with_adapter(args, device) if args.adapter else \
         load_captioner(args.model, device)
     size, resample = processor_geometry(processor)
-    images = {}
+    read, images = [], []  # a file named twice is captioned twice
     for path in files:
         try:
-            images[path] = TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
-                                     interpolation=resample, antialias=True)
+            images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
+                                    interpolation=resample, antialias=True))
+            read.append(path)
         except Exception as e:  # PIL raises many kinds for a broken or foreign file
             skipped.append(f"{path} (cannot read it as an image: {type(e).__name__})")
     if not images:
@@ -1445,11 +1447,10 @@ def caption_files(args, device):
                         f"e.g. {skipped[0]}")
     for line in skipped:
         print(f"skipped {line}")
-    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(list(images.values())),
-                                 args)
-    for path, caption in zip(images, captions):
+    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
+    for path, caption in zip(read, captions):
         print(f"{path}: {caption}")
-    return dict(zip(images, captions))
+    return dict(zip(read, captions))
 
 
 def merge_out_dir(path, report):
