@@ -13,7 +13,7 @@ against all references of each image, before fine-tuning (the zero-shot baseline
 
     python lora_caption.py --data-dir my_captions/                  # images/ + captions.csv (image,caption)
     python lora_caption.py --data-dir flickr8k/ --rank 8 --max-steps 2000
-    python lora_caption.py --caption photo1.jpg photo2.jpg --adapter runs/lora_caption/<run>/adapter
+    python lora_caption.py --caption photo1.jpg photos/ --adapter runs/lora_caption/<run>/adapter   # files, folders
     python lora_caption.py --merge --adapter runs/lora_caption/<run>/adapter --out-dir merged/
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
@@ -725,7 +725,9 @@ def caption_tokens(text):
     """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics. Words are
     runs of letters, digits and combining marks in any script (after NFKC normalisation, so 'Mädchen' is one
     word however it was typed); each CJK ideograph is a word of its own, as in sacrebleu's Chinese tokenizer.
-    ASCII text gives exactly the [a-z0-9]+ runs sacrebleu and pycocoevalcap are compared on."""
+    ASCII text gives exactly its [a-z0-9]+ runs, the tokens the tests hand to sacrebleu and pycocoevalcap. They
+    are not the COCO evaluation's: its PTB tokenizer keeps "well-dressed" whole and "'s" as a token, where this
+    gives "well", "dressed" and "s"."""
     if text.isascii():
         return re.findall(r"[a-z0-9]+", text.lower())
     words, word = [], ""
