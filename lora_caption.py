@@ -1387,13 +1387,8 @@ def check_adapter_keys(model, adapter, base, recorded):
     """Every weight in the adapter's file must have found its module in the model, and every adapter module
     must have its weights: else merging or captioning would use an unchanged (or half-changed) base."""
     from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-    path, saved = Path(adapter) / "adapter_model.safetensors", set()
-    if path.is_file():
-        with safe_open(path, "pt") as f:
-            saved = set(f.keys())
-    elif path.with_suffix(".bin").is_file():  # older peft versions wrote adapter_model.bin
-        saved = set(torch.load(path.with_suffix(".bin"), map_location="cpu", weights_only=True))
+    from peft.utils import load_peft_weights  # the file peft read (safetensors, or an older peft's .bin)
+    saved = set(load_peft_weights(str(adapter), device="cpu"))
     expected = set(get_peft_model_state_dict(model))
     if not expected or saved != expected:
         example = sorted(saved - expected) or sorted(expected - saved) or ["no module matched"]
