@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from common import (IMAGE_SUFFIXES, NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
                     check_same_data, derived_seed, error_line, flag, given_flags, init_distributed, load_checkpoint,
                     make_parser, one_line_errors, open_rgb, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
-                    read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch, trainable_state,
-                    trim_metrics, undo_steps, wrap_distributed, write_json, write_text_atomic)
+                    quiet_compile_on_cpu, read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch,
+                    trainable_state, trim_metrics, undo_steps, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -652,6 +652,8 @@ def fast_path(args, model, data, pixels, amp_dtype):
         inputs = {k: PixelInputs(pixels, data[k].images) for k in ("train", "val")}
         notes.append(f"encoder runs every step ({blocker})")
     compiled = None
+    if args.compile and pixels.device.type != "cuda":
+        quiet_compile_on_cpu()
     if args.compile:
         trained = base_model(model)
         blocks = repeated_blocks(trained.decoder) + (repeated_blocks(trained.encoder) if blocker else [])
@@ -1138,7 +1140,7 @@ def experiment_args(argv):
             cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         return cli, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"), parser=parser)
     if "data_dir" in given:
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     return args, ckpt
