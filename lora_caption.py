@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (IMAGE_SUFFIXES, NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
+from common import (IMAGE_SUFFIXES, LOCK_FILE, NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
                     check_same_data, derived_seed, error_line, flag, given_flags, init_distributed, load_checkpoint,
                     make_parser, one_line_errors, open_rgb, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
                     quiet_compile_on_cpu, read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch,
@@ -1458,7 +1458,7 @@ def merge_out_dir(path, report):
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out-dir {out} is a file; --merge writes a model folder: pick a new folder")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []  # a lock: no data
     if held:
         raise DataError(f"--out-dir {out} already holds files ({', '.join(held[:3])}{' ...' * (len(held) > 3)}); "
                         f"--merge writes a whole model folder: pick a new or empty folder")
