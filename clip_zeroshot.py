@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = ["torch>=2.11", "torchvision>=0.26", "transformers>=5.17", "peft>=0.21", "ftfy>=6.1",
-#                 "regex>=2025.10.22", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
+#                 "regex>=2025.10.22", "numpy", "pillow", "tqdm>=4.66", "matplotlib>=3.7", "safetensors>=0.4"]
 # ///
 """CLIP on CIFAR-10: zero-shot from class-name prompts, a linear probe, and its ViT fine-tuned (full or LoRA).
 
@@ -18,24 +18,28 @@ starts from the zero-shot accuracy.
     python clip_zeroshot.py                                    # openai/clip-vit-base-patch32, 10,000 test images
     python clip_zeroshot.py --model openai/clip-vit-large-patch14 --prompts ensemble
     python clip_zeroshot.py --model /path/to/local/clip --data-dir /tmp/cifar10 --linear-probe
-    python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, one template per line, "{}" = class name
+    python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, a template a line, "{}" = class, # comments
     python clip_zeroshot.py --finetune full --epochs 2         # ViT-B/32 image tower, all weights
     python clip_zeroshot.py --finetune lora --epochs 2 --rank 16 --wise 0.5   # LoRA; WiSE-FT mix reported too
     python clip_zeroshot.py --finetune lora --model /path/to/local/clip --data-dir /tmp/cifar10
     python clip_zeroshot.py --resume runs/clip_zeroshot/<run>/last.pt --epochs 4     # continue, or extend
+    python clip_zeroshot.py --adapter runs/clip_zeroshot/<run>/adapter   # evaluate a LoRA run's adapter, no training
     python clip_zeroshot.py --finetune full --limit-train 2000 --limit-test 500 --max-steps 20 --device cpu
 
-Images are preprocessed as batched tensor ops on the device (bicubic resize, center crop, CLIP
-mean/std, with the model's own CLIPImageProcessor settings), so 10,000 images go through in large
+Images are preprocessed as batched tensor ops on the device (resize with the processor's filter,
+center crop, CLIP mean/std: the model's own CLIPImageProcessor settings), so 10,000 images go through in large
 batches without a PIL round-trip per image; fine-tuning first crops (padding 4) and flips each 32 px
 image, then resizes it to the tower's resolution the same way. Fine-tuning: AdamW with warm-up and
 cosine, weight decay, gradient clipping, bf16 autocast on CUDA, an evaluation after every epoch.
 Published figures for the released weights are in the README; figures measured here are in
 BENCHMARKS.md. Outputs in --out-dir: config.json, summary.json, confusion.png; fine-tuning adds
 metrics.jsonl, curves.png, last.pt and best.pt (LoRA: the adapters and the head only) and, for LoRA,
-adapter/ (peft; load_adapter() puts it on a fresh base). Charts need matplotlib. Needs common.py.
+adapter/ (peft, recording its base model; --adapter or load_adapter() puts it on a fresh base). Charts
+need matplotlib. Needs common.py.
 """
+import json
 import math
+import re
 import string
 import time
 from contextlib import contextmanager, nullcontext
@@ -107,6 +111,8 @@ def build_parser():
     a("--lora-dropout", type=float, default=0.05, help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
     a("--resume", help="continue fine-tuning from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
+                        "model is the one the folder records unless --model is given")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--seed", type=int, default=0, help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
@@ -128,44 +134,72 @@ def experiment_args(argv):
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        if cli.adapter and "model" not in given:
+            cli.model = adapter_base_model(cli.adapter)
         return cli, given, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"))
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"), parser=parser)
+    vars(args).setdefault("adapter", None)  # checkpoints from before --adapter
     if args.epochs < ckpt["state"]["epoch"]:
         raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
     return args, given, ckpt
 
 
 def check_args(args, given):
-    """Impossible or ignored flags stop the run before any work, naming the flag."""
-    if args.batch_size <= 0 or any(v is not None and v <= 0 for v in (args.limit_test, args.limit_train)):
-        raise DataError("--batch-size, --limit-test and --limit-train must be positive")
-    misplaced = [name for name in FINETUNE_FLAGS + LORA_FLAGS + ("resume",) if name in given]
-    if misplaced and not args.finetune:
-        raise DataError(f"{flag(misplaced[0])} applies to fine-tuning; add --finetune full or --finetune lora")
-    lora_only = [name for name in LORA_FLAGS if name in given]
-    if lora_only and args.finetune == "full":
-        raise DataError(f"{flag(lora_only[0])} applies to --finetune lora, not full")
+    """Impossible flags, and flags typed where they change nothing, stop the run before any work, naming
+    the flag."""
+    check_model_path(args.model)
     if args.finetune and args.linear_probe:
         raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
-    if not args.finetune:
-        return
-    for name in ("epochs", "rank", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("lr", "alpha"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise DataError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
-    for name in ("weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise DataError(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
-    for name in ("warmup", "lora_dropout"):
-        if not 0 <= getattr(args, name) < 1:
-            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
-    if args.wise is not None and not 0 <= args.wise <= 1:
-        raise DataError(f"--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got {args.wise}")
+    useless = no_effect(args)
+    typed = sorted(given & useless.keys())
+    if typed:
+        raise DataError(f"{flag(typed[0])} has no effect {useless[typed[0]]}; drop it")
+    check_ranges(args)
+
+
+def no_effect(args):
+    """{flag: in which mode it changes nothing} for this run's mode: a flag typed there would make the
+    user believe it did something (an --epochs 10 zero-shot run, a --rank 8 full fine-tuning)."""
+    useless = {}
+    if args.adapter:
+        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("finetune", "resume", "prompts", "linear_probe",
+                                                              "limit_train"),
+                                "with --adapter (it evaluates a trained adapter with its own head, no training)")
+    elif args.finetune == "full":
+        useless = dict.fromkeys(LORA_FLAGS, "with --finetune full (LoRA flags; add --finetune lora to use them)")
+    elif not args.finetune:
+        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("resume",),
+                                "without --finetune (add --finetune full or --finetune lora to use it)")
+        if not args.linear_probe:
+            useless["limit_train"] = "without --linear-probe or --finetune (zero-shot reads no training image)"
+    if args.limit_test is None and not args.linear_probe and (args.adapter or not args.finetune):
+        useless["seed"] = "when the whole test set is evaluated without training (nothing is drawn at random)"
+    return useless
+
+
+# Each numeric flag's range; a flag still None (a fine-tuning flag outside fine-tuning) is not checked.
+POSITIVE_INTS = ("batch_size", "limit_test", "limit_train", "epochs", "max_steps", "rank")
+POSITIVE_FLOATS = ("lr", "alpha")
+NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip")
+FRACTIONS = {"warmup": ("[0, 1)", lambda v: 0 <= v < 1), "lora_dropout": ("[0, 1)", lambda v: 0 <= v < 1),
+             "wise": ("[0, 1] (0 = zero-shot, 1 = fine-tuned)", lambda v: 0 <= v <= 1)}
+
+
+def check_ranges(args):
+    """Every numeric flag against its range, the message naming the flag and the value typed; a float must
+    also be finite (inf passes a bare `> 0`, nan fails it for the wrong reason)."""
+    ranges = [(name, "positive", lambda v: v > 0) for name in POSITIVE_INTS]
+    ranges += [(name, "a finite number > 0", lambda v: math.isfinite(v) and v > 0) for name in POSITIVE_FLOATS]
+    ranges += [(name, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0) for name in NON_NEGATIVE_FLOATS]
+    ranges += [(name, f"in {shown}", ok) for name, (shown, ok) in FRACTIONS.items()]
+    ranges += [("seed", "in [0, 2**63)", lambda v: 0 <= v < 2 ** 63)]  # what torch.Generator accepts
+    for name, wanted, ok in ranges:
+        v = getattr(args, name, None)
+        if v is not None and not ok(v):
+            raise DataError(f"{flag(name)} must be {wanted}, got {v}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,14 +219,17 @@ def load_templates(spec):
     except UnicodeDecodeError as e:
         raise DataError(f"--prompts {spec}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}, as in a "
                         f"Latin-1 or Windows-1252 file); save it as UTF-8") from None
-    templates = [line.strip() for line in text.splitlines() if line.strip()]
-    if not templates:
-        raise DataError(f"--prompts {spec}: no templates in it (one per line, '{{}}' where the class name goes)")
-    for template in templates:
+    # Blank lines and '#' comments are notes to the reader, not templates; numbered as an editor shows them.
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise DataError(f"--prompts {spec}: no templates in it (one per line, '{{}}' where the class name goes; "
+                        f"lines starting with # are comments)")
+    for n, template in lines:
         problem = template_problem(template)
         if problem:
-            raise DataError(f"--prompts {spec}: {problem} (first bad line: {template!r})")
-    return templates
+            raise DataError(f"--prompts {spec}, line {n}: {problem} (the line: {template!r})")
+    return [template for _, template in lines]
 
 
 def template_problem(template):
@@ -201,8 +238,10 @@ def template_problem(template):
         fields = [(name, fmt, conv) for _, name, fmt, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as e:  # a lone brace: "a photo of a {} :-{"
         return f"a template is not a valid format string ({e}); write a literal brace as '{{{{' or '}}}}'"
-    if not fields:  # "a {{}} photo" is the literal text "a {} photo"
+    if not fields and "{{" in template:  # "a {{}} photo" is the literal text "a {} photo"
         return "a template never inserts the class name ('{{}}' is a literal brace pair); put one '{}' where it goes"
+    if not fields:
+        return "a template has no '{}' where the class name goes; add one (or start the line with # for a comment)"
     other = [f"{{{name}{'!' + conv if conv else ''}{':' + fmt if fmt else ''}}}" for name, fmt, conv in fields
              if (name, fmt, conv) != ("", "", None)]
     if other or len(fields) > 1:
@@ -272,10 +311,22 @@ def cannot_load(name, e):
                      f"HF_HUB_OFFLINE with internet access")
 
 
+def check_model_path(name):
+    """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at
+    most, no backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
+    path = Path(name).expanduser()
+    looks_like_path = (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+                       or path.exists())
+    if looks_like_path and not path.is_dir():
+        raise DataError(f"--model {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
+                        f"a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
+
+
 def load_clip_parts(name):
     """Config, tokenizer and image processor: small files, read before the weights, so that a model that
     is not CLIP, or a template too long for its text tower, stops the run before the weights load."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    check_model_path(name)
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(name)
@@ -311,23 +362,40 @@ def pooled(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
+def interpolation(processor):
+    """The processor's `resample` as torchvision's mode: PIL's codes (0 nearest, 2 bilinear, 3 bicubic), or
+    already a mode. Released CLIP processors say bicubic, other checkpoints bilinear: a resize with the
+    wrong filter is up to 25 uint8 levels off."""
+    from torchvision.transforms.v2 import InterpolationMode
+    resample = getattr(processor, "resample", None)
+    if resample is None:  # a processor that does not say: CLIP's own choice
+        return InterpolationMode.BICUBIC
+    if isinstance(resample, InterpolationMode):
+        return resample
+    modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+    if int(resample) not in modes:
+        raise DataError(f"the image processor's resample={int(resample)} is not nearest (0), bilinear (2) or "
+                        f"bicubic (3), the filters this script reproduces on tensors")
+    return modes[int(resample)]
+
+
 class TensorPreprocess:
     """The model's CLIPImageProcessor as batched tensor ops on the device: resize the shortest edge
-    (bicubic, antialiased, on uint8 like the processor), center crop, rescale to [0, 1], normalise with
-    CLIP's mean and std."""
+    (with the processor's filter, antialiased, on uint8 like the processor), center crop, rescale to
+    [0, 1], normalise with CLIP's mean and std."""
 
     def __init__(self, processor, device):
         size = processor.size
         self.resize = size.get("shortest_edge") or [size["height"], size["width"]]  # an int keeps the aspect ratio
+        self.mode = interpolation(processor)
         crop = processor.crop_size if processor.do_center_crop else None
         self.crop = [crop["height"], crop["width"]] if crop else None
         self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
 
     def __call__(self, x):  # uint8 (B, 3, H, W) -> float (B, 3, crop_h, crop_w)
-        from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
-        x = TF.resize(x, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = TF.resize(x, self.resize, interpolation=self.mode, antialias=True)
         if self.crop:
             x = TF.center_crop(x, self.crop)
         return (x.float() / 255 - self.mean) / self.std
@@ -396,12 +464,19 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed, grid=(1e-6
     scores = {}
     for wd in grid:
         W, b = fit_logistic(train_x[fit], train_y[fit], num_classes, wd)
-        scores[wd] = ((train_x[val] @ W + b).argmax(1) == train_y[val]).float().mean().item()
+        scores[wd] = fraction_right(train_x[val] @ W + b, train_y[val])
     best = max(grid, key=lambda wd: (scores[wd], wd))  # ties: the stronger regularisation
     W, b = fit_logistic(train_x, train_y, num_classes, best)
-    test_acc = ((test_x @ W + b).argmax(1) == test_y).float().mean().item()
+    test_acc = fraction_right(test_x @ W + b, test_y)
     return {"test_acc": test_acc, "weight_decay": best,
             "val_acc_by_weight_decay": {str(k): v for k, v in scores.items()}}
+
+
+def fraction_right(logits, targets, k=1):
+    """How many targets are among the top-k logits, over how many: counted in integers and divided in Python,
+    so that 28 of 50 is 0.56 exactly (a float32 mean writes 0.5600000023841858 into the summary)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return int((top == targets[:, None]).any(1).sum()) / max(len(targets), 1)
 
 
 def check_probe_size(n, num_classes):
@@ -603,7 +678,9 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
           f"({trainable / total:.2%}) | {device} {run['amp_dtype'] or torch.float32} | train {len(train_idx):,} test "
           f"{len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, "
           f"lr {args.lr:g} | out {run['out_dir']}", flush=True)
-    progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, templates, data)
+    # Every start writes the effective flags, a resume too: one that extends --epochs leaves no stale config.
+    write_json(run["out_dir"] / "config.json", run_config(args, templates, data.classes))
+    progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, data)
     if ckpt:
         print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
     last = run["out_dir"] / "last.pt"
@@ -640,14 +717,19 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def start_run(args, run, templates, data):
-    """A new run: its config, then the zero-shot start evaluated as epoch 0 of the metrics."""
-    write_json(run["out_dir"] / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+def start_run(args, run, data):
+    """A new run: the zero-shot start evaluated as epoch 0 of the metrics."""
     preds, test_loss = evaluate(run["model"], run["preprocess"], run["test_x"], run["test_y"], args.batch_size,
                                 run["amp_dtype"])
     zero_shot_acc = accuracy_from(confusion_matrix(preds, run["test_y"], len(data.classes)))
     log_epoch(args, run["out_dir"], dict(epoch=0, step=0, test_loss=test_loss, test_acc=zero_shot_acc))
     return Progress(zero_shot_acc=zero_shot_acc)
+
+
+def run_config(args, templates, classes):
+    """What config.json holds and summary.json repeats as its `args`: the run's effective flags, the
+    templates and the classes."""
+    return {**vars(args), "templates": templates, "classes": classes}
 
 
 def log_epoch(args, out_dir, row):
@@ -675,7 +757,7 @@ def save_run(args, run, progress, test_acc, data):
             "data_fingerprint": data.fingerprint}
     save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
     if args.finetune == "lora":
-        save_adapter(model, out_dir)
+        save_adapter(model, out_dir, base_model=args.model)  # so that --adapter finds its base on its own
 
 
 def restore_run(ckpt, args, run):
@@ -721,15 +803,13 @@ def write_finetune_summary(args, run, progress, data, preds, counts, templates, 
         "train_seconds": progress.train_seconds,
         "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-        "args": vars(args), "model": args.model, "templates": templates, "classes": data.classes,
+        "args": run_config(args, templates, data.classes), "model": args.model, "templates": templates,
+        "classes": data.classes,
         "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
         "wise": wise, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
         "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes),
     }
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
           f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
           f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
@@ -738,6 +818,103 @@ def write_finetune_summary(args, run, progress, data, preds, counts, templates, 
         print(f"WiSE-FT ({1 - wise['alpha']:g} x zero-shot + {wise['alpha']:g} x fine-tuned): test accuracy "
               f"{wise['test_acc']:.2%}")
     print_per_class(summary["per_class_acc"])
+    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: curves.png, confusion.png")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# --adapter DIR: a saved LoRA classifier evaluated on the test set, no training
+
+def read_adapter_config(adapter_dir):
+    folder = Path(adapter_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"--adapter {adapter_dir}: no such folder")
+    try:
+        return json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass the adapter/ folder of a "
+                        f"--finetune lora run") from None
+
+
+def adapter_base_model(adapter_dir):
+    """The --model an adapter was trained on, as its adapter_config.json records it (runs of this script
+    record it since issue 21; older adapters say null)."""
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise DataError(f"--adapter {adapter_dir}: its adapter_config.json does not record the base model; pass "
+                        f"--model, the CLIP it was trained on")
+    return str(base)
+
+
+def check_adapter_fits(adapter_dir, config, num_classes):
+    """Before any weights load: a LoRA adapter whose targets all exist in CLIP's image tower, with a head
+    of num_classes x projection_dim (what --finetune lora saves). An adapter saved by lora_caption.py
+    targets GPT-2's c_attn/c_proj and has no head: peft would fail deep inside, or adapt nothing."""
+    from transformers import CLIPModel
+    saved = read_adapter_config(adapter_dir)
+    with torch.device("meta"):  # module names without memory or weights
+        names = ["tower." + n for n, _ in CLIPModel(config).vision_model.named_modules() if n]
+    targets = saved.get("target_modules") or []
+    if isinstance(targets, str):  # peft: a regular expression over full module names
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if saved.get("peft_type") != "LORA":
+        raise DataError(f"--adapter {adapter_dir}: a {saved.get('peft_type')} adapter, not LoRA; pass the adapter/ "
+                        f"of a clip_zeroshot.py --finetune lora run")
+    if missing or not targets:
+        raise DataError(f"--adapter {adapter_dir}: does not fit CLIP's image tower (its target modules "
+                        f"{', '.join(missing or targets) or 'none'} match nothing there); pass the adapter/ of a "
+                        f"clip_zeroshot.py --finetune lora run")
+    from safetensors import safe_open
+    weights = Path(adapter_dir).expanduser() / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shape = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("head.weight")]
+    except Exception as e:  # missing or damaged
+        raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
+    if shape != [[num_classes, config.projection_dim]]:
+        found = f"a {shape[0][0]} x {shape[0][1]} head" if shape else "no classification head"
+        raise DataError(f"--adapter {adapter_dir}: holds {found}, not the {num_classes} x {config.projection_dim} "
+                        f"head of a CLIP classifier for these {num_classes} classes")
+
+
+def evaluate_adapter(args, data, test_idx, config, processor, device, report):
+    """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
+    check_adapter_fits(args.adapter, config, len(data.classes))
+    out_dir = Path(args.out_dir)
+    write_json(out_dir / "config.json", run_config(args, [], data.classes))
+    report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
+    try:
+        model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
+    except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
+        raise DataError(f"--adapter {args.adapter}: does not fit --model {args.model} "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+    print(f"{SCRIPT}: adapter {args.adapter} on {args.model} | {device} | {len(test_idx):,} test images | "
+          f"out {out_dir}")
+    test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)
+    preds, test_loss = evaluate(model, TensorPreprocess(processor, device), test_x, test_y, args.batch_size,
+                                amp_dtype_for(device))
+    cm = confusion_matrix(preds, test_y, len(data.classes))
+    trainable, total = count_params(model)
+    summary = {"script": SCRIPT, "finetune": "lora", "adapter": args.adapter,
+               "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(test_y),
+               "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "test_loss": test_loss, "train_seconds": 0.0,
+               "peak_memory_mb": peak_memory_mb(device), "params": total, "trainable_params": 0,
+               "adapter_params": trainable, "args": run_config(args, [], data.classes), "model": args.model,
+               "classes": data.classes, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
+               "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes)}
+    write_json(out_dir / "summary.json", summary)
+    print(f"adapter test accuracy {summary['test_acc']:.2%} | test loss {test_loss:.4f}")
+    print_per_class(summary["per_class_acc"])
+    if not args.no_plots:
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: confusion.png")
     return summary
 
 
@@ -763,22 +940,27 @@ def main(argv=None):
         templates = load_templates(args.prompts)
         device = pick_device(args.device)
         args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-        data = load_cifar10(args.data_dir, download=not args.no_download)
+        own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]  # never download into it
+        data = load_cifar10(args.data_dir, download=not args.no_download,
+                            resumed_from=args.resume if own_folder else None)
         if ckpt:
             check_same_data(ckpt, data, args.data_dir)
         test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
-        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train") \
-            if args.linear_probe or args.finetune else None
+        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
+                                      every_class=not args.linear_probe) if args.linear_probe or args.finetune else None
         if args.linear_probe:
             check_probe_size(len(train_idx), len(data.classes))
         if args.finetune and len(train_idx) < args.batch_size:
             raise DataError(f"--batch-size {args.batch_size} is larger than the {len(train_idx)} training images")
         config, tokenizer, processor = load_clip_parts(args.model)
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)  # before the weights load
+        interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
+        if args.adapter:
+            return evaluate_adapter(args, data, test_idx, config, processor, device, report)
         if args.finetune:
             return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
         model = load_clip_model(args.model, device)
-        write_json(Path(args.out_dir) / "config.json", {**vars(args), "templates": templates, "classes": data.classes})
+        write_json(Path(args.out_dir) / "config.json", run_config(args, templates, data.classes))
         print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | "
               f"out {args.out_dir}")
         report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
@@ -808,20 +990,19 @@ def classify(args, out_dir, model, tokenizer, processor, device, data, templates
 
 def write_summary(args, out_dir, model, device, data, templates, logits, targets, seconds, probe):
     cm = confusion_matrix(logits.argmax(1), targets, len(data.classes))
-    top5 = (logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]).any(1).float().mean().item()
+    top5 = fraction_right(logits, targets, k=5)
     summary = {"script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(targets),
                "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
                "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
                "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
-               "trainable_params": 0, "args": vars(args), "model": args.model, "templates": templates,
+               "trainable_params": 0, "args": run_config(args, templates, data.classes), "model": args.model,
+               "templates": templates,
                "classes": data.classes, "logit_scale": model.logit_scale.exp().item(),
                "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
                "most_confused": most_confused(cm, data.classes), "linear_probe": probe}
     write_json(out_dir / "summary.json", summary)
-    if not args.no_plots:
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
     print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
           f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
     print_per_class(summary["per_class_acc"])
@@ -830,6 +1011,9 @@ def write_summary(args, out_dir, model, device, data, templates, logits, targets
     if probe:
         print(f"linear probe: test accuracy {probe['test_acc']:.2%} (L2 {probe['weight_decay']:g}, chosen on a "
               f"held-out 20%)")
+    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+        plot_confusion(cm, data.classes, out_dir / "confusion.png")
+        print(f"pictures in {out_dir}: confusion.png")
     return summary
 
 

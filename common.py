@@ -364,7 +364,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or hidden or not action.option_strings:  # 0 and 0.0 are shown: they say something
             return text
         return f"{text} (default: %(default)s)"
 

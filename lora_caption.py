@@ -13,7 +13,7 @@ against all references of each image, before fine-tuning (the zero-shot baseline
 
     python lora_caption.py --data-dir my_captions/                  # images/ + captions.csv (image,caption)
     python lora_caption.py --data-dir flickr8k/ --rank 8 --max-steps 2000
-    python lora_caption.py --caption photo1.jpg photo2.jpg --adapter runs/lora_caption/<run>/adapter
+    python lora_caption.py --caption photo1.jpg photos/ --adapter runs/lora_caption/<run>/adapter   # files, folders
     python lora_caption.py --merge --adapter runs/lora_caption/<run>/adapter --out-dir merged/
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
@@ -35,6 +35,7 @@ Needs common.py.
 """
 import csv
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -49,16 +50,17 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl, derived_seed, error_line,
-                    flag, given_flags, init_distributed, load_checkpoint, make_parser, one_line_errors, peak_memory_mb,
-                    plot_curves, open_rgb, prepare_out_dir, progress_bar, read_jsonl, resumed_args, save_adapter,
-                    save_checkpoint, set_global_batch, trainable_state, trim_metrics, undo_steps, wrap_distributed,
-                    write_json, write_text_atomic)
+from common import (IMAGE_SUFFIXES, LOCK_FILE, NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
+                    check_same_data, derived_seed, error_line, flag, given_flags, init_distributed, load_checkpoint,
+                    make_parser, one_line_errors, open_rgb, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
+                    quiet_compile_on_cpu, read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch,
+                    trainable_state, trim_metrics, undo_steps, wrap_distributed, write_json, write_text_atomic)
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -77,14 +79,17 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 def build_parser():
     p = make_parser(__doc__)
     a = p.add_argument
-    a("--data-dir", default=None, help="captions.csv (image,caption) + images; see the top of this file")
+    a("--data-dir", default=None, help="a folder holding captions.csv (columns image,caption; or Kaggle's "
+                                       "captions.txt) and the images, in images/ or beside the table; an optional "
+                                       "splits.json lists the train/val/test image names")
     a("--model", default=None, help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
                                     "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
     a("--rank", type=int, default=16, help="LoRA rank r")
     a("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
-    a("--targets", nargs="+", default=DECODER_TARGETS, help="module name suffixes that get adapters")
+    a("--targets", nargs="+", default=DECODER_TARGETS,
+      help=f"module name suffixes that get adapters (default: {' '.join(DECODER_TARGETS)})")
     a("--cross-attention", action="store_true",
       help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
     # optimisation
@@ -93,7 +98,8 @@ def build_parser():
     a("--batch-size", type=int, default=32, help="(image, caption) pairs per forward pass and process")
     a("--grad-accum", type=int, default=1, help="forward passes per optimizer step (effective batch = batch x this)")
     a("--lr", type=float, default=3e-4, help="peak AdamW learning rate of the adapters")
-    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    # common.HelpFormatter hides a default equal to False, which 0 and 0.0 are: those defaults are written out
+    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
     a("--warmup", type=float, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
     a("--grad-clip", type=float, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
     a("--max-length", type=int, default=40, help="caption tokens kept for training, EOS included; every batch is "
@@ -101,7 +107,7 @@ def build_parser():
     # evaluation
     a("--num-beams", type=int, default=1, help="beam search width for generation (1 = greedy)")
     a("--max-new-tokens", type=int, default=30, help="longest generated caption, in tokens")
-    a("--eval-images", type=int, default=None, help="score captions on the first N test images only")
+    a("--eval-images", type=int, default=None, help="score captions on the first N test images only (default: all)")
     a("--eval-every", type=int, default=200, help="validation loss and sample captions every N steps")
     a("--save-every", type=int, default=500, help="save the adapter and training state every N steps")
     a("--no-baseline", action="store_true", help="skip scoring the model before fine-tuning")
@@ -119,7 +125,8 @@ def build_parser():
     a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
       help="torch.compile mode")
     a("--eager", action="store_true", help="run each step eagerly instead of replaying it as a CUDA graph")
-    a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout")
+    a("--seed", type=int, default=0,
+      help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/lora_caption/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
     a("--resume", default=None,
@@ -134,19 +141,19 @@ def check_args(args):
                  "eval_every", "save_every"):
         if getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    if not (math.isfinite(args.lr) and args.lr > 0 and math.isfinite(args.alpha) and args.alpha > 0):
-        raise DataError("--lr and --alpha must be positive")
+    # float flags: argparse accepts nan and inf, so "positive" alone would be the wrong word for them
+    for name in ("lr", "alpha"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            raise DataError(f"{flag(name)} must be a finite number > 0, got {getattr(args, name)}")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise DataError(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
     for name in ("lora_dropout", "warmup"):
         if not 0 <= getattr(args, name) < 1:
             raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
     for name in ("max_steps", "eval_images"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"{flag(name)} must be positive")
-    if (args.merge and not args.adapter) or (args.caption and not (args.adapter or args.model)):
-        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
-                        "--caption also takes a merged model as --model DIR")
-    if args.merge and not args.out_dir:
-        raise DataError("--merge needs --out-dir for the merged model")
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
         raise DataError("training needs --data-dir (a folder with captions.csv and the images)")
 
@@ -279,12 +286,23 @@ def load_caption_data(data_dir, image_size, resample, seed, log=print):
             for k, v in splits.items()}
 
 
+def data_fingerprint(data):
+    """A hash of what a run reads: each split's image names, captions and decoded pixels. A copy of the folder
+    elsewhere gives the same hash; a changed image, caption or split gives another."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in SPLITS:
+        h.update(repr((k, data[k].names, data[k].captions)).encode())
+        h.update(data[k].images.contiguous().numpy().data)
+    return h.hexdigest()
+
+
 def decode_images(root, names, image_size, resample):
     from torchvision.transforms.v2 import functional as TF
     folder = root / "images" if (root / "images").is_dir() else root
     images, bad = {}, {"missing": [], "unreadable": []}
     for name in names:
-        path = folder / name
+        # a name is relative to images/ (Flickr8k's tables) or to the table's own folder ("images/x.jpg")
+        path = next((p for p in (folder / name, root / name) if p.is_file()), folder / name)
         if not path.is_file():
             bad["missing"].append(name)
             continue
@@ -375,22 +393,36 @@ class Pixels:
 # ----------------------------------------------------------------------------------------------------
 # Model: the captioner through transformers, adapters through peft
 
-def _drop_attention_mask_warning(record):
-    """generate() warns that it gets no attention mask whenever pad = EOS; the decoder starts from one start
-    token per image, so nothing is padded and the warning does not apply."""
-    return "attention mask" not in record.getMessage()
+# transformers' warnings that the decoder gets no attention mask, by the logger that emits each (5.x wording).
+# Nothing the decoder reads is padding: generation starts from one start token per image, and in training and
+# validation the padding comes after each caption's EOS, where the causal mask keeps it out and labels skip it.
+MASK_WARNINGS = {
+    # GPT-2's forward, whenever its config has a pad id (= EOS = the start token) in the first or last column
+    "transformers.modeling_utils": ("We strongly recommend passing in an `attention_mask`",),
+    # generate() with a batch, when pad = EOS
+    "transformers.generation.utils": ("The attention mask is not set", "The attention mask and the pad token id"),
+}
+
+
+def _mask_warning_filter(prefixes):
+    return lambda record: not record.getMessage().startswith(prefixes)
 
 
 def quiet_transformers():
     """Silence what the script handles itself: transformers' own progress bars ('Loading weights', 'Writing
-    model shards'; download bars stay) and generate()'s attention-mask warning."""
+    model shards'; download bars stay) and the warnings that the decoder gets no attention mask."""
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
     downloads_shown = not are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
     if downloads_shown:
         enable_progress_bars()
-    logging.getLogger("transformers.generation.utils").addFilter(_drop_attention_mask_warning)
+    for name, prefixes in MASK_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "mask_warnings", False) for f in logger.filters):  # once per process
+            drop = _mask_warning_filter(prefixes)
+            drop.mask_warnings = True
+            logger.addFilter(drop)
 
 
 @contextmanager
@@ -401,14 +433,25 @@ def no_peft_deprecation_warning():
         yield
 
 
-def load_captioner(name, device):
-    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+def check_is_captioner(config, label):
+    """A folder of another kind of model (a CLIP, a plain GPT-2) would fail deep inside transformers: its
+    config.json, read first, says what it holds."""
+    if config.model_type != "vision-encoder-decoder":
+        kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
+        raise DataError(f"{label} holds a {kind}, not a VisionEncoderDecoderModel: pass an image captioner "
+                        f"with its tokenizer and image processor (e.g. {DEFAULT_MODEL}), or a --merge output")
+
+
+def load_captioner(name, device, label=None):
+    """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
     quiet_transformers()
     try:
+        check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
         model = VisionEncoderDecoderModel.from_pretrained(name, **NO_HUB_KERNELS)
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
                         f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
                         ) from None
@@ -609,6 +652,8 @@ def fast_path(args, model, data, pixels, amp_dtype):
         inputs = {k: PixelInputs(pixels, data[k].images) for k in ("train", "val")}
         notes.append(f"encoder runs every step ({blocker})")
     compiled = None
+    if args.compile and pixels.device.type != "cuda":
+        quiet_compile_on_cpu()
     if args.compile:
         trained = base_model(model)
         blocks = repeated_blocks(trained.decoder) + (repeated_blocks(trained.encoder) if blocker else [])
@@ -682,7 +727,9 @@ def caption_tokens(text):
     """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics. Words are
     runs of letters, digits and combining marks in any script (after NFKC normalisation, so 'Mädchen' is one
     word however it was typed); each CJK ideograph is a word of its own, as in sacrebleu's Chinese tokenizer.
-    ASCII text gives exactly the [a-z0-9]+ runs sacrebleu and pycocoevalcap are compared on."""
+    ASCII text gives exactly its [a-z0-9]+ runs, the tokens the tests hand to sacrebleu and pycocoevalcap. They
+    are not the COCO evaluation's: its PTB tokenizer keeps "well-dressed" whole and "'s" as a token, where this
+    gives "well", "dressed" and "s"."""
     if text.isascii():
         return re.findall(r"[a-z0-9]+", text.lower())
     words, word = [], ""
@@ -772,13 +819,20 @@ def load_step(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
 
 
+def base_model_name(args):
+    """What the adapter records as its base: --model (a local folder as an absolute path, so that --caption
+    and --merge find it from anywhere) or the default hub id."""
+    name = args.model or DEFAULT_MODEL
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
 def save_training_state(run, state, args):
     save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
                      "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
                      "scaler": run["scaler"].state_dict(), "state": dict(state),
-                     "args": vars(args)},
+                     "args": vars(args), "data_fingerprint": run["data_fingerprint"]},
                     run["out_dir"] / "training_state.pt")
-    save_adapter(run["model"], run["out_dir"])
+    save_adapter(run["model"], run["out_dir"], base_model=base_model_name(args))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1050,17 +1104,46 @@ def after_step(args, run, state, data, loss):
 # ----------------------------------------------------------------------------------------------------
 # Modes: train (default), --caption, --merge
 
+# The flags each mode reads; any other flag typed with --caption or --merge would be silently ignored.
+MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device"},
+              "--merge": {"merge", "adapter", "model", "out_dir", "device"}}
+NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
+
+
+def check_mode_flags(parser, given, cli):
+    """What --caption and --merge need, then: a typed flag the chosen mode does not read is refused, so that
+    nobody believes it took effect."""
+    if (cli.merge and not cli.adapter) or (cli.caption and not (cli.adapter or cli.model)):
+        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
+                        "--caption also takes a merged model as --model DIR")
+    if cli.merge and not cli.out_dir:
+        raise DataError("--merge needs --out-dir for the merged model")
+    mode = "--caption" if cli.caption else "--merge" if cli.merge else None
+    for action in parser._actions:  # in the parser's order, so that the message names the first one
+        name = action.dest
+        if name not in given:
+            continue
+        if mode and name not in MODE_FLAGS[mode]:
+            raise DataError(f"{flag(name)} has no effect with {mode}; drop it")
+        if not mode and name in NOT_TRAINING_FLAGS:
+            raise DataError(f"{flag(name)} has no effect in training (it is for --caption and --merge); drop it")
+
+
 def experiment_args(argv):
     """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
     differs is refused; more --epochs or --max-steps extend the run)."""
     parser = build_parser()
     cli, given = parser.parse_args(argv), given_flags(parser, argv)
+    check_mode_flags(parser, given, cli)
     if not cli.resume:
         if cli.data_dir:
             cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         return cli, None
     ckpt = load_checkpoint(cli.resume, SCRIPT)
-    return resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps")), ckpt
+    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"), parser=parser)
+    if "data_dir" in given:
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    return args, ckpt
 
 
 def main(argv=None):
@@ -1086,6 +1169,9 @@ def train_main(args, ckpt, device, rank, report):
     model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
     size, resample = processor_geometry(processor)
     data = load_caption_data(args.data_dir, size, resample, args.seed)
+    fingerprint = data_fingerprint(data)
+    if ckpt:  # a --data-dir typed with --resume must hold the run's data (as in the CIFAR scripts)
+        check_same_data(ckpt, SimpleNamespace(fingerprint=fingerprint), args.data_dir)
     tokens = pair_tokens(tokenizer, data["train"], args.max_length)
     steps_per_epoch = len(tokens["pair_image"]) // (args.global_batch * args.grad_accum)
     if steps_per_epoch == 0:
@@ -1099,14 +1185,16 @@ def train_main(args, ckpt, device, rank, report):
     model = add_lora(model, args)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     run = make_run(args, model, tokenizer, pixels, amp_dtype, total_steps, out_dir, rank, data, tokens)
+    run["data_fingerprint"] = fingerprint
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
     if ckpt:
         state = restore_training(ckpt, args, model, run["optimizer"], run["schedule"], run["scaler"], device)
         print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
     else:
         state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
-        if rank == 0:
-            write_json(out_dir / "config.json", vars(args))
+    run["config"] = dict(vars(args))  # at every start: a resume may have extended --epochs or --max-steps
+    if rank == 0:
+        write_json(out_dir / "config.json", run["config"])
     t0 = time.perf_counter()
     inputs, run["compiled"], notes = fast_path(args, model, data, pixels, amp_dtype)
     state["train_seconds"] += time.perf_counter() - t0  # encoding the images once is part of training
@@ -1192,13 +1280,14 @@ def write_summary(args, run, state, data, after, counts):
                "train_seconds": state["train_seconds"], "images_per_second": None,
                "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
                "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-               "args": vars(args), "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
+               "args": run["config"], "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
                "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
                "examples": examples}
     write_json(out_dir / "summary.json", summary)
-    for ex in examples:
-        print(f"{ex['image']}: before {ex['before']!r} | after {ex['after']!r} | reference {ex['references'][0]!r}")
+    for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
+        before = f"before {ex['before']!r} | " if ex["before"] is not None else ""
+        print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
           f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
@@ -1261,32 +1350,106 @@ td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{
 
 
 def load_with_adapter(args, device):
+    """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
+    made for another model is refused: peft would load it with none of its weights in place."""
     from peft import PeftConfig, PeftModel
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise DataError(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
-    base = args.model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path or DEFAULT_MODEL
-    model, tokenizer, processor = load_captioner(base, device)
-    with no_peft_deprecation_warning():
-        return PeftModel.from_pretrained(model, args.adapter).to(device).eval(), tokenizer, processor
+    recorded = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    check_recorded_base(args.adapter, recorded)
+    base = args.model or recorded or DEFAULT_MODEL
+    label = f"--model {base}" if args.model else f"the base model {base} (recorded in --adapter {args.adapter})"
+    model, tokenizer, processor = load_captioner(base, device, label)
+    try:
+        with no_peft_deprecation_warning(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # peft's "missing adapter keys": checked below, in one line
+            model = PeftModel.from_pretrained(model, args.adapter)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # no weights file, no module of that name, other shapes
+        raise adapter_misfit(args.adapter, base, recorded, error_line(e)) from None
+    check_adapter_keys(model, args.adapter, base, recorded)
+    return model.to(device).eval(), tokenizer, processor
+
+
+def check_recorded_base(adapter, recorded):
+    """An adapter that records a local base folder of another kind of model (clip_zeroshot.py's adapters
+    record their CLIP) is refused by name. A hub id is not looked up: offline it cannot be."""
+    config = Path(recorded or "") / "config.json"
+    if recorded and config.is_file():
+        try:
+            held = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return
+        if held.get("model_type") != "vision-encoder-decoder":
+            kind = ", ".join(held.get("architectures") or []) or f"{held.get('model_type')} model"
+            raise DataError(f"--adapter {adapter} was trained on {recorded} (a {kind}), not on an image captioner: "
+                            f"pass the adapter/ folder of a {SCRIPT}.py run")
+
+
+def check_adapter_keys(model, adapter, base, recorded):
+    """Every weight in the adapter's file must have found its module in the model, and every adapter module
+    must have its weights: else merging or captioning would use an unchanged (or half-changed) base."""
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights  # the file peft read (safetensors, or an older peft's .bin)
+    saved = set(load_peft_weights(str(adapter), device="cpu"))
+    expected = set(get_peft_model_state_dict(model))
+    if not expected or saved != expected:
+        example = sorted(saved - expected) or sorted(expected - saved) or ["no module matched"]
+        raise adapter_misfit(adapter, base, recorded, f"e.g. {example[0]}")
+
+
+def adapter_misfit(adapter, base, recorded, detail):
+    made_for = f" (it records {recorded} as its base)" if recorded and recorded != base else ""
+    return DataError(f"--adapter {adapter}: its weights do not fit the modules of {base}{made_for}: {detail}; "
+                     f"pass the adapter/ folder of a {SCRIPT}.py run on this model")
+
+
+def caption_inputs(given):
+    """--caption's arguments as files: a folder stands for the images in it (by suffix, sorted, hidden files
+    left out). Paths that are neither a file nor a folder are returned apart, to be named."""
+    files, missing = [], []
+    for name in given:
+        path = Path(name)
+        if path.is_dir():
+            files += [str(f) for f in sorted(path.iterdir())
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+        elif path.is_file():
+            files.append(name)
+        else:
+            missing.append(name)
+    return files, missing
 
 
 def caption_files(args, device):
-    """Captions for image files, by the base model + --adapter, or by a --model alone (a merged one)."""
+    """Captions for image files (or every image in a folder), by the base model + --adapter, or by a --model
+    alone (a merged one). A file that cannot be read is named in a line of its own and the others are
+    captioned; if none can be, that is one error."""
     from torchvision.transforms.v2 import functional as TF
+    files, missing = caption_inputs(args.caption)
+    skipped = [f"{name} (no such file or folder)" for name in missing]
+    if not files:
+        empty = [n for n in args.caption if Path(n).is_dir()]
+        why = f"{empty[0]} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})" if empty else skipped[0]
+        raise DataError(f"--caption: nothing to caption: {why}")
     model, tokenizer, processor = load_with_adapter(args, device) if args.adapter else \
         load_captioner(args.model, device)
     size, resample = processor_geometry(processor)
-    images = []
-    for path in args.caption:
+    read, images = [], []  # a file named twice is captioned twice
+    for path in files:
         try:
             images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
                                     interpolation=resample, antialias=True))
-        except Exception as e:
-            raise DataError(f"--caption {path}: cannot read it as an image ({type(e).__name__})") from None
+            read.append(path)
+        except Exception as e:  # PIL raises many kinds for a broken or foreign file
+            skipped.append(f"{path} (cannot read it as an image: {type(e).__name__})")
+    if not images:
+        raise DataError(f"--caption: none of the {len(files) + len(missing)} file(s) could be read as an image, "
+                        f"e.g. {skipped[0]}")
+    for line in skipped:
+        print(f"skipped {line}")
     captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
-    for path, caption in zip(args.caption, captions):
+    for path, caption in zip(read, captions):
         print(f"{path}: {caption}")
-    return dict(zip(args.caption, captions))
+    return dict(zip(read, captions))
 
 
 def merge_out_dir(path, report):
@@ -1295,7 +1458,7 @@ def merge_out_dir(path, report):
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out-dir {out} is a file; --merge writes a model folder: pick a new folder")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []  # a lock: no data
     if held:
         raise DataError(f"--out-dir {out} already holds files ({', '.join(held[:3])}{' ...' * (len(held) > 3)}); "
                         f"--merge writes a whole model folder: pick a new or empty folder")

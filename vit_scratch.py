@@ -22,7 +22,6 @@ training; the guide's recipe 66.17%. Outputs in --out-dir: config.json, metrics.
 best.pt, attention.png, curves.png, confusion.png. Needs common.py beside it.
 """
 import argparse
-import logging
 import math
 import time
 from contextlib import nullcontext
@@ -550,7 +549,7 @@ def pick_device(name, local_rank=0):
 def compile_blocks(model, device):
     """--compile: regional compilation, one block's code compiled once and reused by every block."""
     if device.type != "cuda":
-        quiet_compile_on_cpu()
+        plumbing.quiet_compile_on_cpu()
     for block in model.blocks:
         block.forward = torch.compile(block.forward)
     return list(model.blocks)
@@ -716,18 +715,6 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
     if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
         save_pictures(out_dir, model, data, cm)
     return summary
-
-
-def no_cuda_home_warning(record):
-    """torch.compile on a machine without CUDA logs 'No CUDA runtime is found, using CUDA_HOME=...' once: it says
-    nothing about a CPU run (a logging filter for torch.utils.cpp_extension)."""
-    return "No CUDA runtime is found" not in record.getMessage()
-
-
-def quiet_compile_on_cpu():
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if no_cuda_home_warning not in logger.filters:
-        logger.addFilter(no_cuda_home_warning)
 
 
 # ----------------------------------------------------------------------------------------------------

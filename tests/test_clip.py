@@ -11,7 +11,7 @@ from PIL import Image
 
 import clip_zeroshot
 from common import load_cifar10
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,21 @@ def test_tensor_preprocessing_matches_the_models_image_processor(loaded, tiny_ci
                              for c in type(processor).__mro__)
     tolerance = 1e-5 if torchvision_backed else 2 / 255 / min(processor.image_std)
     assert (ours - reference).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("resample", [2, 3], ids=["bilinear", "bicubic"])
+def test_tensor_preprocessing_follows_the_processors_resample_issue_21_C1(resample, tiny_cifar):
+    """Issue 21 C1: a bilinear processor was resized bicubic (up to 25 levels off on 70% of the values)."""
+    from transformers import CLIPImageProcessor
+    processor = CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48},
+                                   resample=resample)
+    images = load_cifar10(tiny_cifar, download=False).test_x[:6]
+    ours = clip_zeroshot.TensorPreprocess(processor, torch.device("cpu"))(images)
+    reference = processor(images=as_pil(images), return_tensors="pt")["pixel_values"]
+    assert (ours - reference).abs().max() <= 1e-5
+    other = CLIPImageProcessor(size={"shortest_edge": 52}, crop_size={"height": 48, "width": 48},
+                               resample=5 - resample)  # bicubic for bilinear and back
+    assert (clip_zeroshot.TensorPreprocess(other, torch.device("cpu"))(images) - reference).abs().max() > 0.05
 
 
 def test_logits_equal_clipmodels_logits_per_image(loaded, tiny_cifar):
@@ -116,7 +131,29 @@ def test_a_bad_templates_file_is_refused(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a photo of a {}.\nno placeholder here\n")
     with pytest.raises(SystemExit):
         clip_zeroshot.main(["--prompts", str(tmp_path / "t.txt")])
-    assert "first bad line: 'no placeholder here'" in capsys.readouterr().err
+    assert "line 2: a template has no '{}' where the class name goes" in capsys.readouterr().err
+
+
+def test_comments_and_blank_lines_in_a_templates_file_are_skipped_issue_21_B17(tmp_path):
+    """Issue 21 B17: a '# comment' line was refused as a template with '{{}}' braces it does not have."""
+    (tmp_path / "t.txt").write_text("# CIFAR-10 templates\n\na photo of a {}.\n   # an indented note\n"
+                                    "a drawing of a {}.\n\n")
+    assert clip_zeroshot.load_templates(str(tmp_path / "t.txt")) == ["a photo of a {}.", "a drawing of a {}."]
+
+
+def test_a_bad_line_after_comments_is_named_with_its_line_number_issue_21_B17(tiny_clip, tiny_cifar, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Issue 21 B17: the real problem of the real line, numbered as an editor numbers it."""
+    (tmp_path / "t.txt").write_text("# my templates\n\na photo of a {}.\nno placeholder here\n")
+    never_load_the_weights(monkeypatch)
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(
+        ["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu", "--prompts",
+         str(tmp_path / "t.txt"), "--out-dir", str(tmp_path / "run")]))
+    assert f"--prompts {tmp_path / 't.txt'}, line 4: a template has no '{{}}' where the class name goes" in err
+    assert "'no placeholder here'" in err and "{{}}" not in err and "literal brace" not in err
+    (tmp_path / "c.txt").write_text("# only a comment\n\n")
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--prompts", str(tmp_path / "c.txt")]))
+    assert "no templates in it" in err
 
 
 # Issue 12: what a new user tried -------------------------------------------------------------------
@@ -211,3 +248,56 @@ def test_no_transformers_noise_on_stderr(tiny_clip, tiny_cifar, tmp_path, capfd)
     out, err = capfd.readouterr()
     assert "zero-shot top-1" in out and err == ""
     assert logging.is_progress_bar_enabled()  # switched off while loading only
+
+
+def test_top5_and_probe_accuracies_are_exact_fractions_issue_21_C3(loaded, tiny_clip, tiny_cifar, tmp_path):
+    """Issue 21 C3: top5_acc was a float32 mean (0.5600000023841858 for 28/50); now counted in integers."""
+    from common import stratified_subset
+    summary = clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                                  "--limit-test", "50", "--linear-probe", "--limit-train", "100", "--no-plots",
+                                  "--no-progress", "--out-dir", str(tmp_path / "run")])
+    model, tokenizer, processor = loaded
+    data = load_cifar10(tiny_cifar, download=False)
+    idx = stratified_subset(data.test_y, 50, seed=0, name="--limit-test")
+    cpu = torch.device("cpu")
+    text = clip_zeroshot.text_classifier(model, tokenizer, data.classes, ["a photo of a {}."], cpu)
+    features = clip_zeroshot.encode_images(model, clip_zeroshot.TensorPreprocess(processor, cpu), data.test_x[idx],
+                                           50, cpu, no_progress=True)
+    top5 = clip_zeroshot.zero_shot_logits(features, text, 1.0).topk(5, dim=1).indices
+    correct = sum(int(y) in row for y, row in zip(data.test_y[idx].tolist(), top5.tolist()))
+    assert torch.tensor(correct / 50).item() != correct / 50  # a count whose float32 mean would show the noise
+    assert summary["top5_acc"] == correct / 50
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["top5_acc"] == correct / 50 and written["test_acc"] == summary["test_acc"]
+    probe = written["linear_probe"]
+    assert probe["test_acc"] == round(probe["test_acc"] * 50) / 50
+    assert all(v == round(v * 20) / 20 for v in probe["val_acc_by_weight_decay"].values())  # 20 held out of 100
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "./no-such-clip", "~/no-such-clip-folder", "a/b/c"])
+def test_a_model_path_that_does_not_exist_is_no_such_folder_issue_21_B21(model, tiny_cifar, tmp_path, capsys):
+    """Issue 21 B21: a missing folder showed the Hub's "Repo id must be in the form ..." text."""
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", model, "--data-dir", str(tiny_cifar),
+                                                             "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
+    assert f"--model {model}: no such folder" in err and "Repo id" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_that_is_a_file_is_not_a_folder_issue_21_B21(tiny_clip, tiny_cifar, tmp_path, capsys):
+    weights = tiny_clip / "model.safetensors"
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", str(weights), "--data-dir", str(tiny_cifar),
+                                                             "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
+    assert f"--model {weights}: not a folder" in err
+
+
+def test_clip_loaded_by_the_script_is_never_kernelized_issue_21_A2(tiny_clip, monkeypatch):
+    """Issue 21 A2: transformers >= 5 fetches Hub kernels and swaps them in at train()/eval() unless the load says
+    use_kernels=False; with USE_HUB_KERNELS unset nothing else stops it."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model = clip_zeroshot.load_clip_model(str(tiny_clip), torch.device("cpu"))
+    for switch in (model.train, model.eval):
+        switch()
+        assert getattr(model, "use_kernels", False) is False
+    model, _, _ = clip_zeroshot.load_clip(str(tiny_clip), torch.device("cpu"))
+    model.train()
+    assert getattr(model, "use_kernels", False) is False

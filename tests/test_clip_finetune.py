@@ -9,6 +9,7 @@ import torch
 import clip_zeroshot
 import cnn_baseline
 from common import load_cifar10, read_jsonl
+from conftest import one_line_error
 
 CPU = torch.device("cpu")
 LORA_ARGS = argparse.Namespace(rank=4, alpha=8, lora_dropout=0.0, targets=clip_zeroshot.LORA_TARGETS)
@@ -113,6 +114,57 @@ def test_a_saved_adapter_on_a_fresh_base_classifies_as_the_run_did(lora_run, tin
     assert int((preds == data.test_y).sum()) / len(preds) == summary["test_acc"]
 
 
+def test_the_adapter_records_its_base_model_issue_21_B23(lora_run, tiny_clip):
+    """Issue 21 B23 (a): adapter_config.json said base_model_name_or_path: null."""
+    out, _ = lora_run
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_clip)
+
+
+def test_adapter_evaluates_a_saved_adapter_from_the_command_line_issue_21_B23(lora_run, tiny_cifar, tmp_path,
+                                                                               capsys):
+    """Issue 21 B23 (b): --adapter DIR, its base model the one it records, classifies as the run ended."""
+    out, trained = lora_run
+    capsys.readouterr()
+    summary = clip_zeroshot.main(["--adapter", str(out / "adapter"), "--data-dir", str(tiny_cifar), "--device",
+                                  "cpu", "--out-dir", str(tmp_path / "eval"), "--no-progress", "--no-plots"])
+    assert summary["test_acc"] == trained["test_acc"] and summary["test_images"] == 100
+    assert summary["confusion_matrix"] == trained["confusion_matrix"]
+    written = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert written["test_acc"] == trained["test_acc"] and written["adapter"] == str(out / "adapter")
+    assert written["args"] == json.loads((tmp_path / "eval" / "config.json").read_text())
+    assert f"adapter test accuracy {trained['test_acc']:.2%}" in capsys.readouterr().out
+    assert not (tmp_path / "eval" / "last.pt").exists()  # nothing trained, nothing to resume
+
+
+def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny_captioner, tiny_cifar, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Issue 21 B23 (b): an adapter saved by lora_caption.py targets GPT-2's modules: one line, before the weights
+    load; so is an adapter that records no base model, without --model."""
+    import lora_caption
+    from transformers import VisionEncoderDecoderModel
+    captioner = VisionEncoderDecoderModel.from_pretrained(str(tiny_captioner))
+    lora = lora_caption.add_lora(captioner, argparse.Namespace(targets=lora_caption.DECODER_TARGETS, rank=4, alpha=8,
+                                                               lora_dropout=0.0, cross_attention=False))
+    clip_zeroshot.save_adapter(lora, tmp_path / "caption", base_model=tiny_captioner)
+    monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
+    adapter = tmp_path / "caption" / "adapter"
+    capsys.readouterr()  # transformers' loading bar for the captioner
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(adapter), "--model", str(tiny_clip),
+                                                             *flags]))
+    assert f"--adapter {adapter}: does not fit CLIP's image tower (its target modules " in err
+    assert "c_attn" in err and "match nothing there" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(adapter), *flags]))
+    assert "holds a VisionEncoderDecoderModel, not a CLIPModel" in err  # the base it records
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": null}')
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "old"), *flags]))
+    assert "does not record the base model; pass --model" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "none"), *flags]))
+    assert f"--adapter {tmp_path / 'none'}: no such folder" in err
+
+
 @pytest.fixture(scope="module")
 def lora_steps(tiny_clip, data):
     """A LoRA classifier before and after three training steps, on real images."""
@@ -174,15 +226,15 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(mode, tiny_clip, t
     assert [r["test_acc"] for r in rows[0]] == [r["test_acc"] for r in rows[1]] and len(rows[0]) == 3
     with pytest.raises(SystemExit) as stop:  # a resumed run keeps its flags
         clip_zeroshot.main(["--resume", str(tmp_path / "cut" / "last.pt"), "--lr", "1"])
-    assert stop.value.code == 2 and "--lr 1.0 differs from the checkpoint's 0.003" in capsys.readouterr().err
+    assert stop.value.code == 2 and "--lr 1.0 differs from the checkpoint's --lr 0.003" in capsys.readouterr().err
 
 
 BAD_FLAGS = [
     (["--finetune", "foo"], "argument --finetune: invalid choice: 'foo'"),
     (["--finetune", "lora", "--rank", "0"], "--rank must be positive, got 0"),
-    (["--finetune", "full", "--rank", "8"], "--rank applies to --finetune lora, not full"),
-    (["--epochs", "3"], "--epochs applies to fine-tuning; add --finetune full or --finetune lora"),
-    (["--finetune", "full", "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--finetune", "full", "--rank", "8"], "--rank has no effect with --finetune full"),
+    (["--epochs", "3"], "--epochs has no effect without --finetune (add --finetune full or --finetune lora"),
+    (["--finetune", "full", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--finetune", "lora", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
     (["--finetune", "lora", "--wise", "1.5"], "--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got 1.5"),
     (["--finetune", "full", "--linear-probe"], "--linear-probe fits a classifier on frozen features"),
@@ -200,6 +252,75 @@ def test_bad_fine_tuning_flags_are_one_line(flags, message, tiny_clip, tiny_cifa
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+# Issue 21 B24: a flag typed where it changes nothing is refused, naming the mode.
+NO_EFFECT = [
+    (["--finetune", "full", "--rank", "8"], "--rank has no effect with --finetune full (LoRA flags; add --finetune "
+                                            "lora to use them); drop it"),
+    (["--finetune", "full", "--targets", "q_proj"], "--targets has no effect with --finetune full"),
+    (["--finetune", "full", "--alpha", "8"], "--alpha has no effect with --finetune full"),
+    (["--lr", "1e-3"], "--lr has no effect without --finetune (add --finetune full or --finetune lora to use it); "
+                       "drop it"),
+    (["--wise", "0.5"], "--wise has no effect without --finetune"),
+    (["--max-steps", "5"], "--max-steps has no effect without --finetune"),
+    (["--lora-dropout", "0.1"], "--lora-dropout has no effect without --finetune"),
+    (["--limit-train", "100"], "--limit-train has no effect without --linear-probe or --finetune (zero-shot reads no "
+                               "training image); drop it"),
+    (["--seed", "1"], "--seed has no effect when the whole test set is evaluated without training"),
+    (["--adapter", "somewhere", "--prompts", "ensemble"], "--prompts has no effect with --adapter (it evaluates a "
+                                                          "trained adapter with its own head, no training); drop it"),
+    (["--adapter", "somewhere", "--epochs", "2"], "--epochs has no effect with --adapter"),
+    (["--adapter", "somewhere", "--finetune", "lora"], "--finetune has no effect with --adapter"),
+    (["--adapter", "somewhere", "--seed", "3"], "--seed has no effect when the whole test set is evaluated"),
+]
+
+
+@pytest.mark.parametrize("flags, message", NO_EFFECT, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_flag_without_effect_in_the_mode_is_refused_issue_21_B24(flags, message, tiny_clip, tiny_cifar, tmp_path,
+                                                                   capsys):
+    err = one_line_error(capsys, lambda: run(tiny_clip, tiny_cifar, tmp_path / "run", *flags))
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_that_do_have_an_effect_are_not_refused_issue_21_B24(tiny_clip, tiny_cifar, tmp_path):
+    """Issue 21 B24: --seed draws the --limit-test subset; --limit-train sizes the probe's training set."""
+    picked = [run(tiny_clip, tiny_cifar, tmp_path / f"seed{seed}", "--seed", seed, "--limit-test", "20", "--no-plots")
+              for seed in (0, 1)]
+    assert [p["test_images"] for p in picked] == [20, 20] and picked[0]["args"]["seed"] == 0
+    probe = run(tiny_clip, tiny_cifar, tmp_path / "probe", "--linear-probe", "--limit-train", "50", "--seed", "2",
+                "--no-plots")
+    assert probe["linear_probe"] is not None and probe["args"]["limit_train"] == 50
+
+
+# Issue 21 B25: each numeric flag, the message naming that flag and the value typed (inf and nan included).
+BAD_NUMBERS = [
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--limit-test", "-5"], "--limit-test must be positive, got -5"),
+    (["--linear-probe", "--limit-train", "0"], "--limit-train must be positive, got 0"),
+    (["--finetune", "full", "--epochs", "0"], "--epochs must be positive, got 0"),
+    (["--finetune", "full", "--max-steps", "-1"], "--max-steps must be positive, got -1"),
+    (["--finetune", "lora", "--rank", "-2"], "--rank must be positive, got -2"),
+    (["--finetune", "full", "--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--finetune", "full", "--lr=-1e-5"], "--lr must be a finite number > 0, got -1e-05"),
+    (["--finetune", "lora", "--alpha", "inf"], "--alpha must be a finite number > 0, got inf"),
+    (["--finetune", "full", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--finetune", "full", "--grad-clip", "inf"], "--grad-clip must be a finite number >= 0, got inf"),
+    (["--finetune", "full", "--warmup", "nan"], "--warmup must be in [0, 1), got nan"),
+    (["--finetune", "lora", "--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
+    (["--finetune", "full", "--wise", "nan"], "--wise must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got nan"),
+    (["--limit-test", "20", "--seed", str(2 ** 70)], f"--seed must be in [0, 2**63), got {2 ** 70}"),
+    (["--limit-test", "20", "--seed=-1"], "--seed must be in [0, 2**63), got -1"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_NUMBERS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_each_numeric_flag_names_itself_and_the_value_issue_21_B25(flags, message, tiny_clip, tiny_cifar, tmp_path,
+                                                                  capsys):
+    err = one_line_error(capsys, lambda: run(tiny_clip, tiny_cifar, tmp_path / "run", *flags))
+    assert message in err and "must be positive" not in err.replace(message, ""), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_says_when_max_steps_cut_an_epoch_short(tiny_clip, tiny_cifar, tmp_path, capsys):
     run(tiny_clip, tiny_cifar, tmp_path, "--finetune", "lora", "--epochs", "2", "--batch-size", "50", "--no-plots",
         "--max-steps", "4")  # 300 training images: 6 steps an epoch, 2 left out
@@ -208,3 +329,16 @@ def test_resume_says_when_max_steps_cut_an_epoch_short(tiny_clip, tiny_cifar, tm
     out = capsys.readouterr().out
     assert "after epoch 1 (step 4); --max-steps stopped that epoch 2 of 6 batches short (skipped)" in out, out
     assert summary["steps"] == 8
+
+
+def test_config_is_rewritten_on_resume_and_equals_the_summarys_args_issue_21_B13(tiny_clip, tiny_cifar, tmp_path):
+    """Issue 21 B13: a resume that extends --epochs left config.json saying the old count."""
+    run(tiny_clip, tiny_cifar, tmp_path, "--finetune", "lora", "--epochs", "1", "--batch-size", "50", "--limit-train",
+        "100", "--limit-test", "20", "--no-plots")
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 1
+    summary = clip_zeroshot.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--no-progress"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["epochs"] == 2 and config["resume"] == str(tmp_path / "last.pt") and summary["epochs"] == 2
+    assert summary["args"] == config == json.loads((tmp_path / "summary.json").read_text())["args"]
+    zero_shot = run(tiny_clip, tiny_cifar, tmp_path / "zero-shot", "--limit-test", "20", "--no-plots")
+    assert zero_shot["args"] == json.loads((tmp_path / "zero-shot" / "config.json").read_text())

@@ -293,7 +293,7 @@ BAD_ARGS = [(vit_scratch, ["--epochs", "-1"], "--epochs must be positive"),
             (vit_scratch, ["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
             (lora_caption, ["--grad-accum", "0", "--data-dir", "."], "--grad-accum must be positive"),
             (lora_caption, ["--caption", "x.jpg"], "--caption and --merge need --adapter DIR"),
-            (clip_zeroshot, ["--batch-size", "0"], "--batch-size, --limit-test and --limit-train must be positive"),
+            (clip_zeroshot, ["--batch-size", "0"], "--batch-size must be positive, got 0"),
             (clip_zeroshot, ["--prompts", "nowhere.txt"], "--prompts nowhere.txt: not 'single', 'ensemble' or a file")]
 if not torch.cuda.is_available():
     BAD_ARGS.append((vit_scratch, ["--device", "cuda"], "--device cuda, but PyTorch sees no CUDA GPU"))
