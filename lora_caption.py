@@ -1365,7 +1365,9 @@ def load_with_adapter(args, device):
             warnings.simplefilter("ignore", UserWarning)  # peft's "missing adapter keys": checked below, in one line
             model = PeftModel.from_pretrained(model, args.adapter)
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # no weights file, no module of that name, other shapes
-        raise adapter_misfit(args.adapter, base, recorded, error_line(e)) from None
+        # peft versions differ in where a foreign adapter fails; the message names one of its own keys either way
+        held = sorted(saved_adapter_keys(args.adapter))
+        raise adapter_misfit(args.adapter, base, recorded, f"e.g. {held[0]}" if held else error_line(e)) from None
     check_adapter_keys(model, args.adapter, base, recorded)
     return model.to(device).eval(), tokenizer, processor
 
@@ -1389,12 +1391,20 @@ def check_adapter_keys(model, adapter, base, recorded):
     """Every weight in the adapter's file must have found its module in the model, and every adapter module
     must have its weights: else merging or captioning would use an unchanged (or half-changed) base."""
     from peft import get_peft_model_state_dict
-    from peft.utils import load_peft_weights  # the file peft read (safetensors, or an older peft's .bin)
-    saved = set(load_peft_weights(str(adapter), device="cpu"))
+    saved = saved_adapter_keys(adapter)
     expected = set(get_peft_model_state_dict(model))
     if not expected or saved != expected:
         example = sorted(saved - expected) or sorted(expected - saved) or ["no module matched"]
         raise adapter_misfit(adapter, base, recorded, f"e.g. {example[0]}")
+
+
+def saved_adapter_keys(adapter):
+    """The weight names in an adapter's file; an unreadable file has none."""
+    from peft.utils import load_peft_weights  # the file peft reads (safetensors, or an older peft's .bin)
+    try:
+        return set(load_peft_weights(str(adapter), device="cpu"))
+    except (OSError, ValueError):
+        return set()
 
 
 def adapter_misfit(adapter, base, recorded, detail):
