@@ -531,7 +531,9 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
     print("per class: " + ", ".join(shown), flush=True)
-    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
+    if not args.no_plots and not plumbing.has_matplotlib():
+        print("skipped the pictures (curves.png, confusion.png): they need matplotlib (pip install matplotlib)")
+    elif not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
         plumbing.plot_curves(plumbing.read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
         plumbing.plot_confusion(cm, data.classes, out_dir / "confusion.png")
         print(f"pictures in {out_dir}: curves.png, confusion.png")

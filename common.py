@@ -963,17 +963,25 @@ def progress_bar(total, desc, disable=False):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
                 disable=disable or not sys.stderr.isatty())
 # ----------------------------------------------------------------------------------------------------
-# Charts with matplotlib when it is installed
+# Charts with matplotlib when it is installed, drawn on Figure objects: no pyplot, so a notebook's backend and
+# its open figures are left as they were
 
-def _pyplot(name, log):
+def has_matplotlib():
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def new_figure(name, log=print, **kwargs):
+    """A matplotlib Figure(**kwargs), or None (with one line saying what is skipped) without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         log(f"skipped {name}: it needs matplotlib (pip install matplotlib)")
         return None
+    return Figure(**kwargs)
 
 
 CURVES = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "test_acc")), ("learning rate", ("lr",)))
@@ -981,12 +989,11 @@ CURVES = (("loss", ("train_loss", "test_loss")), ("accuracy", ("train_acc", "tes
 
 def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
     """One figure, a panel per (title, metric keys), each key plotted against `x`. None without matplotlib."""
-    plt = _pyplot(Path(path).name, log)
-    if plt is None:
+    fig = new_figure(Path(path).name, log, figsize=(4.2 * len(panels), 3.3))
+    if fig is None:
         return None
     from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3))
-    for ax, (title, keys) in zip(axes, panels):
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for key in keys:
             points = [(r[x], r[key]) for r in rows if r.get(key) is not None]
             if points:
@@ -997,20 +1004,16 @@ def plot_curves(rows, path, x="epoch", panels=CURVES, log=print):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_confusion(cm, classes, path, log=print):
     """The confusion matrix normalised per true class, values printed in the cells. None without matplotlib."""
-    plt = _pyplot(Path(path).name, log)
-    if plt is None:
+    fig = new_figure(Path(path).name, log, figsize=(1.0 + 0.62 * len(classes), 0.8 + 0.55 * len(classes)))
+    if fig is None:
         return None
     rates = (cm.float() / cm.sum(1, keepdim=True).clamp(min=1)).numpy()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(classes), 0.8 + 0.55 * len(classes)))
+    ax = fig.subplots()
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(len(classes)):
         for j in range(len(classes)):
@@ -1020,8 +1023,4 @@ def plot_confusion(cm, classes, path, log=print):
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (rows sum to 1)")
     fig.tight_layout()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)

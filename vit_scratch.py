@@ -753,60 +753,40 @@ def cls_heatmaps(model, images, patch_size):
     return heat / heat.amax((-1, -2), keepdim=True).clamp(min=1e-12)
 
 
-INFERNO = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=torch.float32)
+def attention_figure(images, heat, labels, log=print, name="attention.png"):
+    """A matplotlib Figure: a row per uint8 image (3, H, W), its label under it; then per column of `heat`
+    (B, columns, g, g) in [0, 1] the map drawn over the image (inferno, bilinear). None without matplotlib."""
+    titles = ["image"] + [f"layer {n + 1}" for n in range(heat.shape[1] - 1)] + ["rollout"]
+    fig = plumbing.new_figure(name, log, figsize=(1.1 * len(titles), 1.25 * len(images)))
+    if fig is None:
+        return None
+    for i, row in enumerate(fig.subplots(len(images), len(titles), squeeze=False)):
+        picture = images[i].permute(1, 2, 0).cpu().numpy()
+        for j, ax in enumerate(row):
+            ax.imshow(picture, extent=(0, 1, 1, 0))
+            if j:  # the CLS token's attention to each patch, over the image
+                ax.imshow(heat[i, j - 1].numpy(), cmap="inferno", alpha=0.55, vmin=0, vmax=1, extent=(0, 1, 1, 0),
+                          interpolation="bilinear")
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(titles[j], fontsize=8)
+        row[0].text(0.5, -0.03, labels[i], transform=row[0].transAxes, ha="center", va="top", fontsize=7)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.3 / len(images), bottom=0.01, wspace=0.05, hspace=0.25)
+    return fig
 
 
-def colormap(values):
-    """[...] values in [0, 1] -> [..., 3] uint8 colours on a dark-to-bright (inferno-like) scale."""
-    pos = values.clamp(0, 1) * (len(INFERNO) - 1)
-    lo = pos.floor().long().clamp(max=len(INFERNO) - 2)
-    frac = (pos - lo).unsqueeze(-1)
-    return (INFERNO[lo] * (1 - frac) + INFERNO[lo + 1] * frac).round().to(torch.uint8)
-
-
-def heat_overlay(image, heat, size, alpha=0.55):
-    """uint8 image (3, H, W) and a heat map (h, w) in [0, 1] -> uint8 (3, size, size): both upsampled
-    bilinearly to the same square, the coloured map blended over the image."""
-    img = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
-    heat = F.interpolate(heat[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    colour = colormap(heat).permute(2, 0, 1).float()
-    return ((1 - alpha) * img + alpha * colour).round().clamp(0, 255).to(torch.uint8)
-
-
-def draw_grid(cells, header, row_labels, cell, pad=4):
-    """A PIL image: rows of uint8 (3, h, w) tensors (each resized to cell x cell), column titles on
-    top and a label under the first cell of each row."""
-    from PIL import Image, ImageDraw, ImageFont
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1: one fixed bitmap font
-        font = ImageFont.load_default()
-    text_h, cols = 18, max(map(len, cells))
-    width, row_h = pad + cols * (cell + pad), cell + text_h + pad
-    sheet = Image.new("RGB", (width, text_h + pad + len(cells) * row_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, title in enumerate(header):
-        draw.text((pad + j * (cell + pad) + cell // 2, pad), title, fill="black", font=font, anchor="ma")
-    for i, row in enumerate(cells):
-        y = text_h + pad + i * row_h
-        for j, img in enumerate(row):
-            tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((cell, cell), Image.BILINEAR)
-            sheet.paste(tile, (pad + j * (cell + pad), y))
-        draw.text((pad + cell // 2, y + cell + 1), row_labels[i], fill="black", font=font, anchor="ma")
-    return sheet
-
-
-def save_attention_grid(model, images, labels, classes, path, cell=96):
-    """One PNG: a row per image, columns = image, CLS attention per layer, rollout."""
-    images = images.to(next(model.parameters()).device)
-    heat = cls_heatmaps(model, normalize(images), model.patch_size).cpu()
-    images = images.cpu()
-    cells = [[images[i]] + [heat_overlay(images[i], h, cell) for h in heat[i]] for i in range(len(images))]
-    header = ["image"] + [f"layer {n + 1}" for n in range(heat.shape[1] - 1)] + ["rollout"]
-    return plumbing.save_image(draw_grid(cells, header, [classes[int(y)] for y in labels], cell), path)
+def save_attention_grid(model, images, labels, classes, path, log=print):
+    """One PNG: a row per image, columns = image, CLS attention per layer, rollout. None without matplotlib."""
+    heat = cls_heatmaps(model, normalize(images.to(next(model.parameters()).device)), model.patch_size).cpu()
+    fig = attention_figure(images, heat, [classes[int(y)] for y in labels], log, Path(path).name)
+    return plumbing.save_figure(fig, path) if fig is not None else None
 
 
 def save_pictures(out_dir, model, data, cm):
+    if not plumbing.has_matplotlib():
+        print("skipped the pictures (attention.png, curves.png, confusion.png): they need matplotlib "
+              "(pip install matplotlib)")
+        return
     plumbing.plot_curves(plumbing.read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
     plumbing.plot_confusion(cm, data.classes, out_dir / "confusion.png")
     picked = fixed_examples(data.test_y)
@@ -830,7 +810,8 @@ def show_attention(args):
         raise DataError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e})") from None
     picked = fixed_examples(data.test_y)
     path = save_attention_grid(model, data.test_x[picked], data.test_y[picked], data.classes, out_dir / "attention.png")
-    print(f"wrote {path}")
+    if path:
+        print(f"wrote {path}")
     return path
 
 

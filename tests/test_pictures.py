@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,13 +48,21 @@ def test_attention_rollout_on_two_layers_by_hand():
     torch.testing.assert_close(rollout[0], torch.tensor([[0.725, 0.275], [0.235, 0.765]]))
 
 
-def test_heat_overlay_puts_the_hot_patch_where_it_is():
-    image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
-    heat = torch.zeros(8, 8)
-    heat[1, 6] = 1.0  # patch in row 1, column 6 (row-major like img_to_patch)
-    out = vit_scratch.heat_overlay(image, heat, 96).float().sum(0)
-    r, c = divmod(int(out.argmax()), 96)
-    assert 12 <= r < 24 and 72 <= c < 84  # that patch's 12 x 12 square in the 96 px overlay
+def test_the_attention_figure_puts_the_hot_patch_where_it_is():
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    image = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    heat = torch.zeros(1, 2, 8, 8)  # one layer + rollout
+    heat[0, 0, 1, 6] = 1.0  # patch in row 1, column 6 (row-major like img_to_patch)
+    fig = vit_scratch.attention_figure(image, heat, ["grey"])
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = torch.from_numpy(np.asarray(canvas.buffer_rgba())[..., :3].copy()).float().sum(-1)  # (H, W)
+    x0, y0, x1, y1 = fig.axes[1].get_window_extent().extents  # the layer-1 cell, y from the bottom
+    top, left = pixels.shape[0] - y1, x0
+    cell = pixels[int(top) + 1:int(top + y1 - y0) - 1, int(left) + 1:int(x1) - 1]
+    r, c = divmod(int(cell.argmax()), cell.shape[1])
+    assert int(r * 8 / cell.shape[0]) == 1 and int(c * 8 / cell.shape[1]) == 6  # that patch's square
 
 
 def test_cls_heatmaps_follow_patch_order():
@@ -71,6 +80,7 @@ def test_cls_heatmaps_follow_patch_order():
 def test_charts_skip_cleanly_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what the charts import
     logged = []
     assert common.plot_curves([{"epoch": 1, "train_loss": 1.0}], tmp_path / "curves.png", log=logged.append) is None
     assert (
@@ -95,8 +105,8 @@ def test_charts_with_matplotlib(tmp_path):
     assert Image.open(common.plot_confusion(cm, classes, tmp_path / "confusion.png")).size == (720, 630)
 
 
-def attention_png_size(layers, rows=20, cell=96, pad=4, text_h=18):
-    return pad + (layers + 2) * (cell + pad), text_h + pad + rows * (cell + text_h + pad)
+def attention_png_size(layers, rows=20):
+    return 110 * (layers + 2), 125 * rows  # figsize 1.1 x 1.25 inches a cell, 100 dpi
 
 
 def test_vit_run_draws_its_pictures_and_show_attention_redraws(tiny_cifar, tmp_path):
@@ -117,7 +127,7 @@ def test_vit_run_draws_its_pictures_and_show_attention_redraws(tiny_cifar, tmp_p
     assert (out / "attention.png").exists()  # beside the checkpoint by default
 
 
-def test_vit_without_matplotlib_still_draws_attention(tiny_cifar, tmp_path):
+def test_vit_without_matplotlib_skips_all_three_pictures_with_one_line(tiny_cifar, tmp_path):
     out = tmp_path / "run"
     code = (
         "import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = sys.argv[1:]; "
@@ -132,10 +142,10 @@ def test_vit_without_matplotlib_still_draws_attention(tiny_cifar, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "skipped curves.png: it needs matplotlib (pip install matplotlib)" in proc.stdout
-    assert (
-        (out / "attention.png").exists() and not (out / "curves.png").exists() and not (out / "confusion.png").exists()
-    )
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("skipped")]
+    assert skipped == ["skipped the pictures (attention.png, curves.png, confusion.png): they need matplotlib "
+                       "(pip install matplotlib)"]
+    assert not list(out.glob("*.png"))
 
 
 def test_no_plots_means_no_pictures(tiny_cifar, tmp_path):
