@@ -384,42 +384,24 @@ def make_parser(doc):
 
 # argparse types: each flag's range is checked where the flag is declared (type=positive_int, ...)
 
-def positive_int(text):
-    value = _number(text, int, "a whole number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def _number_type(kind, what, ok, rule):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    value = _number(text, float, "a number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def non_negative(text):
-    value = _number(text, float, "a number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value}")
-    return value
-
-
-def fraction(text):
-    value = _number(text, float, "a number")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _number(text, kind, what):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-    return value
+positive_int = _number_type(int, "a whole number", lambda v: v > 0, "must be positive")
+positive_float = _number_type(float, "a number", lambda v: v > 0, "must be positive")
+non_negative = _number_type(float, "a number", lambda v: v >= 0, "must be a number >= 0")
+fraction = _number_type(float, "a number", lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def given_flags(parser, argv):
@@ -437,16 +419,6 @@ def given_flags(parser, argv):
 
 def flag(name):
     return "--" + name.replace("_", "-")
-
-
-def check_positive(args, *names):
-    """Each named flag, if set, must be a finite number > 0 (one line naming the flag and the value typed)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise DataError(f"{flag(name)} must be a finite number, got {value}")
-        if value is not None and value <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {value}")
 
 
 def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
@@ -799,12 +771,6 @@ def _write_error(path, error):
 def save_figure(fig, path):
     """A matplotlib figure as a PNG, atomically (a full disk leaves the previous picture and says so)."""
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    return path
-
-
-def save_image(image, path):
-    """A PIL image as a PNG, atomically."""
-    _atomic_write(path, lambda f: image.save(f, format="PNG"))
     return path
 
 
