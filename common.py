@@ -384,24 +384,22 @@ def make_parser(doc):
 
 # argparse types: each flag's range is checked where the flag is declared (type=positive_int, ...)
 
-def _number_type(kind, what, ok, rule):
+def _number_type(kind, ok, rule):
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        value = kind(text)  # a ValueError: argparse says "invalid int value: 'two'"
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{rule}, got {value}")
         return value
+    parse.__name__ = kind.__name__  # argparse's own message for a non-number: "invalid int value: 'two'"
     return parse
 
 
-positive_int = _number_type(int, "a whole number", lambda v: v > 0, "must be positive")
-positive_float = _number_type(float, "a number", lambda v: v > 0, "must be positive")
-non_negative = _number_type(float, "a number", lambda v: v >= 0, "must be a number >= 0")
-fraction = _number_type(float, "a number", lambda v: 0 <= v < 1, "must be in [0, 1)")
+positive_int = _number_type(int, lambda v: v > 0, "must be positive")
+positive_float = _number_type(float, lambda v: v > 0, "must be positive")
+non_negative = _number_type(float, lambda v: v >= 0, "must be a number >= 0")
+fraction = _number_type(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
 def given_flags(parser, argv):

@@ -89,7 +89,7 @@ def test_a_checkpoint_written_before_a_flag_existed_resumes_with_its_default(scr
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--epochs", "0"], "--epochs must be positive, got 0"),
-    (["--epochs", "2.5"], "--epochs must be a whole number, got '2.5'"),
+    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
     (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--weight-decay", "-1"], "--weight-decay must be a number >= 0, got -1.0"),
 ])
