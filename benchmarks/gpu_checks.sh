@@ -64,6 +64,10 @@ check decode 90 python -c "import common; common.load_cifar10('/tmp/cifar10', do
 check vit_default 90 bash -c "s=\$SECONDS; python vit_scratch.py --epochs 10 --data-dir /tmp/cifar10 --no-progress --out-dir runs/gpu/vit-default; echo \"whole process \$((SECONDS - s)) s\""
 { echo; echo "## vit_scratch.py --epochs 10 (defaults), whole process"; echo "| run | test acc | train s | img/s | peak MB |"; echo "|---|---:|---:|---:|---:|"
   summary runs/gpu/vit-default "fast, seed 0"; grep "whole process" "$LOG" | tail -1; } >> "$RESULTS"
+# issue 23: where the whole command's time goes (imports, data, capture, training, evaluation, checkpoints, pictures)
+check startup 60 python benchmarks/bench_startup.py --data-dir /tmp/cifar10 --epochs 10
+{ echo; echo "## where vit_scratch.py --epochs 10 spends its time (benchmarks/bench_startup.py)"
+  sed -n '/^| phase/,/whole process/p' "$LOG" | tail -12; } >> "$RESULTS"
 check sweep_main 170 python benchmarks/sweep_vit.py --data-dir /tmp/cifar10 --deadline 140 --out "$OUT/sweep_main.md" \
     --recipe "fast s1=--seed 1" --recipe "fast s2=--seed 2" --recipe "guide=--recipe guide" \
     --recipe "cnn:default s0=--seed 0" --recipe "cnn:default s1=--seed 1" --recipe "cnn:default s2=--seed 2"
