@@ -6,6 +6,7 @@ the CUDA-graph step a 10-epoch ViT run takes seconds on one GPU, so one 10-minut
 
     python benchmarks/sweep_vit.py --data-dir /tmp/cifar10                         # the built-in lists below
     python benchmarks/sweep_vit.py --data-dir /tmp/cifar10 --only vit --seeds 0 1 2
+    python benchmarks/sweep_vit.py --data-dir /tmp/cifar10 --only issue23 --deadline 300   # issue 23's candidates
     python benchmarks/sweep_vit.py --data-dir /tmp/cifar10 --recipe "my-try=--muon-lr 0.007 --batch-size 512"
     python benchmarks/sweep_vit.py --device cpu --epochs 1 --limit-train 512 --limit-test 200   # smoke run
 
@@ -38,6 +39,23 @@ VIT_RECIPES = [("vit_scratch", "fast (default)", ""), ("vit_scratch", "guide", "
 CNN_RECIPES = [("cnn_baseline", "default", ""), ("cnn_baseline", "label smoothing 0.2", "--label-smoothing 0.2"),
                ("cnn_baseline", "batch 256, lr 5e-3", "--batch-size 256 --lr 5e-3"),
                ("cnn_baseline", "widths 32 128 256 384", "--widths 32 128 256 384")]
+# Issue 23: what can move the 10-epoch accuracy of the same architecture, with today's flags. One seed each first
+# (--only issue23); every candidate that beats the default by more than one seed std dev (0.35 points) then gets
+# seeds 0 1 2 (--recipe ... --seeds 0 1 2), and the default changes only on a 3-seed mean. Not yet flags, so not
+# here: Muon's momentum, an EMA of the weights, other schedule shapes, test-time augmentation beyond the flip.
+ISSUE23_VIT = [("vit_scratch", "fast (default)", ""),
+               ("vit_scratch", "Muon lr 0.0075", "--muon-lr 0.0075"),
+               ("vit_scratch", "Muon lr 0.0075, AdamW lr 2e-3", "--muon-lr 0.0075 --lr 2e-3"),
+               ("vit_scratch", "AdamW lr 2e-3", "--lr 2e-3"),
+               ("vit_scratch", "AdamW lr 5e-4", "--lr 5e-4"),
+               ("vit_scratch", "warm-up 0.05", "--warmup 0.05"),
+               ("vit_scratch", "warm-up 0.2", "--warmup 0.2"),
+               ("vit_scratch", "label smoothing 0.05", "--label-smoothing 0.05"),
+               ("vit_scratch", "label smoothing 0.2", "--label-smoothing 0.2"),
+               ("vit_scratch", "weight decay 0.1", "--weight-decay 0.1"),
+               ("vit_scratch", "weight decay 0.02", "--weight-decay 0.02"),
+               ("vit_scratch", "batch 128, rates scaled", "--batch-size 128 --lr 7e-4 --muon-lr 0.0075"),
+               ("vit_scratch", "init std 0.05", "--init-std 0.05")]
 SCRIPTS = {"vit_scratch": vit_scratch, "cnn_baseline": cnn_baseline}
 
 
@@ -46,7 +64,7 @@ def share_the_data():
     function serves every run of the sweep."""
     cached = functools.lru_cache(maxsize=4)(common.load_cifar10)
     for module in SCRIPTS.values():
-        module.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print: cached(
+        module.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print, resumed_from=None: cached(
             data_dir, download, image_size)
 
 
@@ -86,7 +104,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="every recipe runs once per seed")
-    p.add_argument("--only", choices=["vit", "cnn"], help="one script's built-in list only")
+    p.add_argument("--only", choices=["vit", "cnn", "issue23"], help="one built-in list only")
     p.add_argument("--recipe", action="append", metavar="NAME=FLAGS",
                    help="a recipe of your own instead of the built-in lists (repeatable; prefix cnn: for the CNN)")
     p.add_argument("--limit-train", type=int)
@@ -100,6 +118,8 @@ def main(argv=None):
             name, _, flags = spec.partition("=")
             script = "cnn_baseline" if name.startswith("cnn:") else "vit_scratch"
             recipes.append((script, name.removeprefix("cnn:"), flags))
+    elif args.only == "issue23":
+        recipes = ISSUE23_VIT
     else:
         recipes = (VIT_RECIPES if args.only != "cnn" else []) + (CNN_RECIPES if args.only != "vit" else [])
     share_the_data()
