@@ -46,7 +46,7 @@ def share_the_data():
     function serves every run of the sweep."""
     cached = functools.lru_cache(maxsize=4)(common.load_cifar10)
     for module in SCRIPTS.values():
-        module.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print: cached(
+        module.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print, resumed_from=None: cached(
             data_dir, download, image_size)
 
 
