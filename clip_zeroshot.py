@@ -5,13 +5,10 @@
 # ///
 """CLIP on CIFAR-10: zero-shot from class-name prompts, a linear probe, and its ViT fine-tuned (full or LoRA).
 
-The study guide's transfer-learning lesson in three steps. Zero-shot: a model pre-trained on 400M image-text pairs
-classifies CIFAR-10 without one labelled CIFAR image; each class name goes into prompt templates ("a photo of a
-{}."), the text tower embeds them, and each image takes the class whose embedding is closest (cosine similarity x
-logit_scale); --prompts ensemble averages OpenAI's 18 CIFAR-10 templates. --linear-probe fits logistic regression
-on frozen image features of the training set. --finetune trains CLIP's image tower (a pre-trained ViT: the guide's
-"pre-trained ViT, fine-tuned" row), all its weights or peft LoRA adapters on its attention projections, under a
-linear head that starts as the zero-shot classifier, so that training starts from the zero-shot accuracy.
+The study guide's transfer-learning lesson in three steps. Zero-shot: each class name goes into prompt templates
+("a photo of a {}."; --prompts ensemble: OpenAI's 18), and an image takes the class whose text embedding is closest
+(cosine x logit_scale). --linear-probe: logistic regression on frozen image features. --finetune: CLIP's image tower
+(the guide's "pre-trained ViT, fine-tuned" row), all weights or LoRA adapters, under a zero-shot-initialised head.
 
     python clip_zeroshot.py                                    # openai/clip-vit-base-patch32, 10,000 test images
     python clip_zeroshot.py --model openai/clip-vit-large-patch14 --prompts ensemble
@@ -19,17 +16,13 @@ linear head that starts as the zero-shot classifier, so that training starts fro
     python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, a template a line, "{}" = class, # comments
     python clip_zeroshot.py --finetune full --epochs 2         # ViT-B/32 image tower, all weights
     python clip_zeroshot.py --finetune lora --epochs 2 --rank 16 --wise 0.5   # LoRA; WiSE-FT mix reported too
-    python clip_zeroshot.py --finetune lora --model /path/to/local/clip --data-dir /tmp/cifar10
     python clip_zeroshot.py --resume runs/clip_zeroshot/<run>/last.pt --epochs 4     # continue, or extend
     python clip_zeroshot.py --adapter runs/clip_zeroshot/<run>/adapter   # evaluate a LoRA run's adapter, no training
     python clip_zeroshot.py --finetune full --limit-train 2000 --limit-test 500 --max-steps 20 --device cpu
 
-Images are preprocessed as batched tensor ops on the device with the model's own CLIPImageProcessor settings (no
-PIL round-trip per image); fine-tuning first crops (padding 4) and flips each 32 px image. Fine-tuning: AdamW,
-warm-up + cosine, gradient clipping, bf16 autocast on CUDA, an evaluation after every epoch. Published figures are
-in the README, measured ones in BENCHMARKS.md. Outputs in --out-dir: config.json, summary.json, confusion.png;
-fine-tuning adds metrics.jsonl, curves.png, last.pt and best.pt (LoRA: adapters and head only) and for LoRA
-adapter/ (peft, recording its base model; --adapter or load_adapter() puts it on a fresh base). Needs common.py.
+Images are preprocessed on the device as the model's CLIPImageProcessor says. Figures: README (published), BENCHMARKS.md
+(measured). Outputs in --out-dir: config.json, summary.json, confusion.png; fine-tuning adds metrics.jsonl, curves.png,
+last.pt, best.pt and for LoRA adapter/ (--adapter or load_adapter() puts it on a fresh base). Needs common.py.
 """
 import argparse
 import json
@@ -56,12 +49,11 @@ CHECKPOINT_VERSION = 1
 # Flags that describe the machine, not the experiment: on --resume they come from the command line.
 RUNTIME_FLAGS = ("device", "no_download", "no_progress", "no_plots", "overwrite")
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
-PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: templates, each mode's defaults, the flags. Add a flag in build_parser (its range in type=); a rule
-# between two flags goes in check_args. A mode's default fills a flag left untyped; a typed flag wins.
+# Config: templates, mode defaults, flags. Add a flag in build_parser (its range in type=), a rule between two flags
+# in check_args. A mode's default (MODE_DEFAULTS) fills a flag left untyped; a typed flag wins.
 
 SINGLE_TEMPLATE = ["a photo of a {}."]
 # The 18 CIFAR-10 templates OpenAI published with CLIP (prompt engineering notebook / data/prompts.md).
@@ -72,35 +64,11 @@ CIFAR10_TEMPLATES = [
     "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
     "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
 ]
-# Fine-tuning: a small learning rate for a pre-trained tower (the WiSE-FT / FLYP recipes use 1e-5 to 3e-5 with weight
-# decay 0.1), a larger one for fresh LoRA adapters; the head starts from the ensemble, the better zero-shot classifier.
+# Fine-tuning: lr as WiSE-FT / FLYP for a tower, larger for fresh LoRA; the head starts from the better ensemble.
 MODE_DEFAULTS = {None: dict(batch_size=500, prompts="single"),
                  "full": dict(batch_size=128, prompts="ensemble", lr=1e-5, weight_decay=0.1),
                  "lora": dict(batch_size=128, prompts="ensemble", lr=1e-3, weight_decay=0.01)}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the image tower's attention projections
-FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
-LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
-
-
-def in_range(wanted, ok, kind=float):
-    """An argparse type=: a number for which ok(value), else "must be {wanted}, got {value}" (nan is in no range)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
-        return value
-    return parse
-
-
-finite_positive = in_range("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
-finite_non_negative = in_range("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
-fraction = in_range("in [0, 1)", lambda v: 0 <= v < 1)
-mix = in_range("in [0, 1] (0 = zero-shot, 1 = fine-tuned)", lambda v: 0 <= v <= 1)
-seed = in_range("in [0, 2**63)", lambda v: 0 <= v < 2 ** 63, kind=int)  # what torch.Generator accepts
 
 
 def build_parser():
@@ -142,7 +110,8 @@ def build_parser():
                         "model is the one the folder records unless --model is given")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--seed", type=seed, default=0, help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
+    a("--seed", type=generator_seed, default=0,
+      help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/clip_zeroshot/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
@@ -151,28 +120,14 @@ def build_parser():
 
 
 def check_args(args):
-    """The rules that involve two flags (each flag's own range is checked by its type=; a flag typed where its
-    mode ignores it is refused by check_no_effect, below the banner)."""
+    """The rules that involve two flags (each flag's own range is checked by its type=; see also check_no_effect)."""
     if args.finetune and args.linear_probe:
         raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: CLIP through transformers, its image processor as tensor ops, the zero-shot classifier and the classifier
-# that fine-tuning trains. Edit freely; LoRA finds its --targets by module name, the summaries read only logits.
-
-def load_clip_model(name, device):
-    from transformers import CLIPModel
-    with loading(name):
-        model = CLIPModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
-    return model.to(device).eval()
-
-
-def load_clip(name, device):
-    """(model, tokenizer, image processor) of a CLIP checkpoint."""
-    _, tokenizer, processor = load_clip_parts(name)
-    return load_clip_model(name, device), tokenizer, processor
-
+# Model: CLIP's preprocessing as tensor ops, the zero-shot classifier, the classifier that fine-tuning trains. Edit
+# freely: LoRA finds its --targets by module name, the summaries read only logits and predictions.
 
 class TensorPreprocess:
     """The model's CLIPImageProcessor as batched tensor ops on the device: resize the shortest edge (with the
@@ -193,11 +148,6 @@ class TensorPreprocess:
         if self.crop:
             x = TF.center_crop(x, self.crop)
         return (x.float() / 255 - self.mean) / self.std
-
-
-def pooled(out):
-    """transformers 5 returns an output object (the projection is its pooler_output); 4.x a tensor."""
-    return out if torch.is_tensor(out) else out.pooler_output
 
 
 @torch.no_grad()
@@ -236,9 +186,8 @@ def zero_shot_logits(image_features, text_weights, logit_scale):
 
 
 class ImageClassifier(nn.Module):
-    """CLIP's image tower and projection, then a linear head on the normalised image embedding. The head starts as
-    the zero-shot classifier (logit_scale x the classes' text embeddings, bias 0), so before any step its logits
-    are the zero-shot logits (the zero-shot initialisation of WiSE-FT and FLYP)."""
+    """CLIP's image tower and projection, then a linear head on the normalised image embedding that starts as the
+    zero-shot classifier (logit_scale x the text embeddings, bias 0: the zero-shot start of WiSE-FT and FLYP)."""
 
     def __init__(self, tower, projection, head_weight):
         super().__init__()
@@ -260,14 +209,9 @@ def zero_shot_classifier(model, tokenizer, classes, templates, device):
 
 
 def add_lora(classifier, args):
-    """peft LoRA on the tower's --targets; the head trains whole (modules_to_save) and is saved with the adapters;
-    every other weight is frozen."""
+    """peft LoRA on the tower's --targets; the head trains whole and is saved with the adapters; the rest is frozen."""
     from peft import LoraConfig, get_peft_model
-    names = [name for name, _ in classifier.tower.named_modules()]
-    for target in args.targets:  # peft's own message for this is about its internals
-        if not any(name == target or name.endswith("." + target) for name in names):
-            raise DataError(f"--targets {target}: no module of the image tower has that name (its attention "
-                            f"projections are {', '.join(LORA_TARGETS)})")
+    check_targets(classifier.tower, args.targets)
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
                         target_modules=list(args.targets), modules_to_save=["head"])
     try:
@@ -280,12 +224,10 @@ def add_lora(classifier, args):
 # Precision, optimizer and schedule. Weights stay fp32; the schedule is a factor of the peak --lr, set per step.
 
 def amp_dtype_for(device):
-    """bf16 autocast on CUDA GPUs that have it, else fp16 (the released CLIP weights were trained in fp16; training
-    then uses a GradScaler); fp32 elsewhere."""
+    """bf16 autocast where the GPU has it natively (compute capability >= 8.0: a T4 emulates bf16, slowly), else fp16
+    with a GradScaler (the released CLIP weights were trained in fp16); fp32 on CPU and MPS. Weights stay fp32."""
     if device.type != "cuda":
         return None
-    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
-    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
@@ -315,9 +257,8 @@ def lr_factor(step, warmup_steps, total_steps):
 # the same: the running statistics stay on the device, and the loop reads them every LOG_EVERY steps.
 
 def augmented_batches(images, labels, batch_size, seed, epoch):
-    """Shuffled batches of uint8 images, each randomly cropped (zero padding 4) and flipped at its stored 32 px, the
-    guide's augmentation, before preprocessing scales it to the tower. The draws depend only on (seed, epoch), so a
-    resumed run sees the batches the uninterrupted one saw."""
+    """Shuffled uint8 batches, each image cropped (zero padding 4) and flipped at 32 px before preprocessing; the
+    draws depend only on (seed, epoch), so a resumed run sees the batches the uninterrupted one saw."""
     g = torch.Generator(device=images.device).manual_seed(derived_seed(seed, "batches", epoch))
     order = torch.randperm(len(labels), device=images.device, generator=g)
     for i in range(len(labels) // batch_size):  # the ragged tail is dropped
@@ -342,8 +283,7 @@ def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: the fine-tuned classifier, the linear probe (logistic regression on frozen features, full-batch
-# L-BFGS), WiSE-FT. Accuracies are counted in integers: 28 of 50 is 0.56 exactly.
+# Evaluation: the classifier, the linear probe (full-batch L-BFGS on frozen features), WiSE-FT; counts in integers.
 
 @torch.no_grad()
 def evaluate(model, preprocess, images, labels, batch_size, amp_dtype):
@@ -397,26 +337,16 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed, grid=(1e-6
 
 
 def wise_weights(initial, final, alpha):
-    """WiSE-FT (Wortsman et al., 2022): (1 - alpha) x zero-shot + alpha x fine-tuned, tensor by tensor. LoRA's A
-    matrices are kept as trained: B starts at zero, so mixing B mixes the whole update B A."""
+    """WiSE-FT (Wortsman et al., 2022): (1 - alpha) x zero-shot + alpha x fine-tuned, tensor by tensor; LoRA's A
+    is kept as trained (B starts at zero, so mixing B mixes the whole update B A)."""
     return {n: final[n] if "lora_A" in n else torch.lerp(initial[n], final[n], alpha) for n in final}
-
-
-def wise_accuracy(model, initial, alpha, evaluate_test, test_y, num_classes):
-    """Test accuracy of the WiSE-FT mix; the fine-tuned weights are put back afterwards."""
-    final = plumbing.trainable_state(model)
-    model.load_state_dict(wise_weights(initial, final, alpha), strict=False)
-    preds, _ = evaluate_test()
-    model.load_state_dict(final, strict=False)
-    return {"alpha": alpha, "test_acc": accuracy_from(confusion_matrix(preds, test_y, num_classes))}
 
 
 # ----------------------------------------------------------------------------------------------------
 # The experiment: the modes (zero-shot with the optional probe; fine-tuning with its loop written out), then main.
 
-def zero_shot(args, data, train_idx, test_idx, clip, templates, device, report):
+def zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
     """Zero-shot on the test images (timed: preprocessing + encoding), then with --linear-probe the probe."""
-    _, tokenizer, processor = clip
     model = load_clip_model(args.model, device)
     start_zero_shot(args, data, templates, test_idx, device, report)
     preprocess = TensorPreprocess(processor, device)
@@ -437,10 +367,8 @@ def zero_shot(args, data, train_idx, test_idx, clip, templates, device, report):
     return write_summary(args, model, device, data, templates, logits, targets, seconds, probe)
 
 
-def finetune(args, ckpt, data, train_idx, test_idx, clip, templates, device, report):
-    """--finetune full|lora: the zero-shot classifier's image side trained on CIFAR-10, evaluated before the first
-    epoch (the zero-shot start) and after each, saved every epoch; returns the summary."""
-    _, tokenizer, processor = clip
+def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
+    """--finetune full|lora: the zero-shot classifier trained on CIFAR-10, evaluated and saved after every epoch."""
     torch.manual_seed(args.seed)
     model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
     if args.finetune == "lora":
@@ -493,10 +421,8 @@ def finetune(args, ckpt, data, train_idx, test_idx, clip, templates, device, rep
         save_run(args, model, optimizer, scaler, progress, test_acc, data)
     if preds is None:  # resumed a finished run: evaluate what it left
         preds, _ = evaluate_test()
-    wise = None if initial is None else wise_accuracy(model, initial, args.wise, evaluate_test, test_y,
-                                                     len(data.classes))
-    return write_finetune_summary(args, model, device, progress, data, preds, test_y, len(train_idx), templates,
-                                  wise)
+    wise = wise_accuracy(model, initial, args.wise, evaluate_test, test_y, len(data.classes))  # None without --wise
+    return write_finetune_summary(args, model, device, progress, data, preds, test_y, len(train_y), templates, wise)
 
 
 def main(argv=None):
@@ -506,17 +432,21 @@ def main(argv=None):
         device = pick_device(args.device)
         args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
         data, train_idx, test_idx = load_data(args, ckpt)
-        clip = config, tokenizer, processor = load_clip_parts(args.model)  # small files, before the weights
+        config, tokenizer, processor = load_clip_parts(args.model)  # small files, before the weights
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)
         interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
         if args.adapter:
-            return evaluate_adapter(args, data, test_idx, clip, device, report)
+            return evaluate_adapter(args, data, test_idx, config, processor, device, report)
         if args.finetune:
-            return finetune(args, ckpt, data, train_idx, test_idx, clip, templates, device, report)
-        return zero_shot(args, data, train_idx, test_idx, clip, templates, device, report)
+            return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
+        return zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
 
 
 # ===== Run plumbing: nothing below changes what is trained =====
+
+FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
+LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
+PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the machine, the data, checkpoints and the per-epoch log
@@ -725,6 +655,17 @@ def summary_of(args, data, device, cm, prompts, **fields):
             "most_confused": most_confused(cm, data.classes)}
 
 
+def wise_accuracy(model, initial, alpha, evaluate_test, test_y, num_classes):
+    """--wise: test accuracy of the WiSE-FT mix (None without --wise); the fine-tuned weights are put back after."""
+    if initial is None:
+        return None
+    final = plumbing.trainable_state(model)
+    model.load_state_dict(wise_weights(initial, final, alpha), strict=False)
+    preds, _ = evaluate_test()
+    model.load_state_dict(final, strict=False)
+    return {"alpha": alpha, "test_acc": accuracy_from(confusion_matrix(preds, test_y, num_classes))}
+
+
 def print_per_class(accuracies):
     """'-' for a class with no test image."""
     print("per class: " + ", ".join(f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in accuracies.items()))
@@ -852,9 +793,8 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
     return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
 
 
-def evaluate_adapter(args, data, test_idx, clip, device, report):
+def evaluate_adapter(args, data, test_idx, config, processor, device, report):
     """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
-    config, _, processor = clip
     check_adapter_fits(args.adapter, config, len(data.classes))
     plumbing.write_json(Path(args.out_dir) / "config.json", run_config(args, [], data.classes))
     report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
@@ -940,6 +880,35 @@ def check_template_lengths(templates, classes, tokenizer, config, spec):
                             f"tokens, more than the text tower's {context}; shorten the template")
 
 
+def in_range(wanted, ok, kind=float):
+    """An argparse type=: a number for which ok(value), else "must be {wanted}, got {value}" (nan is in no range)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+    return parse
+
+
+finite_positive = in_range("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+finite_non_negative = in_range("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+fraction = in_range("in [0, 1)", lambda v: 0 <= v < 1)
+mix = in_range("in [0, 1] (0 = zero-shot, 1 = fine-tuned)", lambda v: 0 <= v <= 1)
+generator_seed = in_range("in [0, 2**63)", lambda v: 0 <= v < 2 ** 63, kind=int)  # what torch.Generator accepts
+
+
+def check_targets(tower, targets):
+    names = [name for name, _ in tower.named_modules()]
+    for target in targets:  # peft's own message for this is about its internals
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise DataError(f"--targets {target}: no module of the image tower has that name (its attention "
+                            f"projections are {', '.join(LORA_TARGETS)})")
+
+
 @contextmanager
 def loading(name):
     """transformers without its "Loading weights" bars (the script says what it loads), and what it raises about
@@ -966,6 +935,24 @@ def check_model_path(name):
     if looks_like_path and not path.is_dir():
         raise DataError(f"--model {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
                         f"a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
+
+
+def load_clip_model(name, device):
+    from transformers import CLIPModel
+    with loading(name):
+        model = CLIPModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
+    return model.to(device).eval()
+
+
+def pooled(out):
+    """transformers 5 returns an output object (the projection is its pooler_output); 4.x a tensor."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_clip(name, device):
+    """(model, tokenizer, image processor) of a CLIP checkpoint."""
+    _, tokenizer, processor = load_clip_parts(name)
+    return load_clip_model(name, device), tokenizer, processor
 
 
 def load_clip_parts(name):
