@@ -463,8 +463,8 @@ class Progress:
 
 
 def experiment_args(argv):
-    """(args, checkpoint or None): the command line with the mode's defaults filled in, or on --resume the run's
-    own flags (a flag that differs is refused, more --epochs or --max-steps extend the run); checked before any work."""
+    """(args, checkpoint or None): the flags with the mode's defaults, or on --resume the run's own (a flag that
+    differs is refused, more --epochs or --max-steps extend the run); all checked before any work."""
     parser = build_parser()
     cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
     args, ckpt = cli, None
@@ -546,8 +546,8 @@ def load_data(args, ckpt):
 
 def start_run(args, ckpt, report, data, templates, model, optimizer, scaler, evaluate_test, test_y, train_images,
               steps_per_epoch, total_steps):
-    """The start line, config.json (on a resume too: the flags in force), the checkpoint restored or the zero-shot
-    start logged as epoch 0, and what Ctrl-C reports; returns the run's Progress."""
+    """Start line, config.json (on a resume too), the checkpoint restored or the zero-shot start logged as epoch 0,
+    what Ctrl-C reports; returns the run's Progress."""
     out_dir, device = Path(args.out_dir), next(model.parameters()).device
     trainable, total = count_params(model)
     print(f"{SCRIPT}: fine-tuning {args.model} ({args.finetune}) | trainable {trainable:,} of {total:,} parameters "
@@ -644,15 +644,17 @@ def most_confused(cm, classes, k=5):
             for i in top.tolist() if off[i] > 0]
 
 
-def summary_of(args, data, device, cm, prompts, **fields):
-    """What every mode's summary.json holds, around the mode's own `fields`."""
-    return {"script": SCRIPT, **fields, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
-            "test_images": int(cm.sum()), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "test_acc": accuracy_from(cm), "peak_memory_mb": plumbing.peak_memory_mb(device),
-            "args": run_config(args, prompts, data.classes), "model": args.model, "classes": data.classes,
-            "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
-            "most_confused": most_confused(cm, data.classes)}
+def summarise(args, data, device, cm, prompts, **fields):
+    """summary.json: what every mode reports, around the mode's own `fields`; returns it."""
+    summary = {"script": SCRIPT, **fields, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
+               "test_images": int(cm.sum()), "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "test_acc": accuracy_from(cm), "peak_memory_mb": plumbing.peak_memory_mb(device),
+               "args": run_config(args, prompts, data.classes), "model": args.model, "classes": data.classes,
+               "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
+               "most_confused": most_confused(cm, data.classes)}
+    plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
+    return summary
 
 
 def wise_accuracy(model, initial, alpha, evaluate_test, test_y, num_classes):
@@ -681,11 +683,10 @@ def start_zero_shot(args, data, templates, test_idx, device, report):
 def write_summary(args, model, device, data, templates, logits, targets, seconds, probe):
     cm = confusion_matrix(logits.argmax(1), targets, len(data.classes))
     top5 = fraction_right(logits, targets, k=5)
-    summary = summary_of(args, data, device, cm, templates, epochs=0, steps=0, top5_acc=top5, train_seconds=0.0,
+    summary = summarise(args, data, device, cm, templates, epochs=0, steps=0, top5_acc=top5, train_seconds=0.0,
                          encode_seconds=seconds, images_per_second=len(targets) / seconds,
                          params=sum(p.numel() for p in model.parameters()), trainable_params=0, templates=templates,
                          logit_scale=model.logit_scale.exp().item(), linear_probe=probe)
-    plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
     print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
           f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
     print_per_class(summary["per_class_acc"])
@@ -702,15 +703,12 @@ def write_finetune_summary(args, model, device, progress, data, preds, test_y, t
     cm = confusion_matrix(preds, test_y, len(data.classes))
     adapter = Path(args.out_dir) / "adapter"
     trainable, total = count_params(model)
-    summary = summary_of(
+    summary = summarise(
         args, data, device, cm, templates, finetune=args.finetune, train_images=train_images, epochs=progress.epoch,
-        steps=progress.step, best_test_acc=progress.best_acc,
-        zero_shot_acc=progress.zero_shot_acc, train_seconds=progress.train_seconds,
-        images_per_second=progress.images_seen / max(progress.train_seconds, 1e-9), params=total,
-        trainable_params=trainable, templates=templates,
-        adapter_bytes=sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
-        wise=wise)
-    plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
+        steps=progress.step, best_test_acc=progress.best_acc, zero_shot_acc=progress.zero_shot_acc,
+        train_seconds=progress.train_seconds, params=total, trainable_params=trainable, templates=templates, wise=wise,
+        images_per_second=progress.images_seen / max(progress.train_seconds, 1e-9),
+        adapter_bytes=sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None)
     print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
           f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
           f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
@@ -810,10 +808,9 @@ def evaluate_adapter(args, data, test_idx, config, processor, device, report):
                                 amp_dtype_for(device))
     cm = confusion_matrix(preds, test_y, len(data.classes))
     trainable, total = count_params(model)
-    summary = summary_of(args, data, device, cm, [], finetune="lora", adapter=args.adapter, epochs=0, steps=0,
+    summary = summarise(args, data, device, cm, [], finetune="lora", adapter=args.adapter, epochs=0, steps=0,
                          test_loss=test_loss, train_seconds=0.0, params=total, trainable_params=0,
                          adapter_params=trainable)
-    plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
     print(f"adapter test accuracy {summary['test_acc']:.2%} | test loss {test_loss:.4f}")
     print_per_class(summary["per_class_acc"])
     save_pictures(args, cm, data.classes)
