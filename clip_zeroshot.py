@@ -221,7 +221,8 @@ def add_lora(classifier, args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Precision, optimizer and schedule. Weights stay fp32; the schedule is a factor of the peak --lr, set per step.
+# Precision, optimizer and schedule: edit make_optimizer and lr_factor. Weights stay fp32 (autocast computes in
+# bf16/fp16); the schedule is a factor of the peak --lr that the loop sets before each step.
 
 def amp_dtype_for(device):
     """bf16 autocast where the GPU has it natively (compute capability >= 8.0: a T4 emulates bf16, slowly), else fp16
@@ -283,7 +284,8 @@ def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: the classifier, the linear probe (full-batch L-BFGS on frozen features), WiSE-FT; counts in integers.
+# Evaluation: edit freely. evaluate returns predictions in test-set order and accuracies are counted in integers
+# (28 of 50 is 0.56 exactly): the summaries rely on both.
 
 @torch.no_grad()
 def evaluate(model, preprocess, images, labels, batch_size, amp_dtype):
@@ -343,7 +345,8 @@ def wise_weights(initial, final, alpha):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The experiment: the modes (zero-shot with the optional probe; fine-tuning with its loop written out), then main.
+# The experiment: one function per mode, then main. Edit finetune's loop freely: the checkpoint (save_run) and the
+# log (log_epoch) read only `progress` and the row they are given.
 
 def zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
     """Zero-shot on the test images (timed: preprocessing + encoding), then with --linear-probe the probe."""
@@ -364,7 +367,8 @@ def zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, 
                                        "train images", args.no_progress)
         probe = linear_probe(train_features, data.train_y[train_idx].to(device), test_features, targets,
                              len(data.classes), args.seed)
-    return write_summary(args, model, device, data, templates, logits, targets, seconds, probe)
+    top5 = fraction_right(logits, targets, k=5)
+    return write_summary(args, model, device, data, templates, logits, targets, top5, seconds, probe)
 
 
 def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
@@ -680,9 +684,8 @@ def start_zero_shot(args, data, templates, test_idx, device, report):
     report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
 
 
-def write_summary(args, model, device, data, templates, logits, targets, seconds, probe):
+def write_summary(args, model, device, data, templates, logits, targets, top5, seconds, probe):
     cm = confusion_matrix(logits.argmax(1), targets, len(data.classes))
-    top5 = fraction_right(logits, targets, k=5)
     summary = summarise(args, data, device, cm, templates, epochs=0, steps=0, top5_acc=top5, train_seconds=0.0,
                          encode_seconds=seconds, images_per_second=len(targets) / seconds,
                          params=sum(p.numel() for p in model.parameters()), trainable_params=0, templates=templates,
