@@ -5,15 +5,10 @@
 # ///
 """CLIP on CIFAR-10: zero-shot from class-name prompts, a linear probe, and its ViT fine-tuned (full or LoRA).
 
-The study guide's transfer-learning lesson in three steps. Zero-shot: a model pre-trained on 400M
-image-text pairs classifies CIFAR-10 without seeing one labelled CIFAR image; each class name goes into
-prompt templates ("a photo of a {}."), the text encoder embeds them, and each image is assigned the
-class whose embedding is closest (cosine similarity x logit_scale); --prompts ensemble averages
-OpenAI's 18 CIFAR-10 templates per class. --linear-probe fits logistic regression on frozen image
-features of the training set. --finetune trains CLIP's image tower (a pre-trained ViT) on CIFAR-10,
-the guide's "pre-trained ViT, fine-tuned" row: all of its weights (full) or peft LoRA adapters on its
-attention projections (lora), under a linear head that starts as the zero-shot classifier, so training
-starts from the zero-shot accuracy.
+The study guide's transfer-learning lesson in three steps. Zero-shot: each class name goes into prompt templates
+("a photo of a {}."; --prompts ensemble: OpenAI's 18), and an image takes the class whose text embedding is closest
+(cosine x logit_scale). --linear-probe: logistic regression on frozen image features. --finetune: CLIP's image tower
+(the guide's "pre-trained ViT, fine-tuned" row), all weights or LoRA adapters, under a zero-shot-initialised head.
 
     python clip_zeroshot.py                                    # openai/clip-vit-base-patch32, 10,000 test images
     python clip_zeroshot.py --model openai/clip-vit-large-patch14 --prompts ensemble
@@ -21,22 +16,15 @@ starts from the zero-shot accuracy.
     python clip_zeroshot.py --prompts my_templates.txt         # UTF-8, a template a line, "{}" = class, # comments
     python clip_zeroshot.py --finetune full --epochs 2         # ViT-B/32 image tower, all weights
     python clip_zeroshot.py --finetune lora --epochs 2 --rank 16 --wise 0.5   # LoRA; WiSE-FT mix reported too
-    python clip_zeroshot.py --finetune lora --model /path/to/local/clip --data-dir /tmp/cifar10
     python clip_zeroshot.py --resume runs/clip_zeroshot/<run>/last.pt --epochs 4     # continue, or extend
     python clip_zeroshot.py --adapter runs/clip_zeroshot/<run>/adapter   # evaluate a LoRA run's adapter, no training
     python clip_zeroshot.py --finetune full --limit-train 2000 --limit-test 500 --max-steps 20 --device cpu
 
-Images are preprocessed as batched tensor ops on the device (resize with the processor's filter,
-center crop, CLIP mean/std: the model's own CLIPImageProcessor settings), so 10,000 images go through in large
-batches without a PIL round-trip per image; fine-tuning first crops (padding 4) and flips each 32 px
-image, then resizes it to the tower's resolution the same way. Fine-tuning: AdamW with warm-up and
-cosine, weight decay, gradient clipping, bf16 autocast on CUDA, an evaluation after every epoch.
-Published figures for the released weights are in the README; figures measured here are in
-BENCHMARKS.md. Outputs in --out-dir: config.json, summary.json, confusion.png; fine-tuning adds
-metrics.jsonl, curves.png, last.pt and best.pt (LoRA: the adapters and the head only) and, for LoRA,
-adapter/ (peft, recording its base model; --adapter or load_adapter() puts it on a fresh base). Charts
-need matplotlib. Needs common.py.
+Images are preprocessed on the device as the model's CLIPImageProcessor says. Figures: README (published), BENCHMARKS.md
+(measured). Outputs in --out-dir: config.json, summary.json, confusion.png; fine-tuning adds metrics.jsonl, curves.png,
+last.pt, best.pt and for LoRA adapter/ (--adapter or load_adapter() puts it on a fresh base). Needs common.py.
 """
+import argparse
 import json
 import math
 import re
@@ -44,20 +32,29 @@ import string
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NO_HUB_KERNELS, DataError, NonFiniteLoss, accuracy_from, append_jsonl, apply_crop_flip,
-                    check_same_data, confusion_matrix, crop_flip_params, derived_seed, flag, given_flags,
-                    load_checkpoint, load_cifar10, make_parser, one_line_errors, peak_memory_mb, per_class_accuracy,
-                    plot_confusion, plot_curves, prepare_out_dir, progress_bar, read_jsonl, resumed_args, resuming_line,
-                    save_adapter, save_checkpoint, stratified_subset, trainable_state, trim_metrics, write_json)
+import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, charts
+from common import (DataError, accuracy_from, apply_crop_flip, confusion_matrix, crop_flip_params,  # part 1
+                    derived_seed, load_cifar10, per_class_accuracy, stratified_subset)
+from common import positive_int  # argparse type: a flag's range (the float ranges below keep this script's words)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
+# Flags that describe the machine, not the experiment: on --resume they come from the command line.
+RUNTIME_FLAGS = ("device", "no_download", "no_progress", "no_plots", "overwrite")
+LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: templates, mode defaults, flags. Add a flag in build_parser (its range in type=), a rule between two flags
+# in check_args. A mode's default (MODE_DEFAULTS) fills a flag left untyped; a typed flag wins.
+
 SINGLE_TEMPLATE = ["a photo of a {}."]
 # The 18 CIFAR-10 templates OpenAI published with CLIP (prompt engineering notebook / data/prompts.md).
 CIFAR10_TEMPLATES = [
@@ -67,22 +64,15 @@ CIFAR10_TEMPLATES = [
     "a low contrast photo of the {}.", "a high contrast photo of the {}.", "a bad photo of the {}.",
     "a good photo of the {}.", "a photo of the small {}.", "a photo of the big {}.",
 ]
-# Defaults that depend on the mode. Fine-tuning: a small learning rate for a pre-trained tower (the
-# WiSE-FT / FLYP recipes use 1e-5 to 3e-5 with weight decay 0.1), a larger one for freshly initialised
-# LoRA adapters; the head starts from the 18-template ensemble, the better zero-shot classifier.
+# Fine-tuning: lr as WiSE-FT / FLYP for a tower, larger for fresh LoRA; the head starts from the better ensemble.
 MODE_DEFAULTS = {None: dict(batch_size=500, prompts="single"),
                  "full": dict(batch_size=128, prompts="ensemble", lr=1e-5, weight_decay=0.1),
                  "lora": dict(batch_size=128, prompts="ensemble", lr=1e-3, weight_decay=0.01)}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the image tower's attention projections
-FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
-LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
-# Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "no_download", "no_progress", "no_plots", "overwrite")
-PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
 
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = plumbing.make_parser(__doc__)
     a = p.add_argument
     a("--model", default="openai/clip-vit-base-patch32",
       help="hub id or local folder (save_pretrained) of a CLIPModel with its tokenizer and image processor")
@@ -91,31 +81,37 @@ def build_parser():
     a("--no-download", action="store_true", help="never try to download CIFAR-10")
     a("--prompts", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 18 templates) or a UTF-8 file of "
                         "templates (default: single; ensemble with --finetune)")
-    a("--limit-test", type=int, default=None, help="classify a class-stratified subset of N test images")
+    a("--limit-test", type=positive_int, default=None, help="classify a class-stratified subset of N test images")
     a("--linear-probe", action="store_true", help="also fit logistic regression on frozen features of the training set")
-    a("--limit-train", type=int, default=None,
+    a("--limit-train", type=positive_int, default=None,
       help="linear probe and fine-tuning: use a class-stratified subset of N training images")
-    a("--batch-size", type=int, help="images per encoder batch; with --finetune, per training step (default 500 / 128)")
+    a("--batch-size", type=positive_int,
+      help="images per encoder batch; with --finetune, per training step (default 500 / 128)")
     # fine-tuning
     a("--finetune", choices=["full", "lora"], help="train the image tower: all its weights, or LoRA adapters")
-    a("--epochs", type=int, default=2, help="fine-tuning: passes over the training set")
-    a("--lr", type=float, help="fine-tuning: peak AdamW learning rate (default 1e-5 full, 1e-3 lora)")
-    a("--weight-decay", type=float,
+    a("--epochs", type=positive_int, default=2, help="fine-tuning: passes over the training set")
+    a("--lr", type=finite_positive, help="fine-tuning: peak AdamW learning rate (default 1e-5 full, 1e-3 lora)")
+    a("--weight-decay", type=finite_non_negative,
       help="fine-tuning: AdamW decoupled weight decay, not on biases and norms (default 0.1 full, 0.01 lora)")
-    a("--warmup", type=float, default=0.1, help="fine-tuning: linear warm-up as a fraction of all steps, then cosine")
-    a("--grad-clip", type=float, default=1.0, help="fine-tuning: clip the gradient norm to this (0 = off)")
-    a("--max-steps", type=int, help="fine-tuning: stop after this many optimizer steps (smoke runs)")
-    a("--wise", type=float, help="fine-tuning: also report WiSE-FT, the weights (1 - a) x zero-shot + a x fine-tuned")
-    a("--rank", type=int, default=16, help="--finetune lora: LoRA rank r")
-    a("--alpha", type=float, default=32, help="--finetune lora: LoRA alpha (the update is scaled by alpha / r)")
-    a("--lora-dropout", type=float, default=0.05, help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
+    a("--warmup", type=fraction, default=0.1,
+      help="fine-tuning: linear warm-up as a fraction of all steps, then cosine")
+    a("--grad-clip", type=finite_non_negative, default=1.0,
+      help="fine-tuning: clip the gradient norm to this (0 = off)")
+    a("--max-steps", type=positive_int, help="fine-tuning: stop after this many optimizer steps (smoke runs)")
+    a("--wise", type=mix, help="fine-tuning: also report WiSE-FT, the weights (1 - a) x zero-shot + a x fine-tuned")
+    a("--rank", type=positive_int, default=16, help="--finetune lora: LoRA rank r")
+    a("--alpha", type=finite_positive, default=32,
+      help="--finetune lora: LoRA alpha (the update is scaled by alpha / r)")
+    a("--lora-dropout", type=fraction, default=0.05,
+      help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
     a("--resume", help="continue fine-tuning from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
     a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
                         "model is the one the folder records unless --model is given")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--seed", type=int, default=0, help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
+    a("--seed", type=generator_seed, default=0,
+      help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/clip_zeroshot/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
@@ -123,12 +119,359 @@ def build_parser():
     return p
 
 
+def check_args(args):
+    """The rules that involve two flags (each flag's own range is checked by its type=; see also check_no_effect)."""
+    if args.finetune and args.linear_probe:
+        raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: CLIP's preprocessing as tensor ops, the zero-shot classifier, the classifier that fine-tuning trains. Edit
+# freely: LoRA finds its --targets by module name, the summaries read only logits and predictions.
+
+class TensorPreprocess:
+    """The model's CLIPImageProcessor as batched tensor ops on the device: resize the shortest edge (with the
+    processor's filter, antialiased, on uint8 like the processor), center crop, rescale to [0, 1], normalise."""
+
+    def __init__(self, processor, device):
+        size = processor.size
+        self.resize = size.get("shortest_edge") or [size["height"], size["width"]]  # an int keeps the aspect ratio
+        self.mode = interpolation(processor)
+        crop = processor.crop_size if processor.do_center_crop else None
+        self.crop = [crop["height"], crop["width"]] if crop else None
+        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, x):  # uint8 (B, 3, H, W) -> float (B, 3, crop_h, crop_w)
+        from torchvision.transforms.v2 import functional as TF
+        x = TF.resize(x, self.resize, interpolation=self.mode, antialias=True)
+        if self.crop:
+            x = TF.center_crop(x, self.crop)
+        return (x.float() / 255 - self.mean) / self.std
+
+
+@torch.no_grad()
+def text_classifier(model, tokenizer, classes, templates, device):
+    """[K, D]: for each class, each template's normalised embedding, averaged, renormalised."""
+    weights = []
+    for name in classes:
+        tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt").to(device)
+        with autocast(device):
+            emb = pooled(model.get_text_features(**tokens)).float()
+        weights.append(ensemble(emb))
+    return torch.stack(weights)
+
+
+def ensemble(embeddings):
+    """[T, D] template embeddings of one class -> [D] unit vector."""
+    return F.normalize(F.normalize(embeddings, dim=-1).mean(0), dim=-1)
+
+
+@torch.no_grad()
+def encode_images(model, preprocess, images, batch_size, device, desc="encoding", no_progress=False):
+    """uint8 [N, 3, H, W] (any device) -> L2-normalised image features [N, D] on the device."""
+    feats = []
+    with plumbing.progress_bar(-(-len(images) // batch_size), desc, no_progress) as bar:
+        for i in range(0, len(images), batch_size):
+            pixels = preprocess(images[i:i + batch_size].to(device, non_blocking=True))
+            with autocast(device):
+                feats.append(F.normalize(pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1))
+            bar.update(1)
+    return torch.cat(feats)
+
+
+def zero_shot_logits(image_features, text_weights, logit_scale):
+    """As CLIPModel's logits_per_image: scale x cosine similarity."""
+    return logit_scale * image_features @ text_weights.T
+
+
+class ImageClassifier(nn.Module):
+    """CLIP's image tower and projection, then a linear head on the normalised image embedding that starts as the
+    zero-shot classifier (logit_scale x the text embeddings, bias 0: the zero-shot start of WiSE-FT and FLYP)."""
+
+    def __init__(self, tower, projection, head_weight):
+        super().__init__()
+        self.tower, self.projection = tower, projection
+        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], device=head_weight.device)
+        with torch.no_grad():
+            self.head.weight.copy_(head_weight)
+            self.head.bias.zero_()
+
+    def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
+        features = self.projection(self.tower(pixel_values=pixels).pooler_output)  # (B, D)
+        return self.head(F.normalize(features, dim=-1))
+
+
+def zero_shot_classifier(model, tokenizer, classes, templates, device):
+    """The image side of a loaded CLIPModel with the zero-shot head; its text tower is not kept."""
+    head = model.logit_scale.exp().item() * text_classifier(model, tokenizer, classes, templates, device)  # (K, D)
+    return ImageClassifier(model.vision_model, model.visual_projection, head).float()
+
+
+def add_lora(classifier, args):
+    """peft LoRA on the tower's --targets; the head trains whole and is saved with the adapters; the rest is frozen."""
+    from peft import LoraConfig, get_peft_model
+    check_targets(classifier.tower, args.targets)
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
+                        target_modules=list(args.targets), modules_to_save=["head"])
+    try:
+        return get_peft_model(classifier, config)
+    except ValueError as e:
+        raise DataError(f"--targets {' '.join(args.targets)}: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision, optimizer and schedule: edit make_optimizer and lr_factor. Weights stay fp32 (autocast computes in
+# bf16/fp16); the schedule is a factor of the peak --lr that the loop sets before each step.
+
+def amp_dtype_for(device):
+    """bf16 autocast where the GPU has it natively (compute capability >= 8.0: a T4 emulates bf16, slowly), else fp16
+    with a GradScaler (the released CLIP weights were trained in fp16); fp32 on CPU and MPS. Weights stay fp32."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast(device):
+    dtype = amp_dtype_for(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def make_optimizer(model, args, device):
+    """AdamW on what trains, without weight decay on biases, norms and the class embedding (1-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+def lr_factor(step, warmup_steps, total_steps):
+    """Linear warm-up to 1, then cosine to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step: edit train_step. It runs eagerly (no CUDA graph yet); keep host reads (.item(), printing) out of it all
+# the same: the running statistics stay on the device, and the loop reads them every LOG_EVERY steps.
+
+def augmented_batches(images, labels, batch_size, seed, epoch):
+    """Shuffled uint8 batches, each image cropped (zero padding 4) and flipped at 32 px before preprocessing; the
+    draws depend only on (seed, epoch), so a resumed run sees the batches the uninterrupted one saw."""
+    g = torch.Generator(device=images.device).manual_seed(derived_seed(seed, "batches", epoch))
+    order = torch.randperm(len(labels), device=images.device, generator=g)
+    for i in range(len(labels) // batch_size):  # the ragged tail is dropped
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        params = crop_flip_params(batch_size, generator=g, device=images.device)
+        yield apply_crop_flip(images[idx], params), labels[idx]
+
+
+def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y, stats):
+    """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device."""
+    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        logits = model(preprocess(x))
+    loss = F.cross_entropy(logits.float(), y)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: edit freely. evaluate returns predictions in test-set order and accuracies are counted in integers
+# (28 of 50 is 0.56 exactly): the summaries rely on both.
+
+@torch.no_grad()
+def evaluate(model, preprocess, images, labels, batch_size, amp_dtype):
+    """(predictions, mean cross-entropy) over the whole test set, in order."""
+    model.eval()
+    preds, loss_sum = [], torch.zeros((), device=labels.device)
+    for i in range(0, len(labels), batch_size):
+        with torch.autocast(labels.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = model(preprocess(images[i:i + batch_size])).float()
+        loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum")
+        preds.append(logits.argmax(1))
+    return torch.cat(preds), loss_sum.item() / len(labels)
+
+
+def fraction_right(logits, targets, k=1):
+    """How many targets are among the top-k logits, over how many (a float32 mean would write 0.5600000023841858)."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return int((top == targets[:, None]).any(1).sum()) / max(len(targets), 1)
+
+
+def fit_logistic(x, y, num_classes, weight_decay, steps=100):
+    W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y) + weight_decay * W.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed, grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2)):
+    """--linear-probe: the L2 strength chosen on a held-out 20% of the training features, refit on all, tested once."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_y), generator=g).to(train_x.device)
+    n_val = max(1, len(order) // 5)
+    val, fit = order[:n_val], order[n_val:]
+    if not len(fit):
+        raise DataError(f"the linear probe got {len(order)} training image(s): too few to hold 20% out")
+    scores = {}
+    for wd in grid:
+        W, b = fit_logistic(train_x[fit], train_y[fit], num_classes, wd)
+        scores[wd] = fraction_right(train_x[val] @ W + b, train_y[val])
+    best = max(grid, key=lambda wd: (scores[wd], wd))  # ties: the stronger regularisation
+    W, b = fit_logistic(train_x, train_y, num_classes, best)
+    return {"test_acc": fraction_right(test_x @ W + b, test_y), "weight_decay": best,
+            "val_acc_by_weight_decay": {str(k): v for k, v in scores.items()}}
+
+
+def wise_weights(initial, final, alpha):
+    """WiSE-FT (Wortsman et al., 2022): (1 - alpha) x zero-shot + alpha x fine-tuned, tensor by tensor; LoRA's A
+    is kept as trained (B starts at zero, so mixing B mixes the whole update B A)."""
+    return {n: final[n] if "lora_A" in n else torch.lerp(initial[n], final[n], alpha) for n in final}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment: one function per mode, then main. Edit finetune's loop freely: the checkpoint (save_run) and the
+# log (log_epoch) read only `progress` and the row they are given.
+
+def zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
+    """Zero-shot on the test images (timed: preprocessing + encoding), then with --linear-probe the probe."""
+    model = load_clip_model(args.model, device)
+    start_zero_shot(args, data, templates, test_idx, device, report)
+    preprocess = TensorPreprocess(processor, device)
+    text_weights = text_classifier(model, tokenizer, data.classes, templates, device)
+    sync(device)
+    t0 = time.perf_counter()
+    test_features = encode_images(model, preprocess, data.test_x[test_idx], args.batch_size, device, "test images",
+                                  args.no_progress)
+    seconds = time.perf_counter() - t0  # torch.cat above waited for the device
+    logits = zero_shot_logits(test_features, text_weights, model.logit_scale.exp().item())
+    targets = data.test_y[test_idx].to(device)
+    probe = None
+    if args.linear_probe:
+        train_features = encode_images(model, preprocess, data.train_x[train_idx], args.batch_size, device,
+                                       "train images", args.no_progress)
+        probe = linear_probe(train_features, data.train_y[train_idx].to(device), test_features, targets,
+                             len(data.classes), args.seed)
+    top5 = fraction_right(logits, targets, k=5)
+    return write_summary(args, model, device, data, templates, logits, targets, top5, seconds, probe)
+
+
+def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
+    """--finetune full|lora: the zero-shot classifier trained on CIFAR-10, evaluated and saved after every epoch."""
+    torch.manual_seed(args.seed)
+    model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
+    if args.finetune == "lora":
+        model = add_lora(model, args)
+    initial = plumbing.trainable_state(model) if args.wise is not None else None  # zero-shot weights, for WiSE-FT
+    preprocess, amp_dtype = TensorPreprocess(processor, device), amp_dtype_for(device)
+    train_x, train_y = data.train_x[train_idx].to(device), data.train_y[train_idx].to(device)
+    test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)
+    evaluate_test = partial(evaluate, model, preprocess, test_x, test_y, args.batch_size, amp_dtype)
+    steps_per_epoch = len(train_idx) // args.batch_size
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    optimizer = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    progress = start_run(args, ckpt, report, data, templates, model, optimizer, scaler, evaluate_test, test_y,
+                         len(train_idx), steps_per_epoch, total_steps)  # resumed, or the zero-shot start logged
+    stats = torch.zeros(2, device=device)  # the epoch's [loss sum, correct], kept on the device
+    preds = None
+    for epoch in range(progress.epoch + 1, args.epochs + 1):
+        if progress.step >= total_steps:
+            break
+        model.train()
+        torch.manual_seed(derived_seed(args.seed, "dropout", epoch))  # LoRA dropout draws: resumable
+        stats.zero_()
+        seen = 0
+        sync(device)
+        t0 = time.perf_counter()
+        with plumbing.progress_bar(min(steps_per_epoch, total_steps - progress.step), f"epoch {epoch}/{args.epochs}",
+                                   args.no_progress) as bar:
+            for x, y in augmented_batches(train_x, train_y, args.batch_size, args.seed, epoch):
+                lr = args.lr * lr_factor(progress.step, int(args.warmup * total_steps), total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                train_step(model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, x, y, stats)
+                progress.step += 1
+                seen += len(y)
+                bar.update(1)
+                if progress.step % LOG_EVERY == 0:  # a host read: the bar and the non-finite check
+                    check_progress(stats, seen, progress.step, lr, bar)
+                if progress.step >= total_steps:
+                    break
+            loss, acc = check_progress(stats, seen, progress.step, lr, bar)
+        seconds = time.perf_counter() - t0  # the read-back above waited for the device
+        preds, test_loss = evaluate_test()
+        test_acc = accuracy_from(confusion_matrix(preds, test_y, len(data.classes)))
+        progress.epoch = epoch
+        progress.train_seconds += seconds
+        progress.images_seen += seen
+        log_epoch(args, dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc, test_loss=test_loss,
+                             test_acc=test_acc, lr=lr, epoch_seconds=seconds, images_per_second=seen / seconds))
+        save_run(args, model, optimizer, scaler, progress, test_acc, data)
+    if preds is None:  # resumed a finished run: evaluate what it left
+        preds, _ = evaluate_test()
+    wise = wise_accuracy(model, initial, args.wise, evaluate_test, test_y, len(data.classes))  # None without --wise
+    return write_finetune_summary(args, model, device, progress, data, preds, test_y, len(train_y), templates, wise)
+
+
+def main(argv=None):
+    with plumbing.one_line_errors(SCRIPT) as report:
+        args, ckpt = experiment_args(argv)  # every flag checked; the mode's defaults, or a resumed run's own flags
+        templates = load_templates(args.prompts)
+        device = pick_device(args.device)
+        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+        data, train_idx, test_idx = load_data(args, ckpt)
+        config, tokenizer, processor = load_clip_parts(args.model)  # small files, before the weights
+        check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)
+        interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
+        if args.adapter:
+            return evaluate_adapter(args, data, test_idx, config, processor, device, report)
+        if args.finetune:
+            return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
+        return zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
+
+
+# ===== Run plumbing: nothing below changes what is trained =====
+
+FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
+LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
+PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
+
+# ----------------------------------------------------------------------------------------------------
+# Flags on resume, the machine, the data, checkpoints and the per-epoch log
+
+@dataclass
+class Progress:
+    """What a checkpoint records of the run besides weights and flags."""
+    epoch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    zero_shot_acc: float = 0.0
+
+
 def experiment_args(argv):
-    """(args, the flags typed, checkpoint or None): the command line with the mode's defaults filled in,
-    or on --resume the run's own flags (a flag that differs is refused, more --epochs or --max-steps
-    extend the run)."""
+    """(args, checkpoint or None): the flags with the mode's defaults, or on --resume the run's own (a flag that
+    differs is refused, more --epochs or --max-steps extend the run); all checked before any work."""
     parser = build_parser()
-    cli, given = parser.parse_args(argv), given_flags(parser, argv)
+    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    args, ckpt = cli, None
     if not cli.resume:
         for name, value in MODE_DEFAULTS[cli.finetune].items():
             if getattr(cli, name) is None:
@@ -136,33 +479,23 @@ def experiment_args(argv):
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         if cli.adapter and "model" not in given:
             cli.model = adapter_base_model(cli.adapter)
-        return cli, given, None
-    ckpt = load_checkpoint(cli.resume, SCRIPT)
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"), parser=parser)
-    vars(args).setdefault("adapter", None)  # checkpoints from before --adapter
-    if args.epochs < ckpt["state"]["epoch"]:
-        raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
-    return args, given, ckpt
-
-
-def check_args(args, given):
-    """Impossible flags, and flags typed where they change nothing, stop the run before any work, naming
-    the flag."""
+    else:
+        ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
+        args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
+                                     parser=parser)  # a flag newer than the checkpoint (--adapter): its default
+        if args.epochs < ckpt["state"]["epoch"]:
+            raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
     check_model_path(args.model)
-    if args.finetune and args.linear_probe:
-        raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
-    useless = no_effect(args)
-    typed = sorted(given & useless.keys())
-    if typed:
-        raise DataError(f"{flag(typed[0])} has no effect {useless[typed[0]]}; drop it")
-    check_ranges(args)
+    check_args(args)
+    check_no_effect(args, given)
+    return args, ckpt
 
 
-def no_effect(args):
-    """{flag: in which mode it changes nothing} for this run's mode: a flag typed there would make the
-    user believe it did something (an --epochs 10 zero-shot run, a --rank 8 full fine-tuning)."""
+def check_no_effect(args, given):
+    """A flag typed where its mode ignores it is refused, naming the mode: it would make the user believe it did
+    something (an --epochs 10 zero-shot run, a --rank 8 full fine-tuning)."""
     useless = {}
     if args.adapter:
         useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("finetune", "resume", "prompts", "linear_probe",
@@ -177,39 +510,322 @@ def no_effect(args):
             useless["limit_train"] = "without --linear-probe or --finetune (zero-shot reads no training image)"
     if args.limit_test is None and not args.linear_probe and (args.adapter or not args.finetune):
         useless["seed"] = "when the whole test set is evaluated without training (nothing is drawn at random)"
-    return useless
+    typed = sorted(given & useless.keys())
+    if typed:
+        raise DataError(f"{plumbing.flag(typed[0])} has no effect {useless[typed[0]]}; drop it")
 
 
-# Each numeric flag's range; a flag still None (a fine-tuning flag outside fine-tuning) is not checked.
-POSITIVE_INTS = ("batch_size", "limit_test", "limit_train", "epochs", "max_steps", "rank")
-POSITIVE_FLOATS = ("lr", "alpha")
-NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip")
-FRACTIONS = {"warmup": ("[0, 1)", lambda v: 0 <= v < 1), "lora_dropout": ("[0, 1)", lambda v: 0 <= v < 1),
-             "wise": ("[0, 1] (0 = zero-shot, 1 = fine-tuned)", lambda v: 0 <= v <= 1)}
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+    return torch.device(name)
 
 
-def check_ranges(args):
-    """Every numeric flag against its range, the message naming the flag and the value typed; a float must
-    also be finite (inf passes a bare `> 0`, nan fails it for the wrong reason)."""
-    ranges = [(name, "positive", lambda v: v > 0) for name in POSITIVE_INTS]
-    ranges += [(name, "a finite number > 0", lambda v: math.isfinite(v) and v > 0) for name in POSITIVE_FLOATS]
-    ranges += [(name, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0) for name in NON_NEGATIVE_FLOATS]
-    ranges += [(name, f"in {shown}", ok) for name, (shown, ok) in FRACTIONS.items()]
-    ranges += [("seed", "in [0, 2**63)", lambda v: 0 <= v < 2 ** 63)]  # what torch.Generator accepts
-    for name, wanted, ok in ranges:
-        v = getattr(args, name, None)
-        if v is not None and not ok(v):
-            raise DataError(f"{flag(name)} must be {wanted}, got {v}")
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_data(args, ckpt):
+    """CIFAR-10 and the class-stratified subsets this run reads, checked against what the mode needs."""
+    own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]  # never download into it
+    data = load_cifar10(args.data_dir, download=not args.no_download, resumed_from=args.resume if own_folder else None)
+    if ckpt:
+        plumbing.check_same_data(ckpt, data, args.data_dir)
+    test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
+    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
+                                  every_class=not args.linear_probe) if args.linear_probe or args.finetune else None
+    needed = PROBE_MIN_PER_CLASS * len(data.classes)
+    if args.linear_probe and len(train_idx) < needed:
+        raise DataError(f"--limit-train {len(train_idx)}: the linear probe needs at least {needed} training images "
+                        f"({PROBE_MIN_PER_CLASS} per class) to choose its L2 strength on a held-out 20%")
+    if args.finetune and len(train_idx) < args.batch_size:
+        raise DataError(f"--batch-size {args.batch_size} is larger than the {len(train_idx)} training images")
+    return data, train_idx, test_idx
+
+
+def start_run(args, ckpt, report, data, templates, model, optimizer, scaler, evaluate_test, test_y, train_images,
+              steps_per_epoch, total_steps):
+    """Start line, config.json (on a resume too), the checkpoint restored or the zero-shot start logged as epoch 0,
+    what Ctrl-C reports; returns the run's Progress."""
+    out_dir, device = Path(args.out_dir), next(model.parameters()).device
+    trainable, total = count_params(model)
+    print(f"{SCRIPT}: fine-tuning {args.model} ({args.finetune}) | trainable {trainable:,} of {total:,} parameters "
+          f"({trainable / total:.2%}) | {device} {amp_dtype_for(device) or torch.float32} | train {train_images:,} "
+          f"test {len(test_y):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch "
+          f"{args.batch_size}, lr {args.lr:g} | out {out_dir}", flush=True)
+    plumbing.write_json(out_dir / "config.json", run_config(args, templates, data.classes))
+    if ckpt:
+        progress = restore_run(ckpt, args, model, optimizer, scaler)
+        print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
+    else:
+        preds, test_loss = evaluate_test()
+        progress = Progress(zero_shot_acc=accuracy_from(confusion_matrix(preds, test_y, len(data.classes))))
+        log_epoch(args, dict(epoch=0, step=0, test_loss=test_loss, test_acc=progress.zero_shot_acc))
+    last = report.resume = out_dir / "last.pt"
+    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
+                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
+    return progress
+
+
+def restore_run(ckpt, args, model, optimizer, scaler):
+    """Weights (LoRA: adapters + head), optimizer and scaler from a checkpoint; returns its Progress."""
+    try:
+        if args.finetune == "lora":
+            missing = plumbing.trainable_state(model).keys() ^ ckpt["model"].keys()
+            if missing:
+                raise RuntimeError(f"unexpected or missing {sorted(missing)[0]}")
+            model.load_state_dict(ckpt["model"], strict=False)
+        else:
+            model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DataError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+    scaler.load_state_dict(ckpt["scaler"])
+    plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
+    return Progress(**ckpt["state"])
+
+
+def save_run(args, model, optimizer, scaler, progress, test_acc, data):
+    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet): the whole
+    classifier for full fine-tuning, only what trains (adapters + head) for LoRA, which also refreshes adapter/."""
+    is_best = test_acc > progress.best_acc
+    progress.best_acc = max(progress.best_acc, test_acc)
+    out_dir = Path(args.out_dir)
+    weights = plumbing.trainable_state(model) if args.finetune == "lora" else model.state_dict()
+    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "finetune": args.finetune, "model": weights,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": asdict(progress),
+            "args": vars(args), "data_fingerprint": data.fingerprint}
+    plumbing.save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
+    if args.finetune == "lora":
+        plumbing.save_adapter(model, out_dir, base_model=args.model)  # so that --adapter finds its base on its own
+
+
+def check_progress(stats, seen, step, lr, bar):
+    loss_sum, correct = stats.tolist()
+    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+    if not math.isfinite(loss):
+        raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.2e}")
+    return loss, acc
+
+
+def log_epoch(args, row):
+    plumbing.append_jsonl(Path(args.out_dir) / "metrics.jsonl", row)
+    if row["epoch"] == 0:
+        print(f"epoch   0/{args.epochs} | zero-shot start | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}",
+              flush=True)
+        return
+    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
+          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
+          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Prompt templates: checked in full before any model loads
+# Summaries and start banners: config.json, summary.json and what is printed
+
+def run_config(args, templates, classes):
+    """What config.json holds and summary.json repeats as its `args`: the effective flags, templates, classes."""
+    return {**vars(args), "templates": templates, "classes": classes}
+
+
+def count_params(model):
+    """(trainable, total); peft's saved copy of the head's initial weights (original_module) is not counted."""
+    params = [(n, p) for n, p in model.named_parameters() if "original_module" not in n]
+    return sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params)
+
+
+def most_confused(cm, classes, k=5):
+    off = cm.clone().fill_diagonal_(0).flatten()
+    top = torch.topk(off, min(k, off.numel())).indices
+    return [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)], "count": off[i].item()}
+            for i in top.tolist() if off[i] > 0]
+
+
+def summarise(args, data, device, cm, prompts, **fields):
+    """summary.json: what every mode reports, around the mode's own `fields`; returns it."""
+    summary = {"script": SCRIPT, **fields, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
+               "test_images": int(cm.sum()), "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "test_acc": accuracy_from(cm), "peak_memory_mb": plumbing.peak_memory_mb(device),
+               "args": run_config(args, prompts, data.classes), "model": args.model, "classes": data.classes,
+               "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
+               "most_confused": most_confused(cm, data.classes)}
+    plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
+    return summary
+
+
+def wise_accuracy(model, initial, alpha, evaluate_test, test_y, num_classes):
+    """--wise: test accuracy of the WiSE-FT mix (None without --wise); the fine-tuned weights are put back after."""
+    if initial is None:
+        return None
+    final = plumbing.trainable_state(model)
+    model.load_state_dict(wise_weights(initial, final, alpha), strict=False)
+    preds, _ = evaluate_test()
+    model.load_state_dict(final, strict=False)
+    return {"alpha": alpha, "test_acc": accuracy_from(confusion_matrix(preds, test_y, num_classes))}
+
+
+def print_per_class(accuracies):
+    """'-' for a class with no test image."""
+    print("per class: " + ", ".join(f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in accuracies.items()))
+
+
+def start_zero_shot(args, data, templates, test_idx, device, report):
+    plumbing.write_json(Path(args.out_dir) / "config.json", run_config(args, templates, data.classes))
+    print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | "
+          f"out {args.out_dir}")
+    report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
+
+
+def write_summary(args, model, device, data, templates, logits, targets, top5, seconds, probe):
+    cm = confusion_matrix(logits.argmax(1), targets, len(data.classes))
+    summary = summarise(args, data, device, cm, templates, epochs=0, steps=0, top5_acc=top5, train_seconds=0.0,
+                         encode_seconds=seconds, images_per_second=len(targets) / seconds,
+                         params=sum(p.numel() for p in model.parameters()), trainable_params=0, templates=templates,
+                         logit_scale=model.logit_scale.exp().item(), linear_probe=probe)
+    print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
+          f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
+    print_per_class(summary["per_class_acc"])
+    print("most confused: " + ", ".join(f"{m['true']}->{m['predicted']} ({m['count']})"
+                                        for m in summary["most_confused"]))
+    if probe:
+        print(f"linear probe: test accuracy {probe['test_acc']:.2%} (L2 {probe['weight_decay']:g}, chosen on a "
+              f"held-out 20%)")
+    save_pictures(args, cm, data.classes)
+    return summary
+
+
+def write_finetune_summary(args, model, device, progress, data, preds, test_y, train_images, templates, wise):
+    cm = confusion_matrix(preds, test_y, len(data.classes))
+    adapter = Path(args.out_dir) / "adapter"
+    trainable, total = count_params(model)
+    summary = summarise(
+        args, data, device, cm, templates, finetune=args.finetune, train_images=train_images, epochs=progress.epoch,
+        steps=progress.step, best_test_acc=progress.best_acc, zero_shot_acc=progress.zero_shot_acc,
+        train_seconds=progress.train_seconds, params=total, trainable_params=trainable, templates=templates, wise=wise,
+        images_per_second=progress.images_seen / max(progress.train_seconds, 1e-9),
+        adapter_bytes=sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None)
+    print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
+          f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
+          f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
+          + (f" | adapter {summary['adapter_bytes'] / 2 ** 20:.2f} MiB" if summary["adapter_bytes"] else ""))
+    if wise:
+        print(f"WiSE-FT ({1 - wise['alpha']:g} x zero-shot + {wise['alpha']:g} x fine-tuned): test accuracy "
+              f"{wise['test_acc']:.2%}")
+    print_per_class(summary["per_class_acc"])
+    save_pictures(args, cm, data.classes, curves=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# --adapter DIR: a saved LoRA classifier evaluated on the test set, no training
+
+def read_adapter_config(adapter_dir):
+    folder = Path(adapter_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"--adapter {adapter_dir}: no such folder")
+    try:
+        return json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass the adapter/ folder of a "
+                        f"--finetune lora run") from None
+
+
+def adapter_base_model(adapter_dir):
+    """The --model an adapter was trained on, as its adapter_config.json records it (since issue 21)."""
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise DataError(f"--adapter {adapter_dir}: its adapter_config.json does not record the base model; pass "
+                        f"--model, the CLIP it was trained on")
+    return str(base)
+
+
+def check_adapter_fits(adapter_dir, config, num_classes):
+    """Before any weights load: a LoRA adapter whose targets all exist in CLIP's image tower, with a head of
+    num_classes x projection_dim. (An adapter of lora_caption.py targets GPT-2's c_attn/c_proj and has no head:
+    peft would fail deep inside, or adapt nothing.)"""
+    from safetensors import safe_open
+    from transformers import CLIPModel
+    saved = read_adapter_config(adapter_dir)
+    with torch.device("meta"):  # module names without memory or weights
+        names = ["tower." + n for n, _ in CLIPModel(config).vision_model.named_modules() if n]
+    targets = saved.get("target_modules") or []
+    if isinstance(targets, str):  # peft: a regular expression over full module names
+        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if saved.get("peft_type") != "LORA":
+        raise DataError(f"--adapter {adapter_dir}: a {saved.get('peft_type')} adapter, not LoRA; pass the adapter/ "
+                        f"of a clip_zeroshot.py --finetune lora run")
+    if missing or not targets:
+        raise DataError(f"--adapter {adapter_dir}: does not fit CLIP's image tower (its target modules "
+                        f"{', '.join(missing or targets) or 'none'} match nothing there); pass the adapter/ of a "
+                        f"clip_zeroshot.py --finetune lora run")
+    weights = Path(adapter_dir).expanduser() / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shape = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("head.weight")]
+    except Exception as e:  # missing or damaged
+        raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
+    if shape != [[num_classes, config.projection_dim]]:
+        found = f"a {shape[0][0]} x {shape[0][1]} head" if shape else "no classification head"
+        raise DataError(f"--adapter {adapter_dir}: holds {found}, not the {num_classes} x {config.projection_dim} "
+                        f"head of a CLIP classifier for these {num_classes} classes")
+
+
+def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
+    """A fine-tuned LoRA classifier from a run's adapter/ folder on a fresh copy of its base CLIP; the head comes
+    from the folder, so no text is needed:
+        model = load_adapter("openai/clip-vit-base-patch32", "runs/clip_zeroshot/<run>/adapter", 10)
+        _, _, processor = load_clip_parts("openai/clip-vit-base-patch32")
+        logits = model(TensorPreprocess(processor, "cpu")(uint8_images))  # (B, 3, H, W) -> (B, 10)"""
+    from peft import PeftModel
+    config, _, _ = load_clip_parts(model_name)
+    model = load_clip_model(model_name, device)
+    base = ImageClassifier(model.vision_model, model.visual_projection,
+                           torch.zeros(num_classes, config.projection_dim, device=device))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+
+
+def evaluate_adapter(args, data, test_idx, config, processor, device, report):
+    """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
+    check_adapter_fits(args.adapter, config, len(data.classes))
+    plumbing.write_json(Path(args.out_dir) / "config.json", run_config(args, [], data.classes))
+    report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
+    try:
+        model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
+    except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
+        raise DataError(f"--adapter {args.adapter}: does not fit --model {args.model} "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+    print(f"{SCRIPT}: adapter {args.adapter} on {args.model} | {device} | {len(test_idx):,} test images | "
+          f"out {args.out_dir}")
+    test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)
+    preds, test_loss = evaluate(model, TensorPreprocess(processor, device), test_x, test_y, args.batch_size,
+                                amp_dtype_for(device))
+    cm = confusion_matrix(preds, test_y, len(data.classes))
+    trainable, total = count_params(model)
+    summary = summarise(args, data, device, cm, [], finetune="lora", adapter=args.adapter, epochs=0, steps=0,
+                         test_loss=test_loss, train_seconds=0.0, params=total, trainable_params=0,
+                         adapter_params=trainable)
+    print(f"adapter test accuracy {summary['test_acc']:.2%} | test loss {test_loss:.4f}")
+    print_per_class(summary["per_class_acc"])
+    save_pictures(args, cm, data.classes)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input hardening: prompt templates and --model, checked in full before any weights load
 
 def load_templates(spec):
-    if spec == "single":
-        return SINGLE_TEMPLATE
-    if spec == "ensemble":
-        return CIFAR10_TEMPLATES
+    if spec in ("single", "ensemble"):
+        return SINGLE_TEMPLATE if spec == "single" else CIFAR10_TEMPLATES
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"--prompts {spec}: not 'single', 'ensemble' or a file of templates")
@@ -251,8 +867,8 @@ def template_problem(template):
 
 
 def check_template_lengths(templates, classes, tokenizer, config, spec):
-    """CLIP's text tower has a fixed context (77 tokens for the released models); a longer prompt would
-    fail inside transformers after the weights load."""
+    """CLIP's text tower has a fixed context (77 tokens for the released models): a longer prompt would fail inside
+    transformers after the weights load."""
     context = min(config.text_config.max_position_embeddings, tokenizer.model_max_length)
     for template in templates:
         prompts = [template.format(c) for c in classes]
@@ -264,91 +880,73 @@ def check_template_lengths(templates, classes, tokenizer, config, spec):
                             f"tokens, more than the text tower's {context}; shorten the template")
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device(name)
+def in_range(wanted, ok, kind=float):
+    """An argparse type=: a number for which ok(value), else "must be {wanted}, got {value}" (nan is in no range)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+    return parse
 
 
-def amp_dtype_for(device):
-    """bf16 autocast on CUDA GPUs that have it, else fp16 (the released CLIP weights were trained in
-    fp16; training then uses a GradScaler); fp32 elsewhere. Weights stay fp32."""
-    if device.type != "cuda":
-        return None
-    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
-    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+finite_positive = in_range("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+finite_non_negative = in_range("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+fraction = in_range("in [0, 1)", lambda v: 0 <= v < 1)
+mix = in_range("in [0, 1] (0 = zero-shot, 1 = fine-tuned)", lambda v: 0 <= v <= 1)
+generator_seed = in_range("in [0, 2**63)", lambda v: 0 <= v < 2 ** 63, kind=int)  # what torch.Generator accepts
 
 
-def autocast(device):
-    dtype = amp_dtype_for(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+def check_targets(tower, targets):
+    names = [name for name, _ in tower.named_modules()]
+    for target in targets:  # peft's own message for this is about its internals
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise DataError(f"--targets {target}: no module of the image tower has that name (its attention "
+                            f"projections are {', '.join(LORA_TARGETS)})")
 
-
-# ----------------------------------------------------------------------------------------------------
-# Model, tokenizer and image processor through transformers
 
 @contextmanager
-def quiet_transformers():
-    """No "Loading weights" progress bars from transformers: the script says what it loads itself."""
+def loading(name):
+    """transformers without its "Loading weights" bars (the script says what it loads), and what it raises about
+    `name` as one line naming --model PATH and HF_HUB_OFFLINE."""
     from transformers.utils import logging
     was_enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
         yield
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load CLIP model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
+                        f"offline, pass --model PATH to a local copy (a save_pretrained folder), or unset "
+                        f"HF_HUB_OFFLINE with internet access") from None
     finally:
         if was_enabled:
             logging.enable_progress_bar()
 
 
-def cannot_load(name, e):
-    return DataError(f"cannot load CLIP model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
-                     f"offline, pass --model PATH to a local copy (a save_pretrained folder), or unset "
-                     f"HF_HUB_OFFLINE with internet access")
-
-
 def check_model_path(name):
-    """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at
-    most, no backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
+    """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no
+    backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
     path = Path(name).expanduser()
-    looks_like_path = (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-                       or path.exists())
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
     if looks_like_path and not path.is_dir():
         raise DataError(f"--model {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
                         f"a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
 
 
-def load_clip_parts(name):
-    """Config, tokenizer and image processor: small files, read before the weights, so that a model that
-    is not CLIP, or a template too long for its text tower, stops the run before the weights load."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    check_model_path(name)
-    with quiet_transformers():
-        try:
-            config = AutoConfig.from_pretrained(name)
-            if config.model_type != "clip":
-                kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
-                raise DataError(f"--model {name} holds a {kind}, not a CLIPModel: pass a CLIP checkpoint with its "
-                                f"tokenizer and image processor (e.g. openai/clip-vit-base-patch32)")
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise cannot_load(name, e) from None
-    return config, tokenizer, processor
-
-
 def load_clip_model(name, device):
     from transformers import CLIPModel
-    with quiet_transformers():
-        try:
-            model = CLIPModel.from_pretrained(name, **NO_HUB_KERNELS)
-        except (OSError, ValueError) as e:
-            raise cannot_load(name, e) from None
+    with loading(name):
+        model = CLIPModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
     return model.to(device).eval()
+
+
+def pooled(out):
+    """transformers 5 returns an output object (the projection is its pooler_output); 4.x a tensor."""
+    return out if torch.is_tensor(out) else out.pooler_output
 
 
 def load_clip(name, device):
@@ -357,15 +955,23 @@ def load_clip(name, device):
     return load_clip_model(name, device), tokenizer, processor
 
 
-def pooled(out):
-    """transformers 5 returns an output object (the projection is its pooler_output); 4.x a tensor."""
-    return out if torch.is_tensor(out) else out.pooler_output
+def load_clip_parts(name):
+    """Config, tokenizer and image processor: small files, read before the weights, so that a model that is not
+    CLIP, or a template too long for its text tower, stops the run before the weights load."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    check_model_path(name)
+    with loading(name):
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type != "clip":
+            kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
+            raise DataError(f"--model {name} holds a {kind}, not a CLIPModel: pass a CLIP checkpoint with its "
+                            f"tokenizer and image processor (e.g. openai/clip-vit-base-patch32)")
+        return config, AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
 
 
 def interpolation(processor):
-    """The processor's `resample` as torchvision's mode: PIL's codes (0 nearest, 2 bilinear, 3 bicubic), or
-    already a mode. Released CLIP processors say bicubic, other checkpoints bilinear: a resize with the
-    wrong filter is up to 25 uint8 levels off."""
+    """The processor's `resample` as torchvision's mode: PIL's codes (0 nearest, 2 bilinear, 3 bicubic), or already
+    a mode. Released CLIP processors say bicubic, others bilinear: the wrong filter is up to 25 uint8 levels off."""
     from torchvision.transforms.v2 import InterpolationMode
     resample = getattr(processor, "resample", None)
     if resample is None:  # a processor that does not say: CLIP's own choice
@@ -379,642 +985,17 @@ def interpolation(processor):
     return modes[int(resample)]
 
 
-class TensorPreprocess:
-    """The model's CLIPImageProcessor as batched tensor ops on the device: resize the shortest edge
-    (with the processor's filter, antialiased, on uint8 like the processor), center crop, rescale to
-    [0, 1], normalise with CLIP's mean and std."""
-
-    def __init__(self, processor, device):
-        size = processor.size
-        self.resize = size.get("shortest_edge") or [size["height"], size["width"]]  # an int keeps the aspect ratio
-        self.mode = interpolation(processor)
-        crop = processor.crop_size if processor.do_center_crop else None
-        self.crop = [crop["height"], crop["width"]] if crop else None
-        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
-
-    def __call__(self, x):  # uint8 (B, 3, H, W) -> float (B, 3, crop_h, crop_w)
-        from torchvision.transforms.v2 import functional as TF
-        x = TF.resize(x, self.resize, interpolation=self.mode, antialias=True)
-        if self.crop:
-            x = TF.center_crop(x, self.crop)
-        return (x.float() / 255 - self.mean) / self.std
-
-
-@torch.no_grad()
-def text_classifier(model, tokenizer, classes, templates, device):
-    """[K, D]: for each class, each template's normalised embedding, averaged, renormalised."""
-    weights = []
-    for name in classes:
-        tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt").to(device)
-        with autocast(device):
-            emb = pooled(model.get_text_features(**tokens)).float()
-        weights.append(ensemble(emb))
-    return torch.stack(weights)
-
-
-def ensemble(embeddings):
-    """[T, D] template embeddings of one class -> [D] unit vector."""
-    return F.normalize(F.normalize(embeddings, dim=-1).mean(0), dim=-1)
-
-
-@torch.no_grad()
-def encode_images(model, preprocess, images, batch_size, device, desc="encoding", no_progress=False):
-    """uint8 [N, 3, H, W] (any device) -> L2-normalised image features [N, D] on the device."""
-    feats = []
-    with progress_bar(-(-len(images) // batch_size), desc, no_progress) as bar:
-        for i in range(0, len(images), batch_size):
-            pixels = preprocess(images[i:i + batch_size].to(device, non_blocking=True))
-            with autocast(device):
-                feats.append(F.normalize(pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1))
-            bar.update(1)
-    return torch.cat(feats)
-
-
-def zero_shot_logits(image_features, text_weights, logit_scale):
-    """As CLIPModel's logits_per_image: scale x cosine similarity."""
-    return logit_scale * image_features @ text_weights.T
-
-
 # ----------------------------------------------------------------------------------------------------
-# Linear probe: multinomial logistic regression on frozen features, full-batch L-BFGS
+# Pictures: drawn after the results, so that a picture that cannot be written loses nothing printed
 
-def fit_logistic(x, y, num_classes, weight_decay, steps=100):
-    W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
-    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ W + b, y) + weight_decay * W.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return W.detach(), b.detach()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, num_classes, seed, grid=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2)):
-    """Choose the L2 strength on a held-out 20% of the training features, refit on all, test once."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_y), generator=g).to(train_x.device)
-    n_val = max(1, len(order) // 5)
-    val, fit = order[:n_val], order[n_val:]
-    if not len(fit):
-        raise DataError(f"the linear probe got {len(order)} training image(s): too few to hold 20% out")
-    scores = {}
-    for wd in grid:
-        W, b = fit_logistic(train_x[fit], train_y[fit], num_classes, wd)
-        scores[wd] = fraction_right(train_x[val] @ W + b, train_y[val])
-    best = max(grid, key=lambda wd: (scores[wd], wd))  # ties: the stronger regularisation
-    W, b = fit_logistic(train_x, train_y, num_classes, best)
-    test_acc = fraction_right(test_x @ W + b, test_y)
-    return {"test_acc": test_acc, "weight_decay": best,
-            "val_acc_by_weight_decay": {str(k): v for k, v in scores.items()}}
-
-
-def fraction_right(logits, targets, k=1):
-    """How many targets are among the top-k logits, over how many: counted in integers and divided in Python,
-    so that 28 of 50 is 0.56 exactly (a float32 mean writes 0.5600000023841858 into the summary)."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return int((top == targets[:, None]).any(1).sum()) / max(len(targets), 1)
-
-
-def check_probe_size(n, num_classes):
-    if n < PROBE_MIN_PER_CLASS * num_classes:
-        raise DataError(f"--limit-train {n}: the linear probe needs at least {PROBE_MIN_PER_CLASS * num_classes} "
-                        f"training images ({PROBE_MIN_PER_CLASS} per class) to choose its L2 strength on a "
-                        f"held-out 20%")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fine-tuning: the image tower under a head that starts as the zero-shot classifier
-
-class ImageClassifier(nn.Module):
-    """CLIP's image tower and projection, then a linear head on the normalised image embedding. The head
-    starts as the zero-shot classifier (logit_scale x the classes' text embeddings, bias 0): before any
-    step its logits are the zero-shot logits (the zero-shot initialisation of WiSE-FT and FLYP)."""
-
-    def __init__(self, tower, projection, head_weight):
-        super().__init__()
-        self.tower, self.projection = tower, projection
-        self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], device=head_weight.device)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-            self.head.bias.zero_()
-
-    def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
-        features = self.projection(self.tower(pixel_values=pixels).pooler_output)  # (B, D)
-        return self.head(F.normalize(features, dim=-1))
-
-
-def zero_shot_classifier(model, tokenizer, classes, templates, device):
-    """The image side of a loaded CLIPModel with the zero-shot head; its text tower is not kept."""
-    text_weights = text_classifier(model, tokenizer, classes, templates, device)
-    head = model.logit_scale.exp().item() * text_weights  # (K, D)
-    return ImageClassifier(model.vision_model, model.visual_projection, head).float()
-
-
-def add_lora(classifier, args):
-    """peft LoRA on the tower's --targets; the head is trained whole (modules_to_save) and saved with the
-    adapters; every other weight is frozen."""
-    from peft import LoraConfig, get_peft_model
-    names = [name for name, _ in classifier.tower.named_modules()]
-    for target in args.targets:  # peft's own message for this is about its internals
-        if not any(name == target or name.endswith("." + target) for name in names):
-            raise DataError(f"--targets {target}: no module of the image tower has that name (its attention "
-                            f"projections are {', '.join(LORA_TARGETS)})")
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
-                        target_modules=list(args.targets), modules_to_save=["head"])
-    try:
-        return get_peft_model(classifier, config)
-    except ValueError as e:
-        raise DataError(f"--targets {' '.join(args.targets)}: {str(e).splitlines()[0]}") from None
-
-
-def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
-    """A fine-tuned LoRA classifier from a run's adapter/ folder on a fresh copy of its base CLIP. The
-    head comes from the folder, so no text is needed:
-        model = load_adapter("openai/clip-vit-base-patch32", "runs/clip_zeroshot/<run>/adapter", 10)
-        _, _, processor = load_clip_parts("openai/clip-vit-base-patch32")
-        logits = model(TensorPreprocess(processor, "cpu")(uint8_images))  # (B, 3, H, W) -> (B, 10)"""
-    from peft import PeftModel
-    config, _, _ = load_clip_parts(model_name)
-    model = load_clip_model(model_name, device)
-    base = ImageClassifier(model.vision_model, model.visual_projection,
-                           torch.zeros(num_classes, config.projection_dim, device=device))
-    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
-
-
-def count_params(model):
-    """(trainable, total); peft's saved copy of the head's initial weights (original_module) is not counted."""
-    params = [(n, p) for n, p in model.named_parameters() if "original_module" not in n]
-    return sum(p.numel() for _, p in params if p.requires_grad), sum(p.numel() for _, p in params)
-
-
-def make_optimizer(model, args, device):
-    """AdamW on what trains, without weight decay on biases, norms and the class embedding (1-D)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
-
-
-def lr_factor(step, warmup_steps, total_steps):
-    """Linear warm-up to 1, then cosine to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def augmented_batches(images, labels, batch_size, seed, epoch):
-    """Shuffled batches of uint8 images, each randomly cropped (zero padding 4) and flipped at its stored
-    32 px: the guide's augmentation, before the preprocessing scales it to the tower's resolution. The
-    draws depend only on (seed, epoch), so a resumed run sees the batches the uninterrupted one saw."""
-    g = torch.Generator(device=images.device).manual_seed(derived_seed(seed, "batches", epoch))
-    order = torch.randperm(len(labels), device=images.device, generator=g)
-    for i in range(len(labels) // batch_size):  # the ragged tail is dropped
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        params = crop_flip_params(batch_size, generator=g, device=images.device)
-        yield apply_crop_flip(images[idx], params), labels[idx]
-
-
-def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y, stats):
-    """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device."""
-    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        logits = model(preprocess(x))
-    loss = F.cross_entropy(logits.float(), y)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
-
-
-def train_one_epoch(run, args, epoch, step, bar):
-    """One pass over the shuffled, augmented training set, stopping at the run's last step; returns
-    (mean loss, accuracy, images, step reached, last learning rate). Statistics stay on the device and
-    are read every 20 steps (progress and the non-finite check) and at the end."""
-    model, optimizer = run["model"], run["optimizer"]
-    model.train()
-    torch.manual_seed(derived_seed(args.seed, "dropout", epoch))  # LoRA dropout draws: resumable
-    stats, seen, lr = torch.zeros(2, device=run["device"]), 0, 0.0
-    for x, y in augmented_batches(run["train_x"], run["train_y"], args.batch_size, args.seed, epoch):
-        lr = args.lr * lr_factor(step, run["warmup_steps"], run["total_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_step(model, optimizer, run["scaler"], run["preprocess"], run["amp_dtype"], args.grad_clip, x, y, stats)
-        step, seen = step + 1, seen + len(y)
-        bar.update(1)
-        if step % 20 == 0:
-            check_progress(stats, seen, step, lr, bar)
-        if step >= run["total_steps"]:
-            break
-    loss, acc = check_progress(stats, seen, step, lr, bar)
-    return loss, acc, seen, step, lr
-
-
-def check_progress(stats, seen, step, lr, bar):
-    loss_sum, correct = stats.tolist()
-    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
-    if not bar.disable:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.2e}")
-    return loss, acc
-
-
-@torch.no_grad()
-def evaluate(model, preprocess, images, labels, batch_size, amp_dtype):
-    """(predictions, mean cross-entropy) over the whole test set, in order."""
-    model.eval()
-    preds, loss_sum = [], torch.zeros((), device=labels.device)
-    for i in range(0, len(labels), batch_size):
-        with torch.autocast(labels.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(preprocess(images[i:i + batch_size])).float()
-        loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum")
-        preds.append(logits.argmax(1))
-    return torch.cat(preds), loss_sum.item() / len(labels)
-
-
-def wise_weights(initial, final, alpha):
-    """WiSE-FT (Wortsman et al., 2022): (1 - alpha) x zero-shot + alpha x fine-tuned, tensor by tensor.
-    LoRA's A matrices are kept as trained: B starts at zero, so mixing B mixes the whole update B A."""
-    return {n: final[n] if "lora_A" in n else torch.lerp(initial[n], final[n], alpha) for n in final}
-
-
-@dataclass
-class Progress:
-    """What a checkpoint records of the run besides weights and flags."""
-    epoch: int = 0
-    step: int = 0
-    best_acc: float = -1.0
-    train_seconds: float = 0.0
-    images_seen: int = 0
-    zero_shot_acc: float = 0.0
-
-
-def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
-    """--finetune full|lora: the zero-shot classifier's image side trained on CIFAR-10, evaluated after
-    every epoch (and before the first, the zero-shot start), saved every epoch; returns the summary."""
-    torch.manual_seed(args.seed)
-    model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
-    if args.finetune == "lora":
-        model = add_lora(model, args)
-    initial = trainable_state(model) if args.wise is not None else None  # zero-shot weights, for WiSE-FT
-    steps_per_epoch = len(train_idx) // args.batch_size
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    run = dict(model=model, device=device, preprocess=TensorPreprocess(processor, device),
-               train_x=data.train_x[train_idx].to(device), train_y=data.train_y[train_idx].to(device),
-               test_x=data.test_x[test_idx].to(device), test_y=data.test_y[test_idx].to(device),
-               optimizer=make_optimizer(model, args, device), amp_dtype=amp_dtype_for(device),
-               total_steps=total_steps, warmup_steps=int(args.warmup * total_steps), out_dir=Path(args.out_dir))
-    run["scaler"] = torch.amp.GradScaler(device.type, enabled=run["amp_dtype"] == torch.float16)
-    trainable, total = count_params(model)
-    print(f"{SCRIPT}: fine-tuning {args.model} ({args.finetune}) | trainable {trainable:,} of {total:,} parameters "
-          f"({trainable / total:.2%}) | {device} {run['amp_dtype'] or torch.float32} | train {len(train_idx):,} test "
-          f"{len(test_idx):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch {args.batch_size}, "
-          f"lr {args.lr:g} | out {run['out_dir']}", flush=True)
-    # Every start writes the effective flags, a resume too: one that extends --epochs leaves no stale config.
-    write_json(run["out_dir"] / "config.json", run_config(args, templates, data.classes))
-    progress = restore_run(ckpt, args, run) if ckpt else start_run(args, run, data)
-    if ckpt:
-        print(resuming_line(args.resume, progress, steps_per_epoch, total_steps))
-    last = run["out_dir"] / "last.pt"
-    report.resume = last
-    report.saved = lambda: (f"the last checkpoint is {last} (epoch {progress.epoch})" if last.exists() else
-                            "nothing was saved yet (the first checkpoint is written at the end of epoch 1)")
-    preds = None
-    for epoch in range(progress.epoch + 1, args.epochs + 1):
-        if progress.step >= total_steps:
-            break
-        with progress_bar(min(steps_per_epoch, total_steps - progress.step), f"epoch {epoch}/{args.epochs}",
-                          args.no_progress) as bar:
-            sync(device)
-            t0 = time.perf_counter()
-            loss, acc, seen, progress.step, lr = train_one_epoch(run, args, epoch, progress.step, bar)
-            seconds = time.perf_counter() - t0  # the statistics' read-back above waited for the device
-        preds, test_loss = evaluate(model, run["preprocess"], run["test_x"], run["test_y"], args.batch_size,
-                                    run["amp_dtype"])
-        test_acc = accuracy_from(confusion_matrix(preds, run["test_y"], len(data.classes)))
-        progress.epoch, progress.train_seconds = epoch, progress.train_seconds + seconds
-        progress.images_seen += seen
-        log_epoch(args, run["out_dir"], dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc,
-                                             test_loss=test_loss, test_acc=test_acc, lr=lr, epoch_seconds=seconds,
-                                             images_per_second=seen / seconds))
-        save_run(args, run, progress, test_acc, data)
-    if preds is None:  # resumed a finished run: evaluate what it left
-        preds, _ = evaluate(model, run["preprocess"], run["test_x"], run["test_y"], args.batch_size, run["amp_dtype"])
-    wise = wise_accuracy(args, run, initial, len(data.classes)) if initial is not None else None
-    return write_finetune_summary(args, run, progress, data, preds, (trainable, total), templates, wise)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def start_run(args, run, data):
-    """A new run: the zero-shot start evaluated as epoch 0 of the metrics."""
-    preds, test_loss = evaluate(run["model"], run["preprocess"], run["test_x"], run["test_y"], args.batch_size,
-                                run["amp_dtype"])
-    zero_shot_acc = accuracy_from(confusion_matrix(preds, run["test_y"], len(data.classes)))
-    log_epoch(args, run["out_dir"], dict(epoch=0, step=0, test_loss=test_loss, test_acc=zero_shot_acc))
-    return Progress(zero_shot_acc=zero_shot_acc)
-
-
-def run_config(args, templates, classes):
-    """What config.json holds and summary.json repeats as its `args`: the run's effective flags, the
-    templates and the classes."""
-    return {**vars(args), "templates": templates, "classes": classes}
-
-
-def log_epoch(args, out_dir, row):
-    append_jsonl(out_dir / "metrics.jsonl", row)
-    if row["epoch"] == 0:
-        print(f"epoch   0/{args.epochs} | zero-shot start | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}",
-              flush=True)
+def save_pictures(args, cm, classes, curves=False):
+    if args.no_plots:
         return
-    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
-          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
-          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
-
-
-def save_run(args, run, progress, test_acc, data):
-    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet):
-    the whole classifier for full fine-tuning, only what trains (adapters + head) for LoRA, which also
-    refreshes adapter/."""
-    is_best = test_acc > progress.best_acc
-    progress.best_acc = max(progress.best_acc, test_acc)
-    model, out_dir = run["model"], run["out_dir"]
-    weights = trainable_state(model) if args.finetune == "lora" else model.state_dict()
-    ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "finetune": args.finetune, "model": weights,
-            "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
-            "state": asdict(progress), "args": vars(args),
-            "data_fingerprint": data.fingerprint}
-    save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
-    if args.finetune == "lora":
-        save_adapter(model, out_dir, base_model=args.model)  # so that --adapter finds its base on its own
-
-
-def restore_run(ckpt, args, run):
-    """Weights (LoRA: adapters + head), optimizer and scaler from a checkpoint; returns its Progress."""
-    model = run["model"]
-    try:
-        if args.finetune == "lora":
-            missing = trainable_state(model).keys() ^ ckpt["model"].keys()
-            if missing:
-                raise RuntimeError(f"unexpected or missing {sorted(missing)[0]}")
-            model.load_state_dict(ckpt["model"], strict=False)
-        else:
-            model.load_state_dict(ckpt["model"])
-        run["optimizer"].load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise DataError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
-                        f"({str(e).strip().splitlines()[-1].strip()})") from None
-    run["scaler"].load_state_dict(ckpt["scaler"])
-    trim_metrics(run["out_dir"] / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
-    return Progress(**ckpt["state"])
-
-
-def wise_accuracy(args, run, initial, num_classes):
-    """Test accuracy of the WiSE-FT mix of the zero-shot and the fine-tuned weights; the fine-tuned
-    weights are put back afterwards."""
-    model, final = run["model"], trainable_state(run["model"])
-    model.load_state_dict(wise_weights(initial, final, args.wise), strict=False)
-    preds, _ = evaluate(model, run["preprocess"], run["test_x"], run["test_y"], args.batch_size, run["amp_dtype"])
-    model.load_state_dict(final, strict=False)
-    return {"alpha": args.wise, "test_acc": accuracy_from(confusion_matrix(preds, run["test_y"], num_classes))}
-
-
-def write_finetune_summary(args, run, progress, data, preds, counts, templates, wise):
-    device, out_dir = run["device"], run["out_dir"]
-    cm = confusion_matrix(preds, run["test_y"], len(data.classes))
-    adapter = out_dir / "adapter"
-    summary = {
-        "script": SCRIPT, "finetune": args.finetune, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})",
-        "train_images": len(run["train_y"]), "test_images": len(run["test_y"]), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": progress.epoch, "steps": progress.step, "test_acc": accuracy_from(cm),
-        "best_test_acc": progress.best_acc, "zero_shot_acc": progress.zero_shot_acc,
-        "train_seconds": progress.train_seconds,
-        "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-        "args": run_config(args, templates, data.classes), "model": args.model, "templates": templates,
-        "classes": data.classes,
-        "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None,
-        "wise": wise, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
-        "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes),
-    }
-    write_json(out_dir / "summary.json", summary)
-    print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
-          f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
-          f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
-          + (f" | adapter {summary['adapter_bytes'] / 2 ** 20:.2f} MiB" if summary["adapter_bytes"] else ""))
-    if wise:
-        print(f"WiSE-FT ({1 - wise['alpha']:g} x zero-shot + {wise['alpha']:g} x fine-tuned): test accuracy "
-              f"{wise['test_acc']:.2%}")
-    print_per_class(summary["per_class_acc"])
-    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
-        plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
-        print(f"pictures in {out_dir}: curves.png, confusion.png")
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# --adapter DIR: a saved LoRA classifier evaluated on the test set, no training
-
-def read_adapter_config(adapter_dir):
-    folder = Path(adapter_dir).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"--adapter {adapter_dir}: no such folder")
-    try:
-        return json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass the adapter/ folder of a "
-                        f"--finetune lora run") from None
-
-
-def adapter_base_model(adapter_dir):
-    """The --model an adapter was trained on, as its adapter_config.json records it (runs of this script
-    record it since issue 21; older adapters say null)."""
-    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    if not base:
-        raise DataError(f"--adapter {adapter_dir}: its adapter_config.json does not record the base model; pass "
-                        f"--model, the CLIP it was trained on")
-    return str(base)
-
-
-def check_adapter_fits(adapter_dir, config, num_classes):
-    """Before any weights load: a LoRA adapter whose targets all exist in CLIP's image tower, with a head
-    of num_classes x projection_dim (what --finetune lora saves). An adapter saved by lora_caption.py
-    targets GPT-2's c_attn/c_proj and has no head: peft would fail deep inside, or adapt nothing."""
-    from transformers import CLIPModel
-    saved = read_adapter_config(adapter_dir)
-    with torch.device("meta"):  # module names without memory or weights
-        names = ["tower." + n for n, _ in CLIPModel(config).vision_model.named_modules() if n]
-    targets = saved.get("target_modules") or []
-    if isinstance(targets, str):  # peft: a regular expression over full module names
-        missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
-    else:
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if saved.get("peft_type") != "LORA":
-        raise DataError(f"--adapter {adapter_dir}: a {saved.get('peft_type')} adapter, not LoRA; pass the adapter/ "
-                        f"of a clip_zeroshot.py --finetune lora run")
-    if missing or not targets:
-        raise DataError(f"--adapter {adapter_dir}: does not fit CLIP's image tower (its target modules "
-                        f"{', '.join(missing or targets) or 'none'} match nothing there); pass the adapter/ of a "
-                        f"clip_zeroshot.py --finetune lora run")
-    from safetensors import safe_open
-    weights = Path(adapter_dir).expanduser() / "adapter_model.safetensors"
-    try:
-        with safe_open(str(weights), "pt") as f:
-            shape = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("head.weight")]
-    except Exception as e:  # missing or damaged
-        raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
-    if shape != [[num_classes, config.projection_dim]]:
-        found = f"a {shape[0][0]} x {shape[0][1]} head" if shape else "no classification head"
-        raise DataError(f"--adapter {adapter_dir}: holds {found}, not the {num_classes} x {config.projection_dim} "
-                        f"head of a CLIP classifier for these {num_classes} classes")
-
-
-def evaluate_adapter(args, data, test_idx, config, processor, device, report):
-    """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
-    check_adapter_fits(args.adapter, config, len(data.classes))
     out_dir = Path(args.out_dir)
-    write_json(out_dir / "config.json", run_config(args, [], data.classes))
-    report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
-    try:
-        model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
-    except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
-        raise DataError(f"--adapter {args.adapter}: does not fit --model {args.model} "
-                        f"({str(e).strip().splitlines()[-1].strip()})") from None
-    print(f"{SCRIPT}: adapter {args.adapter} on {args.model} | {device} | {len(test_idx):,} test images | "
-          f"out {out_dir}")
-    test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)
-    preds, test_loss = evaluate(model, TensorPreprocess(processor, device), test_x, test_y, args.batch_size,
-                                amp_dtype_for(device))
-    cm = confusion_matrix(preds, test_y, len(data.classes))
-    trainable, total = count_params(model)
-    summary = {"script": SCRIPT, "finetune": "lora", "adapter": args.adapter,
-               "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(test_y),
-               "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-               "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "test_loss": test_loss, "train_seconds": 0.0,
-               "peak_memory_mb": peak_memory_mb(device), "params": total, "trainable_params": 0,
-               "adapter_params": trainable, "args": run_config(args, [], data.classes), "model": args.model,
-               "classes": data.classes, "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))),
-               "confusion_matrix": cm.tolist(), "most_confused": most_confused(cm, data.classes)}
-    write_json(out_dir / "summary.json", summary)
-    print(f"adapter test accuracy {summary['test_acc']:.2%} | test loss {test_loss:.4f}")
-    print_per_class(summary["per_class_acc"])
-    if not args.no_plots:
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
-        print(f"pictures in {out_dir}: confusion.png")
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# The experiment
-
-def most_confused(cm, classes, k=5):
-    off = cm.clone().fill_diagonal_(0).flatten()
-    top = torch.topk(off, min(k, off.numel())).indices
-    return [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)], "count": off[i].item()}
-            for i in top.tolist() if off[i] > 0]
-
-
-def print_per_class(accuracies):
-    """'-' for a class with no test image."""
-    print("per class: " + ", ".join(f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in accuracies.items()))
-
-
-def main(argv=None):
-    with one_line_errors(SCRIPT) as report:
-        args, given, ckpt = experiment_args(argv)
-        check_args(args, given)
-        templates = load_templates(args.prompts)
-        device = pick_device(args.device)
-        args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-        own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]  # never download into it
-        data = load_cifar10(args.data_dir, download=not args.no_download,
-                            resumed_from=args.resume if own_folder else None)
-        if ckpt:
-            check_same_data(ckpt, data, args.data_dir)
-        test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
-        train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
-                                      every_class=not args.linear_probe) if args.linear_probe or args.finetune else None
-        if args.linear_probe:
-            check_probe_size(len(train_idx), len(data.classes))
-        if args.finetune and len(train_idx) < args.batch_size:
-            raise DataError(f"--batch-size {args.batch_size} is larger than the {len(train_idx)} training images")
-        config, tokenizer, processor = load_clip_parts(args.model)
-        check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)  # before the weights load
-        interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
-        if args.adapter:
-            return evaluate_adapter(args, data, test_idx, config, processor, device, report)
-        if args.finetune:
-            return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
-        model = load_clip_model(args.model, device)
-        write_json(Path(args.out_dir) / "config.json", run_config(args, templates, data.classes))
-        print(f"{SCRIPT}: {args.model} | {device} | {len(test_idx):,} test images | {len(templates)} template(s) | "
-              f"out {args.out_dir}")
-        report.saved = lambda: "nothing to resume: zero-shot evaluation keeps no state; run it again"
-        return classify(args, Path(args.out_dir), model, tokenizer, processor, device, data, templates, test_idx,
-                        train_idx)
-
-
-def classify(args, out_dir, model, tokenizer, processor, device, data, templates, test_idx, train_idx):
-    """Zero-shot on the test images (timed: preprocessing + encoding), then the optional linear probe."""
-    preprocess = TensorPreprocess(processor, device)
-    text_weights = text_classifier(model, tokenizer, data.classes, templates, device)
-    sync(device)
-    t0 = time.perf_counter()
-    test_features = encode_images(model, preprocess, data.test_x[test_idx], args.batch_size, device, "test images",
-                                  args.no_progress)
-    seconds = time.perf_counter() - t0  # torch.cat above waited for the device
-    logits = zero_shot_logits(test_features, text_weights, model.logit_scale.exp().item())
-    targets = data.test_y[test_idx].to(device)
-    probe = None
-    if args.linear_probe:
-        train_features = encode_images(model, preprocess, data.train_x[train_idx], args.batch_size, device,
-                                       "train images", args.no_progress)
-        probe = linear_probe(train_features, data.train_y[train_idx].to(device), test_features, targets,
-                             len(data.classes), args.seed)
-    return write_summary(args, out_dir, model, device, data, templates, logits, targets, seconds, probe)
-
-
-def write_summary(args, out_dir, model, device, data, templates, logits, targets, seconds, probe):
-    cm = confusion_matrix(logits.argmax(1), targets, len(data.classes))
-    top5 = fraction_right(logits, targets, k=5)
-    summary = {"script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "test_images": len(targets),
-               "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-               "epochs": 0, "steps": 0, "test_acc": accuracy_from(cm), "top5_acc": top5,
-               "train_seconds": 0.0, "encode_seconds": seconds, "images_per_second": len(targets) / seconds,
-               "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
-               "trainable_params": 0, "args": run_config(args, templates, data.classes), "model": args.model,
-               "templates": templates,
-               "classes": data.classes, "logit_scale": model.logit_scale.exp().item(),
-               "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
-               "most_confused": most_confused(cm, data.classes), "linear_probe": probe}
-    write_json(out_dir / "summary.json", summary)
-    print(f"zero-shot top-1 {summary['test_acc']:.2%} | top-5 {top5:.2%} | {summary['images_per_second']:,.0f} img/s "
-          f"(preprocess + encode) | peak {summary['peak_memory_mb']:,.0f} MB")
-    print_per_class(summary["per_class_acc"])
-    print("most confused: " + ", ".join(f"{m['true']}->{m['predicted']} ({m['count']})"
-                                        for m in summary["most_confused"]))
-    if probe:
-        print(f"linear probe: test accuracy {probe['test_acc']:.2%} (L2 {probe['weight_decay']:g}, chosen on a "
-              f"held-out 20%)")
-    if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
-        plot_confusion(cm, data.classes, out_dir / "confusion.png")
-        print(f"pictures in {out_dir}: confusion.png")
-    return summary
+    if curves:
+        plumbing.plot_curves(plumbing.read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png")
+    plumbing.plot_confusion(cm, classes, out_dir / "confusion.png")
+    print(f"pictures in {out_dir}: {'curves.png, ' if curves else ''}confusion.png")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ def build(arch, device):
 
 def measure(mode, args, queue):
     import clip_zeroshot
+    import common
     device = torch.device(args.device)
     model, preprocess = build(args.arch, device)
     if mode == "lora":
         model = clip_zeroshot.add_lora(model, argparse.Namespace(rank=16, alpha=32, lora_dropout=0.05,
                                                                  targets=clip_zeroshot.LORA_TARGETS))
     trainable, total = clip_zeroshot.count_params(model)
-    saved = clip_zeroshot.trainable_state(model) if mode == "lora" else model.state_dict()  # what last.pt holds
+    saved = common.trainable_state(model) if mode == "lora" else model.state_dict()  # what last.pt holds
     optimizer = clip_zeroshot.make_optimizer(model, argparse.Namespace(lr=1e-5, weight_decay=0.1), device)
     amp_dtype = clip_zeroshot.amp_dtype_for(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

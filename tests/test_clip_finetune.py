@@ -8,6 +8,7 @@ import torch
 
 import clip_zeroshot
 import cnn_baseline
+import common
 from common import load_cifar10, read_jsonl
 from conftest import one_line_error
 
@@ -146,7 +147,7 @@ def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny
     captioner = VisionEncoderDecoderModel.from_pretrained(str(tiny_captioner))
     lora = lora_caption.add_lora(captioner, argparse.Namespace(targets=lora_caption.DECODER_TARGETS, rank=4, alpha=8,
                                                                lora_dropout=0.0, cross_attention=False))
-    clip_zeroshot.save_adapter(lora, tmp_path / "caption", base_model=tiny_captioner)
+    common.save_adapter(lora, tmp_path / "caption", base_model=tiny_captioner)
     monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
     adapter = tmp_path / "caption" / "adapter"
@@ -193,7 +194,7 @@ def test_lora_trains_only_the_adapters_and_the_head(lora_steps):
 
 def test_adapter_round_trip_gives_the_same_logits(lora_steps, tiny_clip, data, tmp_path):
     model, _, preprocess = lora_steps
-    clip_zeroshot.save_adapter(model, tmp_path)
+    common.save_adapter(model, tmp_path)
     fresh = clip_zeroshot.load_adapter(str(tiny_clip), tmp_path / "adapter", len(data.classes))
     images = preprocess(data.test_x[:16])
     with torch.no_grad():
