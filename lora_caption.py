@@ -18,18 +18,14 @@ against all references of each image, before fine-tuning (the zero-shot baseline
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
 
---data-dir holds captions.csv (image,caption; several rows per image allowed, the layout of Kaggle's
-Flickr8k captions.txt, which is read too) and the images (in images/ or beside the CSV), with an
-optional splits.json ({"train": [...], "val": [...], "test": [...]} image names). Bad rows and images
-are reported and skipped before training starts. Outputs in --out-dir: config.json, metrics.jsonl,
+--data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt, also
+read) and the images (in images/ or beside it), with an optional splits.json of train/val/test image names. Bad
+rows and images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl,
 summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
 
-Speed-ups, each tested to leave the results unchanged (tests/test_lora_fast.py; the CUDA graph on an H100
-too, to rounding: tests/test_gpu.py): the frozen encoder's output is computed once per image and cached
-(--no-encoder-cache turns it off), frozen weights are stored in bf16, captions are padded to one length, the
-loss is read every 20 steps, and on one GPU the whole step is captured as a CUDA graph and replayed (--eager
-turns that off; where it cannot apply, one line says why). Measured: BENCHMARKS.md
-(benchmarks/bench_lora_vs_full.py). Needs common.py.
+Measured on one H100 (BENCHMARKS.md, benchmarks/bench_lora_vs_full.py): 9.8 ms per captured step at batch 32
+against 74.4 ms eager: the frozen encoder's output is cached, frozen weights are bf16, and on one GPU the whole
+step is a CUDA graph (--eager turns it off; where it cannot apply, one line says why). Needs common.py.
 """
 import argparse
 import csv
@@ -64,8 +60,7 @@ SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
-# Flags that describe the machine, not the experiment: on --resume they come from the command line. The speed
-# flags are among them: each leaves the results unchanged.
+# Flags that describe the machine (speed flags change no result): on --resume they come from the command line.
 RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "eager")
 LOG_EVERY = 20  # optimizer steps between reads of the training loss (each read waits for the device)
 CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this share of the free memory
@@ -74,30 +69,11 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 # ----------------------------------------------------------------------------------------------------
 # Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
 
-def finite_number(words, in_range):
-    """An argparse type for a float flag: finite and in_range, else "--flag must be <words>, got <value>"."""
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not (math.isfinite(value) and in_range(value)):
-            raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
-        return value
-    return parse
-
-
-positive = finite_number("a finite number > 0", lambda v: v > 0)
-non_negative = finite_number("a finite number >= 0", lambda v: v >= 0)
-fraction = finite_number("in [0, 1)", lambda v: 0 <= v < 1)
-
-
 def build_parser():
     p = plumbing.make_parser(__doc__)
     a = p.add_argument
-    a("--data-dir", help="a folder holding captions.csv (columns image,caption; or Kaggle's captions.txt) and the "
-                         "images, in images/ or beside the table; an optional splits.json lists the train/val/test "
-                         "image names")
+    a("--data-dir", help="a folder with captions.csv (image,caption; or Kaggle's captions.txt), the images (in "
+                         "images/ or beside it) and optionally splits.json (train/val/test image names)")
     a("--model", help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
                       "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
@@ -106,21 +82,18 @@ def build_parser():
     a("--lora-dropout", type=fraction, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=DECODER_TARGETS,
       help=f"module name suffixes that get adapters (default: {' '.join(DECODER_TARGETS)})")
-    a("--cross-attention", action="store_true",
-      help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
+    a("--cross-attention", action="store_true", help=f"also adapt {', '.join(CROSS_ATTENTION_TARGETS)}")
     # optimisation
     a("--epochs", type=positive_int, default=3, help="passes over the training (image, caption) pairs")
     a("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     a("--batch-size", type=positive_int, default=32, help="(image, caption) pairs per forward pass and process")
-    a("--grad-accum", type=positive_int, default=1,
-      help="forward passes per optimizer step (effective batch = batch x this)")
+    a("--grad-accum", type=positive_int, default=1, help="forward passes per step (effective batch = batch x this)")
     a("--lr", type=positive, default=3e-4, help="peak AdamW learning rate of the adapters")
     # common.HelpFormatter hides a default equal to False, which 0 and 0.0 are: those defaults are written out
     a("--weight-decay", type=non_negative, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
     a("--warmup", type=fraction, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
-    a("--max-length", type=positive_int, default=40, help="caption tokens kept for training, EOS included; every "
-                                                          "batch is padded to this (or to the longest caption)")
+    a("--max-length", type=positive_int, default=40, help="caption tokens kept, EOS included (the padded width)")
     # evaluation
     a("--num-beams", type=positive_int, default=1, help="beam search width for generation (1 = greedy)")
     a("--max-new-tokens", type=positive_int, default=30, help="longest generated caption, in tokens")
@@ -129,8 +102,7 @@ def build_parser():
     a("--save-every", type=positive_int, default=500, help="save the adapter and training state every N steps")
     a("--no-baseline", action="store_true", help="skip scoring the model before fine-tuning")
     # modes
-    a("--caption", nargs="+", metavar="IMAGE",
-      help="caption these image files with --adapter (or a merged --model), then exit")
+    a("--caption", nargs="+", metavar="IMAGE", help="caption these images with --adapter (or a merged --model)")
     a("--merge", action="store_true", help="merge --adapter into its base and save a standalone model to --out-dir")
     a("--adapter", help="an adapter folder written by a training run (for --caption / --merge)")
     # machine and speed (none of these changes the results)
@@ -157,27 +129,6 @@ def check_args(args):
 # Model: the captioner (transformers), its adapters (peft) and what it reads. Edit the LoRA set-up freely; the
 # speed-ups below (encoder cache, bf16 frozen weights) each fall back to the plain path when they cannot apply.
 
-def load_captioner(name, device, label=None):
-    """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
-    quiet_transformers()
-    try:
-        check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
-        model = VisionEncoderDecoderModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        processor = AutoImageProcessor.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
-                        f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
-                        ) from None
-    # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
-    tokenizer.pad_token = tokenizer.eos_token
-    for config in (model.config, model.generation_config):
-        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        config.decoder_start_token_id = tokenizer.bos_token_id
-    return model.to(device), tokenizer, processor
-
-
 def add_lora(model, args):
     """Wrap with peft; only the adapters require grad afterwards."""
     from peft import LoraConfig, get_peft_model
@@ -191,18 +142,13 @@ def add_lora(model, args):
         raise DataError(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}") from None
 
 
-def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
-
 def base_model(model):
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def tokenize_captions(tokenizer, captions, max_length):
-    """Token ids + EOS, right-padded with the pad (= EOS) id to the longest caption: one width for the split, so
-    every step has the same shapes. Labels are -100 where the mask is 0: the caption's EOS is learned, padding not."""
+    """Token ids + EOS, right-padded to the longest caption (one shape for every step); labels -100 on padding."""
     ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
     ids = [x + [tokenizer.eos_token_id] for x in ids]
     width = max(map(len, ids))
@@ -214,9 +160,8 @@ def tokenize_captions(tokenizer, captions, max_length):
 
 
 def pair_tokens(tokenizer, split, max_length):
-    """Every (image, caption) pair of a split, on the host: the image index per pair, the caption's tokens, the
-    decoder's input (the start token, then the caption shifted right: what the model builds from labels=)
-    and the number of tokens the loss counts."""
+    """Every (image, caption) pair of a split: its image index, tokens, decoder input (the start token, then the
+    caption shifted right, as the model builds from labels=) and the number of tokens the loss counts."""
     pair_image = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps], dtype=torch.long)
     input_ids, mask, labels = tokenize_captions(tokenizer, [c for caps in split.captions for c in caps], max_length)
     start = torch.full((len(input_ids), 1), tokenizer.bos_token_id, dtype=torch.long)  # the decoder start token
@@ -253,10 +198,8 @@ def encoder_cache_blocker(model):
 
 
 class EncoderCache:
-    """The frozen encoder's output (what the cross-attention reads) for every image of a split, computed once under
-    the training autocast and kept in its dtype (bf16 on GPUs: 296 KiB per ViT-B/16 image at 224 px); the decoder
-    trains on it through the model's own encoder_outputs= path. On the device when it takes at most CACHE_SHARE of
-    the free memory, else in host memory, whose rows each batch gathers into pinned memory."""
+    """The frozen encoder's output for every image of a split, computed once under the training autocast, fed to
+    the decoder through encoder_outputs=. On the device if it takes at most CACHE_SHARE of the free memory."""
 
     def __init__(self, model, pixels, images, amp_dtype, batch_size=64, on_device=None):
         self.device, self.states, self.on_device = pixels.device, None, on_device
@@ -281,8 +224,7 @@ class EncoderCache:
     def nbytes(self):
         return 0 if self.states is None else self.states.numel() * self.states.element_size()
 
-    def inputs(self, image_idx, image_idx_on_device):
-        """The model's keyword arguments for these images (their indices on the host and on the device)."""
+    def inputs(self, image_idx, image_idx_on_device):  # the model's inputs for these images (host, device indices)
         if self.on_device:
             return {"encoder_outputs": (self.states[image_idx_on_device],)}
         rows = torch.empty((len(image_idx), *self.states.shape[1:]), dtype=self.states.dtype,
@@ -292,8 +234,7 @@ class EncoderCache:
 
 
 class PixelInputs:
-    """Without the cache: the encoder runs at every step on the batch's pixels (uint8 images on the host);
-    `why` says why there is no cache."""
+    """Without the cache (`why` says why): the encoder runs at every step on the batch's pixels."""
 
     def __init__(self, pixels, images, why=None):
         self.pixels, self.images, self.why = pixels, images, why
@@ -303,9 +244,8 @@ class PixelInputs:
 
 
 def cast_frozen_weights(model, dtype=torch.bfloat16):
-    """Store frozen Linear, Conv1D and Conv2d weights and biases in `dtype`: autocast casts them to it at every step
-    anyway, so the results are identical and the casts and half their memory are saved. LayerNorms, embeddings,
-    the lm_head tied to GPT-2's wte, the adapters and their optimizer state stay fp32. Returns the bytes saved."""
+    """Store frozen Linear, Conv1D and Conv2d weights in `dtype`, as autocast casts them anyway: identical results,
+    half the memory. LayerNorms, embeddings (the tied lm_head), adapters stay fp32. Returns the bytes saved."""
     from transformers.pytorch_utils import Conv1D
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     saved = 0
@@ -319,8 +259,7 @@ def cast_frozen_weights(model, dtype=torch.bfloat16):
 
 
 def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
-    """peft casts each adapter's input to fp32 and autocast casts it straight back to bf16: without the adapters'
-    dropout that round trip changes no value, so under autocast it is skipped (peft >= 0.15)."""
+    """Without the adapters' dropout, peft's fp32 cast of their input (undone by autocast) is skipped (peft >= 0.15)."""
     try:
         from peft.helpers import disable_input_dtype_casting
     except ImportError:
@@ -329,8 +268,7 @@ def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
 
 
 def fast_path(args, model, data, pixels, amp_dtype):
-    """Frozen weights in bf16 (with bf16 autocast) and the encoder cache (when the encoder cannot change):
-    ({split: inputs}, words for the log). A part that fails falls back to the plain path with a word."""
+    """bf16 frozen weights and the encoder cache: ({split: inputs}, words for the log); each falls back with a word."""
     notes = []
     if amp_dtype == torch.bfloat16:
         try:
@@ -359,8 +297,7 @@ def fast_path(args, model, data, pixels, amp_dtype):
 # CapturedStep fills from the optimizer's group at every replay: change the rate through the schedule.
 
 def amp_dtype_for(device):
-    """bf16 autocast where the GPU supports it (compute capability >= 8.0), else fp16 (with a GradScaler); fp32
-    on CPU and MPS. The adapters stay in fp32: autocast only lowers the matmuls."""
+    """bf16 autocast where the GPU has it (compute capability >= 8.0), else fp16 + GradScaler; fp32 on CPU, MPS."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -397,39 +334,11 @@ def caption_loss(model, inputs, decoder_ids, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
-@contextmanager
-def no_mask_checks():
-    """The decoder gets no attention mask and positions 0..T-1, so transformers' data checks (padding, packed
-    sequences) have known answers: they are given instead of asked. An eager step then never waits for the device,
-    and a capture (during which transformers would build explicit masks) records the eager step's kernels. Names
-    that a transformers version lacks are left alone."""
-    import transformers
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        masking_utils = None
-    answers = [(masking_utils, "is_tracing", lambda tensor=None: False),
-               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
-               # GPT-2 looks for a pad id in its first and last columns when its config has one (the padding is
-               # meant: labels mask it, and the causal mask keeps it out of the caption's tokens)
-               (transformers.PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)]
-    answers = [(owner, name, answer) for owner, name, answer in answers if owner and name in vars(owner)]
-    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in answers]
-    for owner, name, answer in answers:
-        setattr(owner, name, answer)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-
-
 def train_step(model, optimizer, scaler, params, amp_dtype, grad_clip, world_size, inputs, tokens, loss_sum,
                batches, count):
-    """One optimizer step. `batches`: this process's micro-batches, [(image indices on the host or None, pair
-    indices on the device)]; `count`: the caption tokens of the whole step, all processes together (a host number,
-    or a device tensor in the graph). The loss is the mean over those tokens, so neither the split into
-    micro-batches nor into processes changes the gradient; its sum is added to `loss_sum` on the device."""
+    """One optimizer step on this process's micro-batches [(image indices on the host or None, pair indices on the
+    device)]. The loss is the mean over `count`, the step's caption tokens on all processes (a device tensor in
+    the graph), so no split into micro-batches or processes changes the gradient; its sum goes to `loss_sum`."""
     optimizer.zero_grad(set_to_none=True)  # in a graph, backward allocates the gradients in its own memory pool
     model.train()
     for i, (images, pairs) in enumerate(batches):
@@ -466,9 +375,8 @@ def graph_body(step, device_tokens, pairs):
 
 
 class CapturedStep:
-    """graph_body recorded once as a CUDA graph and replayed at every step: warm-up steps on a side stream, their
-    effects undone, then one capture that reads the pair indices and the learning rate from static device tensors.
-    A replay launches the step's ~3,000 kernels in one call."""
+    """graph_body recorded once (after warm-up steps whose effects are undone) and replayed: ~3,000 kernels in one
+    call, reading the pair indices and the learning rate from static device tensors."""
 
     def __init__(self, step, optimizer, params, loss_sum, device_tokens, batch_size, warmup=3):
         device = loss_sum.device
@@ -510,8 +418,7 @@ class CapturedStep:
 
 
 def eager_because(args, device, amp_dtype, inputs):
-    """Why the step cannot be captured (None where it can: one CUDA process with bf16, the encoder cache on the
-    GPU, one micro-batch per step, no --eager)."""
+    """Why the step cannot be captured as a CUDA graph (None where it can)."""
     if not hasattr(inputs, "on_device"):
         return inputs.why  # the encoder runs every step
     if not inputs.on_device:
@@ -528,8 +435,7 @@ def eager_because(args, device, amp_dtype, inputs):
 
 
 def make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs, tokens, device_tokens, loss_sum, rank):
-    """The function that trains on one step's pairs: a graph replay where capture applies, else train_step run
-    eagerly, with one line saying why."""
+    """What trains on a step's pairs: a graph replay, else train_step run eagerly after one line saying why."""
     step = partial(train_step, trained, optimizer, scaler, params, amp_dtype, args.grad_clip, args.world_size,
                    inputs, device_tokens, loss_sum)
     why = eager_because(args, loss_sum.device, amp_dtype, inputs)
@@ -537,19 +443,6 @@ def make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs, token
         print(f"step: eager ({why})", flush=True)
     captured = None if why else capture_step(step, optimizer, params, loss_sum, device_tokens, args.batch_size)
     return captured or eager(step, tokens, args, rank)
-
-
-def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size):
-    """A CapturedStep, or None if the capture fails (out of memory included): the run is left as it was, one line
-    names the error, and the eager step trains the same model."""
-    device, t0 = loss_sum.device, time.perf_counter()
-    try:
-        captured = CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size)
-    except Exception as e:  # the fast path must not end the run
-        capture_failed(e, device)
-        return None
-    print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
-    return captured
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -567,14 +460,8 @@ def generate_captions(model, tokenizer, pixels, images, args, batch_size=32):
     return out
 
 
-def score_captions(hypotheses, references):
-    hyp = [caption_tokens(h) for h in hypotheses]
-    refs = [[caption_tokens(r) for r in rs] for rs in references]
-    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
-
-
 def evaluate_captions(model, tokenizer, pixels, split, args, label):
-    """(scores, captions) on the first --eval-images test images; scores are None without a test image."""
+    """(scores, captions) on the first --eval-images test images (scores None without any)."""
     n = min(len(split.names), args.eval_images or len(split.names))
     if n == 0:
         return {"bleu4": None, "cider": None}, []
@@ -585,7 +472,7 @@ def evaluate_captions(model, tokenizer, pixels, split, args, label):
 
 
 def evaluate_baseline(args, model, tokenizer, pixels, data):
-    """The captioner before fine-tuning: test scores and captions, and the captions of captions.html's images."""
+    """Before fine-tuning: test scores and captions, and the captions of captions.html's images."""
     if not data["test"].names:
         return None
     scores, captions = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
@@ -636,16 +523,14 @@ def main(argv=None):
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
         device = pick_device(args.device, local_rank)
         out_dir = open_run_folder(args, ckpt, report, rank)
-
         torch.manual_seed(args.seed)
         model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
         data, fingerprint, tokens = load_data(args, ckpt, tokenizer, processor)
         per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
         total_steps = min(args.epochs * (len(tokens["pair_image"]) // per_step), args.max_steps or math.inf)
         pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
-        baseline = None
-        if not (args.no_baseline or ckpt or rank):
-            baseline = evaluate_baseline(args, model, tokenizer, pixels, data)
+        skip_baseline = args.no_baseline or ckpt or rank  # a resumed run keeps its own
+        baseline = None if skip_baseline else evaluate_baseline(args, model, tokenizer, pixels, data)
         model = add_lora(model, args)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, schedule = make_optimizer(args, params, device, total_steps)
@@ -667,14 +552,11 @@ def main(argv=None):
         save = partial(save_training_state, args, model, optimizer, schedule, scaler, fingerprint, out_dir)
         loss_sum = torch.zeros((), device=device)  # the training loss since the last read, on the device
         tokens_read = torch.zeros((), dtype=torch.long)  # its caption tokens, on the host
-
         with (plumbing.progress_bar(total_steps, "training", args.no_progress or rank != 0) as bar,
               adapter_inputs_as_given(model, amp_dtype, args.lora_dropout)):
             bar.update(progress.step)
-            step = None
-            if progress.step < total_steps:
-                step = make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs["train"], tokens,
-                                 device_tokens, loss_sum, rank)
+            step = make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs["train"], tokens,
+                             device_tokens, loss_sum, rank) if progress.step < total_steps else None
             t0 = time.perf_counter()
             while progress.step < total_steps:
                 # shuffled per epoch, seeded by seed and epoch: a resumed run sees the same batches
@@ -704,7 +586,6 @@ def main(argv=None):
                     progress.batch = 0
         step = None  # a graph's memory pool (its gradients too) goes back to the evaluation that follows
         optimizer.zero_grad(set_to_none=True)
-
         summary = None
         if rank == 0:
             after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
@@ -716,11 +597,30 @@ def main(argv=None):
         return summary
 
 
-
 # ===== Run plumbing: nothing below changes what is trained =====
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the run folder, the machine, the start lines
+
+# argparse types for the float flags: finite, in range, with the words this script's users know
+
+def finite_number(words, in_range):
+    """An argparse type for a float flag: finite and in_range, else "--flag must be <words>, got <value>"."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and in_range(value)):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
+        return value
+    return parse
+
+
+positive = finite_number("a finite number > 0", lambda v: v > 0)
+non_negative = finite_number("a finite number >= 0", lambda v: v >= 0)
+fraction = finite_number("in [0, 1)", lambda v: 0 <= v < 1)
+
 
 @dataclass
 class Progress:
@@ -818,6 +718,10 @@ def write_config(args, out_dir, rank):
     return config
 
 
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
 def start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, notes):
     """What Ctrl-C reports, and the start lines."""
     last = out_dir / "training_state.pt"
@@ -833,6 +737,19 @@ def start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, not
           f"pairs of {tokens['labels'].shape[1]} tokens | batch {args.global_batch}{processes} x {args.grad_accum} "
           f"accumulated | out {out_dir}")
     print(f"{SCRIPT}: {' | '.join(notes)}", flush=True)
+
+
+def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size):
+    """A CapturedStep, or None if the capture fails (out of memory included): the run is left as it was, one line
+    names the error, and the eager step trains the same model."""
+    device, t0 = loss_sum.device, time.perf_counter()
+    try:
+        captured = CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size)
+    except Exception as e:  # the fast path must not end the run
+        capture_failed(e, device)
+        return None
+    print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
+    return captured
 
 
 def capture_failed(error, device):
@@ -1027,6 +944,12 @@ td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{
 # ----------------------------------------------------------------------------------------------------
 # Caption metrics (scoring only): corpus BLEU-4 and CIDEr-D against every reference of each image
 
+def score_captions(hypotheses, references):
+    hyp = [caption_tokens(h) for h in hypotheses]
+    refs = [[caption_tokens(r) for r in rs] for rs in references]
+    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
+
+
 _IDEOGRAPHS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # CJK ideographs
 
 
@@ -1157,6 +1080,52 @@ def no_peft_deprecation_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         yield
+
+
+def load_captioner(name, device, label=None):
+    """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+    quiet_transformers()
+    try:
+        check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
+        model = VisionEncoderDecoderModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
+                        f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
+                        ) from None
+    # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
+    tokenizer.pad_token = tokenizer.eos_token
+    for config in (model.config, model.generation_config):
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config.decoder_start_token_id = tokenizer.bos_token_id
+    return model.to(device), tokenizer, processor
+
+
+@contextmanager
+def no_mask_checks():
+    """transformers' data checks (padding, packed sequences) answered instead of asked, as the decoder gets no mask
+    and positions 0..T-1: no step waits for the device, and a capture records the eager step's kernels."""
+    import transformers
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    answers = [(masking_utils, "is_tracing", lambda tensor=None: False),
+               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
+               # GPT-2 looks for a pad id in its first and last columns when its config has one (the padding is
+               # meant: labels mask it, and the causal mask keeps it out of the caption's tokens)
+               (transformers.PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)]
+    answers = [(owner, name, answer) for owner, name, answer in answers if owner and name in vars(owner)]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in answers]
+    for owner, name, answer in answers:
+        setattr(owner, name, answer)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def check_is_captioner(config, label):
