@@ -446,7 +446,8 @@ def make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs, token
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: greedy/beam captions scored with BLEU-4 and CIDEr-D (below the banner), the validation loss
+# Evaluation: captions (greedy or beam) scored with BLEU-4 and CIDEr-D (below the banner), the validation loss.
+# Edit freely: it runs in eval mode without gradients and changes no weight.
 
 @torch.no_grad()
 def generate_captions(model, tokenizer, pixels, images, args, batch_size=32):
