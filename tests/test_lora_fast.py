@@ -431,3 +431,15 @@ def test_a_capture_that_breaks_the_random_generator_stops_in_one_line(monkeypatc
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1 and "run the same command again with --eager" in err
     assert "(RuntimeError: capture_end failed)" in err  # not a follow-up "during capture": its own words
+
+
+def test_the_script_reads_in_two_layers_with_the_loop_in_main():
+    """Issue 22: the experiment above the plumbing banner, main() holding the loop that calls the step per batch."""
+    from conftest import ROOT
+    text = (ROOT / "lora_caption.py").read_text()
+    banner = "# ===== Run plumbing: nothing below changes what is trained =====\n"
+    assert text.count(banner) == 1
+    upper = text.split(banner)[0]
+    main = upper[upper.index("def main(argv=None):"):]
+    assert "step(pairs, order_on_device[progress.batch])" in main and ".backward()" in upper
+    assert upper.count("\n") <= 600 and "torch.compile" not in text and "--compile" not in text
