@@ -18,21 +18,16 @@ against all references of each image, before fine-tuning (the zero-shot baseline
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
 
---data-dir holds captions.csv (image,caption; several rows per image allowed, the layout of Kaggle's
-Flickr8k captions.txt, which is read too) and the images (in images/ or beside the CSV), with an
-optional splits.json ({"train": [...], "val": [...], "test": [...]} image names). Bad rows and images
-are reported and skipped before training starts. Outputs in --out-dir: config.json, metrics.jsonl,
+--data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt, also
+read) and the images (in images/ or beside it), with an optional splits.json of train/val/test image names. Bad
+rows and images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl,
 summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
 
-The step is built for GPUs, and each speed-up is tested to leave the results unchanged (on CPU; the CUDA
-graph on an H100 too, to rounding: tests/test_gpu.py): the frozen encoder's output is computed once
-per image and cached (on the GPU when it fits; --no-encoder-cache turns it off), frozen weights are
-stored in bf16 (what autocast casts them to at every step anyway), captions are padded to one length, the
-loss is computed once and read every 20 steps, and on one GPU the whole step is captured as a CUDA graph
-and replayed (--eager turns that off; --compile compiles the decoder blocks instead). Measured figures:
-BENCHMARKS.md (benchmarks/bench_lora_vs_full.py).
-Needs common.py.
+Measured on one H100 (BENCHMARKS.md, benchmarks/bench_lora_vs_full.py): 9.8 ms per captured step at batch 32
+against 74.4 ms eager: the frozen encoder's output is cached, frozen weights are bf16, and on one GPU the whole
+step is a CUDA graph (--eager turns it off; where it cannot apply, one line says why). Needs common.py.
 """
+import argparse
 import csv
 import gc
 import hashlib
@@ -48,7 +43,8 @@ import unicodedata
 import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,106 +52,586 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (IMAGE_SUFFIXES, LOCK_FILE, NO_HUB_KERNELS, DataError, NonFiniteLoss, all_reduce_sum, append_jsonl,
-                    check_same_data, derived_seed, error_line, flag, given_flags, init_distributed, load_checkpoint,
-                    make_parser, one_line_errors, open_rgb, peak_memory_mb, plot_curves, prepare_out_dir, progress_bar,
-                    quiet_compile_on_cpu, read_jsonl, resumed_args, save_adapter, save_checkpoint, set_global_batch,
-                    trainable_state, trim_metrics, undo_steps, wrap_distributed, write_json, write_text_atomic)
+import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
+from common import IMAGE_SUFFIXES, DataError, derived_seed, open_rgb, undo_steps  # part 1
+from common import positive_int  # argparse type: a flag's range
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
-# Flags that describe the machine, not the experiment: on --resume they come from the command line. The speed
-# flags are among them: each leaves the results unchanged.
-RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "compile", "compile_mode",
-                 "eager")
-SHEET_IMAGES = 8  # validation images shown in captions.html, the same ones every run
-SPLITS = ("train", "val", "test")
+# Flags that describe the machine (speed flags change no result): on --resume they come from the command line.
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "eager")
 LOG_EVERY = 20  # optimizer steps between reads of the training loss (each read waits for the device)
 CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this share of the free memory
 
 
+# ----------------------------------------------------------------------------------------------------
+# Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
+
 def build_parser():
-    p = make_parser(__doc__)
+    p = plumbing.make_parser(__doc__)
     a = p.add_argument
-    a("--data-dir", default=None, help="a folder holding captions.csv (columns image,caption; or Kaggle's "
-                                       "captions.txt) and the images, in images/ or beside the table; an optional "
-                                       "splits.json lists the train/val/test image names")
-    a("--model", default=None, help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
-                                    "with --adapter, the adapter's own base; with --caption, a merged model)")
+    a("--data-dir", help="a folder with captions.csv (image,caption; or Kaggle's captions.txt), the images (in "
+                         "images/ or beside it) and optionally splits.json (train/val/test image names)")
+    a("--model", help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
+                      "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
-    a("--rank", type=int, default=16, help="LoRA rank r")
-    a("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
-    a("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
+    a("--rank", type=positive_int, default=16, help="LoRA rank r")
+    a("--alpha", type=positive, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
+    a("--lora-dropout", type=fraction, default=0.05, help="dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=DECODER_TARGETS,
       help=f"module name suffixes that get adapters (default: {' '.join(DECODER_TARGETS)})")
-    a("--cross-attention", action="store_true",
-      help="also adapt the decoder's cross-attention (" + ", ".join(CROSS_ATTENTION_TARGETS) + ")")
+    a("--cross-attention", action="store_true", help=f"also adapt {', '.join(CROSS_ATTENTION_TARGETS)}")
     # optimisation
-    a("--epochs", type=int, default=3, help="passes over the training (image, caption) pairs")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--batch-size", type=int, default=32, help="(image, caption) pairs per forward pass and process")
-    a("--grad-accum", type=int, default=1, help="forward passes per optimizer step (effective batch = batch x this)")
-    a("--lr", type=float, default=3e-4, help="peak AdamW learning rate of the adapters")
+    a("--epochs", type=positive_int, default=3, help="passes over the training (image, caption) pairs")
+    a("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    a("--batch-size", type=positive_int, default=32, help="(image, caption) pairs per forward pass and process")
+    a("--grad-accum", type=positive_int, default=1, help="forward passes per step (effective batch = batch x this)")
+    a("--lr", type=positive, default=3e-4, help="peak AdamW learning rate of the adapters")
     # common.HelpFormatter hides a default equal to False, which 0 and 0.0 are: those defaults are written out
-    a("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
-    a("--warmup", type=float, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
-    a("--grad-clip", type=float, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
-    a("--max-length", type=int, default=40, help="caption tokens kept for training, EOS included; every batch is "
-                                                 "padded to this (or to the longest caption if shorter)")
+    a("--weight-decay", type=non_negative, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
+    a("--warmup", type=fraction, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
+    a("--grad-clip", type=non_negative, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
+    a("--max-length", type=positive_int, default=40, help="caption tokens kept, EOS included (the padded width)")
     # evaluation
-    a("--num-beams", type=int, default=1, help="beam search width for generation (1 = greedy)")
-    a("--max-new-tokens", type=int, default=30, help="longest generated caption, in tokens")
-    a("--eval-images", type=int, default=None, help="score captions on the first N test images only (default: all)")
-    a("--eval-every", type=int, default=200, help="validation loss and sample captions every N steps")
-    a("--save-every", type=int, default=500, help="save the adapter and training state every N steps")
+    a("--num-beams", type=positive_int, default=1, help="beam search width for generation (1 = greedy)")
+    a("--max-new-tokens", type=positive_int, default=30, help="longest generated caption, in tokens")
+    a("--eval-images", type=positive_int, help="score captions on the first N test images only (default: all)")
+    a("--eval-every", type=positive_int, default=200, help="validation loss and sample captions every N steps")
+    a("--save-every", type=positive_int, default=500, help="save the adapter and training state every N steps")
     a("--no-baseline", action="store_true", help="skip scoring the model before fine-tuning")
     # modes
-    a("--caption", nargs="+", metavar="IMAGE", default=None,
-      help="caption these image files with --adapter (or a merged --model), then exit")
+    a("--caption", nargs="+", metavar="IMAGE", help="caption these images with --adapter (or a merged --model)")
     a("--merge", action="store_true", help="merge --adapter into its base and save a standalone model to --out-dir")
-    a("--adapter", default=None, help="an adapter folder written by a training run (for --caption / --merge)")
+    a("--adapter", help="an adapter folder written by a training run (for --caption / --merge)")
     # machine and speed (none of these changes the results)
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--no-encoder-cache", action="store_true",
       help="run the frozen encoder at every step instead of caching its output once per image (saves that memory)")
-    a("--compile", action="store_true", help="torch.compile the decoder blocks for training (GPU; the first step "
-                                             "compiles, a failure falls back to eager with a word)")
-    a("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-      help="torch.compile mode")
     a("--eager", action="store_true", help="run each step eagerly instead of replaying it as a CUDA graph")
-    a("--seed", type=int, default=0,
-      help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
-    a("--out-dir", default=None, help="where results go (default: a new folder runs/lora_caption/<date-time>)")
+    a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
+    a("--out-dir", help="where results go (default: a new folder runs/lora_caption/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", default=None,
-      help="continue from a training_state.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--resume", help="continue from a training_state.pt; its flags are kept (--epochs and --max-steps may grow)")
     a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
     a("--no-plots", action="store_true", help="no pictures (curves.png, captions.html)")
     return p
 
 
 def check_args(args):
-    for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "num_beams", "max_new_tokens",
-                 "eval_every", "save_every"):
-        if getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    # float flags: argparse accepts nan and inf, so "positive" alone would be the wrong word for them
-    for name in ("lr", "alpha"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            raise DataError(f"{flag(name)} must be a finite number > 0, got {getattr(args, name)}")
-    for name in ("weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise DataError(f"{flag(name)} must be a finite number >= 0, got {getattr(args, name)}")
-    for name in ("lora_dropout", "warmup"):
-        if not 0 <= getattr(args, name) < 1:
-            raise DataError(f"{flag(name)} must be in [0, 1), got {getattr(args, name)}")
-    for name in ("max_steps", "eval_images"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DataError(f"{flag(name)} must be positive")
+    """The rules that involve two flags (each flag's own range is checked by its type=)."""
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
-        raise DataError("training needs --data-dir (a folder with captions.csv and the images)")
+        raise plumbing.DataError("training needs --data-dir (a folder with captions.csv and the images)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the captioner (transformers), its adapters (peft) and what it reads. Edit the LoRA set-up freely; the
+# speed-ups below (encoder cache, bf16 frozen weights) each fall back to the plain path when they cannot apply.
+
+def add_lora(model, args):
+    """Wrap with peft; only the adapters require grad afterwards."""
+    from peft import LoraConfig, get_peft_model
+    targets = list(args.targets) + (CROSS_ATTENTION_TARGETS if args.cross_attention else [])
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
+                        target_modules=targets, fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
+    try:
+        with no_peft_deprecation_warning():
+            return get_peft_model(model, config)
+    except ValueError as e:
+        raise DataError(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}") from None
+
+
+def base_model(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def tokenize_captions(tokenizer, captions, max_length):
+    """Token ids + EOS, right-padded to the longest caption (one shape for every step); labels -100 on padding."""
+    ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
+    ids = [x + [tokenizer.eos_token_id] for x in ids]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    return input_ids, mask, input_ids.masked_fill(mask == 0, -100)
+
+
+def pair_tokens(tokenizer, split, max_length):
+    """Every (image, caption) pair of a split: its image index, tokens, decoder input (the start token, then the
+    caption shifted right, as the model builds from labels=) and the number of tokens the loss counts."""
+    pair_image = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps], dtype=torch.long)
+    input_ids, mask, labels = tokenize_captions(tokenizer, [c for caps in split.captions for c in caps], max_length)
+    start = torch.full((len(input_ids), 1), tokenizer.bos_token_id, dtype=torch.long)  # the decoder start token
+    return {"pair_image": pair_image, "input_ids": input_ids, "mask": mask, "labels": labels,
+            "decoder_ids": torch.cat([start, input_ids[:, :-1]], 1), "count": mask.sum(1)}
+
+
+def on_device(tokens, device):
+    """The tensors a step indexes, copied to the training device once (no copy per step)."""
+    return {k: tokens[k].to(device) for k in ("pair_image", "decoder_ids", "labels", "count")}
+
+
+class Pixels:
+    """uint8 images -> the model's pixel_values on the device (rescale + the processor's mean/std)."""
+
+    def __init__(self, processor, device):
+        self.device = device
+        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images):
+        return (images.to(self.device, non_blocking=True).float() / 255 - self.mean) / self.std
+
+
+def encoder_cache_blocker(model):
+    """Why the encoder's output could change from one step to the next (None if it cannot)."""
+    encoder = base_model(model).encoder
+    if any(p.requires_grad for p in encoder.parameters()):
+        return "the encoder trains: --targets adapts it"
+    rates = [getattr(m, "p", 0) for m in encoder.modules() if "dropout" in type(m).__name__.lower()]
+    rates += [v for k, v in encoder.config.to_dict().items()
+              if ("dropout" in k or "drop_path" in k) and isinstance(v, float)]
+    return "the encoder uses dropout in training" if any(r > 0 for r in rates) else None
+
+
+class EncoderCache:
+    """The frozen encoder's output for every image of a split, computed once under the training autocast, fed to
+    the decoder through encoder_outputs=. On the device if it takes at most CACHE_SHARE of the free memory."""
+
+    def __init__(self, model, pixels, images, amp_dtype, batch_size=64, on_device=None):
+        self.device, self.states, self.on_device = pixels.device, None, on_device
+        encoder = base_model(model).encoder
+        was_training = encoder.training
+        encoder.eval()
+        for i in range(0, len(images), batch_size):
+            with torch.no_grad(), autocast(self.device, amp_dtype):
+                h = encoder(pixel_values=pixels(images[i:i + batch_size])).last_hidden_state  # [B, tokens, width]
+            if self.states is None:
+                self.states = self._allocate((len(images), *h.shape[1:]), amp_dtype or h.dtype)
+            self.states[i:i + len(h)] = h  # rounded to the autocast dtype exactly as the cross-attention would
+        encoder.train(was_training)
+
+    def _allocate(self, shape, dtype):
+        if self.on_device is None:
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else math.inf
+            self.on_device = math.prod(shape) * dtype.itemsize <= CACHE_SHARE * free
+        return torch.empty(shape, dtype=dtype, device=self.device if self.on_device else "cpu")
+
+    @property
+    def nbytes(self):
+        return 0 if self.states is None else self.states.numel() * self.states.element_size()
+
+    def inputs(self, image_idx, image_idx_on_device):  # the model's inputs for these images (host, device indices)
+        if self.on_device:
+            return {"encoder_outputs": (self.states[image_idx_on_device],)}
+        rows = torch.empty((len(image_idx), *self.states.shape[1:]), dtype=self.states.dtype,
+                           pin_memory=self.device.type == "cuda")
+        torch.index_select(self.states, 0, image_idx, out=rows)
+        return {"encoder_outputs": (rows.to(self.device, non_blocking=True),)}
+
+
+class PixelInputs:
+    """Without the cache (`why` says why): the encoder runs at every step on the batch's pixels."""
+
+    def __init__(self, pixels, images, why=None):
+        self.pixels, self.images, self.why = pixels, images, why
+
+    def inputs(self, image_idx, image_idx_on_device):
+        return {"pixel_values": self.pixels(self.images[image_idx])}
+
+
+def cast_frozen_weights(model, dtype=torch.bfloat16):
+    """Store frozen Linear, Conv1D and Conv2d weights in `dtype`, as autocast casts them anyway: identical results,
+    half the memory. LayerNorms, embeddings (the tied lm_head), adapters stay fp32. Returns the bytes saved."""
+    from transformers.pytorch_utils import Conv1D
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = 0
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if (isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Conv2d)) and params and id(m.weight) not in embeddings
+                and not any(p.requires_grad or p.dtype != torch.float32 for p in params)):
+            saved += sum(p.numel() for p in params) * (4 - dtype.itemsize)
+            m.to(dtype)
+    return saved
+
+
+def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
+    """Without the adapters' dropout, peft's fp32 cast of their input (undone by autocast) is skipped (peft >= 0.15)."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:
+        return nullcontext()
+    return disable_input_dtype_casting(model, active=amp_dtype is not None and lora_dropout == 0)
+
+
+def fast_path(args, model, data, pixels, amp_dtype):
+    """bf16 frozen weights and the encoder cache: ({split: inputs}, words for the log); each falls back with a word."""
+    notes = []
+    if amp_dtype == torch.bfloat16:
+        try:
+            notes.append(f"frozen weights in bf16 (-{cast_frozen_weights(model) / 2 ** 20:,.0f} MiB)")
+        except Exception as e:  # modules already cast stay so: identical under autocast either way
+            notes.append(f"frozen weights stay fp32 ({plumbing.error_line(e, 100)})")
+    blocker = "--no-encoder-cache" if args.no_encoder_cache else encoder_cache_blocker(model)
+    if blocker is None:
+        t0 = time.perf_counter()
+        try:
+            inputs = {k: EncoderCache(model, pixels, data[k].images, amp_dtype) for k in ("train", "val")}
+            where = "on the device" if inputs["train"].on_device else "in host memory"
+            notes.append(f"encoder output cached ({sum(len(data[k].names) for k in inputs)} images, "
+                         f"{sum(c.nbytes for c in inputs.values()) / 2 ** 20:,.1f} MiB {where}, "
+                         f"{time.perf_counter() - t0:.1f}s)")
+        except Exception as e:  # out of memory included: the cache is an option
+            blocker = f"the cache failed: {plumbing.error_line(e, 100)}"
+    if blocker is not None:
+        inputs = {k: PixelInputs(pixels, data[k].images, blocker) for k in ("train", "val")}
+        notes.append(f"encoder runs every step ({blocker})")
+    return inputs, notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, precision, optimizer and schedule. A captured step reads the learning rate from a device tensor that
+# CapturedStep fills from the optimizer's group at every replay: change the rate through the schedule.
+
+def amp_dtype_for(device):
+    """bf16 autocast where the GPU has it (compute capability >= 8.0), else fp16 + GradScaler; fp32 on CPU, MPS."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def autocast(device, dtype):
+    # No cast cache: inside a CUDA graph cached casts would be stale; each weight is cast once a step anyway.
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
+
+
+def lr_factor(step, warmup_steps, total_steps):
+    """Linear warm-up to 1, then cosine to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(args, params, device, total_steps):
+    """AdamW on the adapters (fused on CUDA) and its warm-up + cosine schedule, stepped once per optimizer step."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    warmup_steps = int(args.warmup * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step: edit train_step. The CUDA graph replays it unchanged, so nothing in it may read a value back to the
+# host (no .item(), no print, no Python branch on a tensor); the loss sum stays on the device.
+
+def caption_loss(model, inputs, decoder_ids, labels):
+    """Summed cross-entropy over the caption tokens (labels -100 on padding), computed once: the model gets no
+    labels=, with which it would compute a loss of its own. `inputs`: pixel_values= or encoder_outputs=."""
+    logits = model(**inputs, decoder_input_ids=decoder_ids, use_cache=False).logits  # logits[t] predicts labels[t]
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def train_step(model, optimizer, scaler, params, amp_dtype, grad_clip, world_size, inputs, tokens, loss_sum,
+               batches, count):
+    """One optimizer step on this process's micro-batches [(image indices on the host or None, pair indices on the
+    device)]. The loss is the mean over `count`, the step's caption tokens on all processes (a device tensor in
+    the graph), so no split into micro-batches or processes changes the gradient; its sum goes to `loss_sum`."""
+    optimizer.zero_grad(set_to_none=True)  # in a graph, backward allocates the gradients in its own memory pool
+    model.train()
+    for i, (images, pairs) in enumerate(batches):
+        reduce_now = world_size == 1 or i == len(batches) - 1  # DDP reduces the gradients once per step
+        with nullcontext() if reduce_now else model.no_sync():
+            with autocast(loss_sum.device, amp_dtype), no_mask_checks():
+                loss = caption_loss(model, inputs.inputs(images, tokens["pair_image"][pairs]),
+                                    tokens["decoder_ids"][pairs], tokens["labels"][pairs])
+            # DDP averages gradients over processes; x world_size makes that the sum over all tokens.
+            scaler.scale(loss * world_size / count).backward()
+        loss_sum += loss.detach()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def eager(step, tokens, args, rank):
+    """The step run eagerly on a step's pairs (host and device copies of the same indices): --grad-accum
+    micro-batches of the global batch, this process's slice of each."""
+    mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+
+    def run(pairs, pairs_on_device):
+        batches = [(tokens["pair_image"][idx[mine]], idx_dev[mine])
+                   for idx, idx_dev in zip(pairs.split(args.global_batch), pairs_on_device.split(args.global_batch))]
+        step(batches, int(tokens["count"][pairs].sum()))  # host tensors: no wait for the device
+    return run
+
+
+def graph_body(step, device_tokens, pairs):
+    """What the graph records: the step on one micro-batch of cached encoder output, from device tensors only."""
+    step([(None, pairs)], device_tokens["count"][pairs].sum())
+
+
+class CapturedStep:
+    """graph_body recorded once (after warm-up steps whose effects are undone) and replayed: ~3,000 kernels in one
+    call, reading the pair indices and the learning rate from static device tensors."""
+
+    def __init__(self, step, optimizer, params, loss_sum, device_tokens, batch_size, warmup=3):
+        device = loss_sum.device
+        self.optimizer = optimizer
+        self.pairs = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+        undo = undo_steps([*params, loss_sum], [optimizer])  # dropout: reseeded at each step
+        rates = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:  # AdamW reads the rate from the device: replays see the schedule
+            group["lr"], group["capturable"] = self.lr, True
+        optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up steps run uncaptured on purpose
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), no_mask_checks():
+                for _ in range(warmup):
+                    graph_body(step, device_tokens, self.pairs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            undo()
+            optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with no_mask_checks(), torch.cuda.graph(self.graph):
+                graph_body(step, device_tokens, self.pairs)
+        except BaseException:
+            torch.cuda.synchronize(device)
+            undo()
+            optimizer.zero_grad(set_to_none=True)
+            for group in optimizer.param_groups:
+                group["capturable"] = False
+            raise
+        finally:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate  # the schedule keeps setting numbers; each replay copies the current one
+
+    def __call__(self, pairs, pairs_on_device):
+        self.pairs.copy_(pairs_on_device, non_blocking=True)
+        self.lr.fill_(self.optimizer.param_groups[0]["lr"])
+        self.graph.replay()
+
+
+def eager_because(args, device, amp_dtype, inputs):
+    """Why the step cannot be captured as a CUDA graph (None where it can)."""
+    if not hasattr(inputs, "on_device"):
+        return inputs.why  # the encoder runs every step
+    if not inputs.on_device:
+        return "the encoder cache is in host memory"
+    if args.grad_accum > 1:
+        return "--grad-accum > 1"
+    if args.world_size > 1:
+        return "torchrun: DDP reduces the gradients"
+    if device.type != "cuda":
+        return f"not CUDA: {device.type}"
+    if amp_dtype != torch.bfloat16:
+        return "no bf16 on this GPU"
+    return "--eager" if args.eager else None
+
+
+def make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs, tokens, device_tokens, loss_sum, rank):
+    """What trains on a step's pairs: a graph replay, else train_step run eagerly after one line saying why."""
+    step = partial(train_step, trained, optimizer, scaler, params, amp_dtype, args.grad_clip, args.world_size,
+                   inputs, device_tokens, loss_sum)
+    why = eager_because(args, loss_sum.device, amp_dtype, inputs)
+    if why:
+        print(f"step: eager ({why})", flush=True)
+    captured = None if why else capture_step(step, optimizer, params, loss_sum, device_tokens, args.batch_size)
+    return captured or eager(step, tokens, args, rank)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: captions (greedy or beam) scored with BLEU-4 and CIDEr-D (below the banner), the validation loss.
+# Edit freely: it runs in eval mode without gradients and changes no weight.
+
+@torch.no_grad()
+def generate_captions(model, tokenizer, pixels, images, args, batch_size=32):
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with autocast(pixels.device, amp_dtype_for(pixels.device)):
+            ids = model.generate(pixel_values=pixels(images[i:i + batch_size]), max_new_tokens=args.max_new_tokens,
+                                 num_beams=args.num_beams, do_sample=False)
+        out += [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return out
+
+
+def evaluate_captions(model, tokenizer, pixels, split, args, label):
+    """(scores, captions) on the first --eval-images test images (scores None without any)."""
+    n = min(len(split.names), args.eval_images or len(split.names))
+    if n == 0:
+        return {"bleu4": None, "cider": None}, []
+    captions = generate_captions(model, tokenizer, pixels, split.images[:n], args)
+    scores = score_captions(captions, split.captions[:n])
+    print(f"{label}: BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} on {n} test images", flush=True)
+    return scores, captions
+
+
+def evaluate_baseline(args, model, tokenizer, pixels, data):
+    """Before fine-tuning: test scores and captions, and the captions of captions.html's images."""
+    if not data["test"].names:
+        return None
+    scores, captions = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
+    sheet = generate_captions(model, tokenizer, pixels, sheet_split(data).images, args)
+    return {"scores": scores, "captions": captions, "sheet": sheet}
+
+
+@torch.no_grad()
+def validation_loss(model, inputs, tokens, device_tokens, amp_dtype, batch_size):
+    """Mean cross-entropy per caption token over every validation pair (as the training loss)."""
+    model.eval()
+    device = device_tokens["labels"].device
+    total = torch.zeros((), device=device)
+    for idx in torch.arange(len(tokens["pair_image"])).split(batch_size):
+        idx_dev = idx.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            total += caption_loss(model, inputs.inputs(tokens["pair_image"][idx], device_tokens["pair_image"][idx_dev]),
+                                  device_tokens["decoder_ids"][idx_dev], device_tokens["labels"][idx_dev])
+    return total.item() / max(int(tokens["count"].sum()), 1)
+
+
+def validate(model, tokenizer, pixels, split, inputs, tokens, amp_dtype, args):
+    """(validation loss, [(name, caption)] for the first three images); (None, []) without a validation split."""
+    if not split.names:
+        return None, []
+    loss = validation_loss(model, inputs, tokens, on_device(tokens, pixels.device), amp_dtype, args.batch_size)
+    return loss, list(zip(split.names, generate_captions(model, tokenizer, pixels, split.images[:3], args)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment: everything a run does, in order, with the loop written out
+
+def epoch_order(seed, epoch, pairs, per_step):
+    """The pair indices of an epoch's optimizer steps, (steps, per_step): a seeded shuffle, the remainder dropped."""
+    order = torch.randperm(pairs, generator=torch.Generator().manual_seed(derived_seed(seed, "batches", epoch)))
+    return order[:len(order) // per_step * per_step].view(-1, per_step)
+
+
+def main(argv=None):
+    memory_hint = "--batch-size (and a larger --grad-accum to keep the effective batch)"
+    with plumbing.one_line_errors(SCRIPT, memory_hint=memory_hint) as report:
+        args, ckpt = experiment_args(argv)
+        if args.caption:
+            return caption_files(args, pick_device(args.device))
+        if args.merge:
+            return merge_adapter(args, pick_device(args.device), report)
+        rank, world_size, local_rank = plumbing.init_distributed(args.device)
+        plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
+        device = pick_device(args.device, local_rank)
+        out_dir = open_run_folder(args, ckpt, report, rank)
+        torch.manual_seed(args.seed)
+        model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
+        data, fingerprint, tokens = load_data(args, ckpt, tokenizer, processor)
+        per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
+        total_steps = min(args.epochs * (len(tokens["pair_image"]) // per_step), args.max_steps or math.inf)
+        pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
+        skip_baseline = args.no_baseline or ckpt or rank  # a resumed run keeps its own
+        baseline = None if skip_baseline else evaluate_baseline(args, model, tokenizer, pixels, data)
+        model = add_lora(model, args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, schedule = make_optimizer(args, params, device, total_steps)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        trained = plumbing.wrap_distributed(model, device, world_size)  # DDP reduces only the adapters' gradients
+        progress = Progress(baseline=baseline)
+        if ckpt:
+            progress = restore_training(ckpt, args, model, optimizer, schedule, scaler, device)
+            print(f"resuming {args.resume} at step {progress.step} of {total_steps}")
+        config = write_config(args, out_dir, rank)
+        t0 = time.perf_counter()
+        inputs, notes = fast_path(args, model, data, pixels, amp_dtype)
+        progress.train_seconds += time.perf_counter() - t0  # encoding the images once is part of training
+        start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, notes)
+        device_tokens = on_device(tokens, device)
+        val_tokens = pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None
+        validation = partial(validate, model, tokenizer, pixels, data["val"], inputs["val"], val_tokens, amp_dtype,
+                             args)
+        save = partial(save_training_state, args, model, optimizer, schedule, scaler, fingerprint, out_dir)
+        loss_sum = torch.zeros((), device=device)  # the training loss since the last read, on the device
+        tokens_read = torch.zeros((), dtype=torch.long)  # its caption tokens, on the host
+        with (plumbing.progress_bar(total_steps, "training", args.no_progress or rank != 0) as bar,
+              adapter_inputs_as_given(model, amp_dtype, args.lora_dropout)):
+            bar.update(progress.step)
+            step = make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs["train"], tokens,
+                             device_tokens, loss_sum, rank) if progress.step < total_steps else None
+            t0 = time.perf_counter()
+            while progress.step < total_steps:
+                # shuffled per epoch, seeded by seed and epoch: a resumed run sees the same batches
+                order = epoch_order(args.seed, progress.epoch, len(tokens["pair_image"]), per_step)
+                order_on_device = order.to(device, non_blocking=True)  # one copy per epoch
+                while progress.batch < len(order) and progress.step < total_steps:
+                    pairs = order[progress.batch]
+                    # dropout draws depend on (seed, step, process) only: resumable at any process count
+                    torch.manual_seed(derived_seed(args.seed, "dropout", progress.step, rank))
+                    step(pairs, order_on_device[progress.batch])
+                    schedule.step()
+                    tokens_read += tokens["count"][pairs].sum()  # host tensors: no wait for the device
+                    progress.batch += 1
+                    progress.step += 1
+                    progress.pairs_seen += per_step
+                    bar.update(1)
+                    loss = None
+                    if is_read_step(args, progress.step, total_steps):  # waits for the device
+                        loss = read_loss(loss_sum, tokens_read, world_size, progress.step, schedule, bar)
+                        progress.train_seconds += time.perf_counter() - t0  # steps only: not validation, saves
+                    if rank == 0:
+                        after_step(args, progress, loss, schedule, total_steps, out_dir, validation, save)
+                    if loss is not None:
+                        t0 = time.perf_counter()
+                if progress.batch >= len(order):
+                    progress.epoch += 1
+                    progress.batch = 0
+        step = None  # a graph's memory pool (its gradients too) goes back to the evaluation that follows
+        optimizer.zero_grad(set_to_none=True)
+        summary = None
+        if rank == 0:
+            after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
+            summary = write_summary(args, config, progress, data, after, count_params(model), device, out_dir)
+            if not args.no_plots:
+                save_pictures(args, model, tokenizer, pixels, progress, data, out_dir)
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+        return summary
+
+
+# ===== Run plumbing: nothing below changes what is trained =====
+
+# ----------------------------------------------------------------------------------------------------
+# Flags on resume, the run folder, the machine, the start lines
+
+# argparse types for the float flags: finite, in range, with the words this script's users know
+
+def finite_number(words, in_range):
+    """An argparse type for a float flag: finite and in_range, else "--flag must be <words>, got <value>"."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and in_range(value)):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
+        return value
+    return parse
+
+
+positive = finite_number("a finite number > 0", lambda v: v > 0)
+non_negative = finite_number("a finite number >= 0", lambda v: v >= 0)
+fraction = finite_number("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+@dataclass
+class Progress:
+    """What training_state.pt records of the run besides weights and flags."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # optimizer steps done in this epoch
+    train_seconds: float = 0.0
+    pairs_seen: int = 0
+    baseline: dict = None  # scores and captions before fine-tuning (None: not computed)
 
 
 def pick_device(name, local_rank=0):
@@ -169,22 +645,512 @@ def pick_device(name, local_rank=0):
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def amp_dtype_for(device):
-    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS.
-    The adapters stay in fp32: autocast only lowers the matmuls."""
-    if device.type != "cuda":
+# The flags each mode reads; any other flag typed with --caption or --merge would be silently ignored.
+MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device"},
+              "--merge": {"merge", "adapter", "model", "out_dir", "device"}}
+NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
+
+
+def check_mode_flags(parser, given, cli):
+    """What --caption and --merge need, then: a typed flag the chosen mode does not read is refused."""
+    if (cli.merge and not cli.adapter) or (cli.caption and not (cli.adapter or cli.model)):
+        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
+                        "--caption also takes a merged model as --model DIR")
+    if cli.merge and not cli.out_dir:
+        raise DataError("--merge needs --out-dir for the merged model")
+    mode = "--caption" if cli.caption else "--merge" if cli.merge else None
+    for action in parser._actions:  # in the parser's order, so that the message names the first one
+        name = action.dest
+        if name not in given:
+            continue
+        if mode and name not in MODE_FLAGS[mode]:
+            raise DataError(f"{plumbing.flag(name)} has no effect with {mode}; drop it")
+        if not mode and name in NOT_TRAINING_FLAGS:
+            raise DataError(f"{plumbing.flag(name)} has no effect in training (it is for --caption and --merge); "
+                            f"drop it")
+
+
+def experiment_args(argv):
+    """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that differs is
+    refused; more --epochs or --max-steps extend the run)."""
+    parser = build_parser()
+    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    check_mode_flags(parser, given, cli)
+    if not cli.resume:
+        if cli.data_dir:
+            cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        check_args(cli)
+        return cli, None
+    ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
+    args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
+                                 parser=parser)
+    if "data_dir" in given:
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    check_args(args)
+    return args, ckpt
+
+
+def open_run_folder(args, ckpt, report, rank):
+    """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
+    if rank == 0:
+        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+    return Path(args.out_dir or ".")
+
+
+def load_data(args, ckpt, tokenizer, processor):
+    """The caption set (checked against a resumed run's), its fingerprint and the training pairs' tokens."""
+    size, resample = processor_geometry(processor)
+    data = load_caption_data(args.data_dir, size, resample, args.seed)
+    fingerprint = data_fingerprint(data)
+    if ckpt:  # a --data-dir typed with --resume must hold the run's data (as in the CIFAR scripts)
+        plumbing.check_same_data(ckpt, SimpleNamespace(fingerprint=fingerprint), args.data_dir)
+    tokens = pair_tokens(tokenizer, data["train"], args.max_length)
+    if len(tokens["pair_image"]) < args.global_batch * args.grad_accum:
+        raise DataError(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} "
+                        f"process(es) is more than the {len(tokens['pair_image'])} training pairs")
+    return data, fingerprint, tokens
+
+
+def write_config(args, out_dir, rank):
+    """config.json at every start (a resume may have extended --epochs or --max-steps): the flags in force."""
+    config = dict(vars(args))
+    if rank == 0:
+        plumbing.write_json(out_dir / "config.json", config)
+    return config
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, notes):
+    """What Ctrl-C reports, and the start lines."""
+    last = out_dir / "training_state.pt"
+    report.resume = last
+    report.saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
+                            if last.exists() else
+                            f"nothing was saved yet (the first save comes at step {args.save_every})")
+    trainable, total = count_params(model)
+    sizes = "/".join(str(len(data[k].names)) for k in SPLITS)
+    processes = f" ({args.world_size} processes x {args.batch_size})" if args.world_size > 1 else ""
+    print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
+          f"{amp_dtype or torch.float32} | {sizes} train/val/test images | {len(tokens['pair_image']):,} training "
+          f"pairs of {tokens['labels'].shape[1]} tokens | batch {args.global_batch}{processes} x {args.grad_accum} "
+          f"accumulated | out {out_dir}")
+    print(f"{SCRIPT}: {' | '.join(notes)}", flush=True)
+
+
+def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size):
+    """A CapturedStep, or None if the capture fails (out of memory included): the run is left as it was, one line
+    names the error, and the eager step trains the same model."""
+    device, t0 = loss_sum.device, time.perf_counter()
+    try:
+        captured = CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size)
+    except Exception as e:  # the fast path must not end the run
+        capture_failed(e, device)
         return None
-    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
-    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
+    return captured
 
 
-def autocast(device, dtype, cache_enabled=True):
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled) if dtype is not None else nullcontext()
+def capture_failed(error, device):
+    """One line naming what broke a capture (torch's follow-up "during capture" error names its cause); stops the
+    run if the capture left CUDA's random generator unusable."""
+    while error.__context__ is not None and "during capture" in str(error):
+        error = error.__context__
+    why = plumbing.error_line(error)
+    gc.collect()  # the half-built graph and its memory pool
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not cuda_generator_works(device):
+        print(f"{SCRIPT}.py: error: CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
+              f"nothing was lost: run the same command again with --eager", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
+
+
+def cuda_generator_works(device):
+    """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
+    try:
+        torch.rand(1, device=device)
+        return True
+    except RuntimeError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: captions.csv + images, checked and decoded before any training
+# Reads, logs, saves: the adapter folder is swapped in whole; the training state is one atomic file
+
+def is_read_step(args, step, total_steps):
+    return step % LOG_EVERY == 0 or step % args.eval_every == 0 or step % args.save_every == 0 or step == total_steps
+
+
+def read_loss(loss_sum, tokens_read, world_size, step, schedule, bar):
+    """The mean token loss since the previous read, over all processes: waits for the device. A non-finite loss
+    stops the run here, before the state is saved (the last saved state is kept)."""
+    loss = plumbing.all_reduce_sum(loss_sum.clone(), world_size).item() / max(int(tokens_read), 1)
+    loss_sum.zero_()
+    tokens_read.zero_()
+    lr = schedule.get_last_lr()[0]
+    if not math.isfinite(loss):
+        raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+    return loss
+
+
+def after_step(args, progress, loss, schedule, total_steps, out_dir, validation, save):
+    """Every step, on the main process. At evaluation steps a metrics row (train_loss: the mean since the previous
+    read), the validation loss and three sample captions; at save steps save(progress). Both are read steps."""
+    step = progress.step
+    if step % args.eval_every == 0 or step == total_steps:
+        row = {"step": step, "epoch": progress.epoch + 1, "train_loss": loss, "lr": schedule.get_last_lr()[0]}
+        val_loss, samples = validation()
+        if samples:
+            row["val_loss"] = val_loss
+            print(f"step {step}/{total_steps} | train loss {loss:.4f} | val loss {val_loss:.4f} | lr {row['lr']:.2e}",
+                  flush=True)
+            for name, caption in samples:
+                print(f"    {name}: {caption}")
+        plumbing.append_jsonl(out_dir / "metrics.jsonl", row)
+    if step % args.save_every == 0 or step == total_steps:
+        save(progress)
+
+
+def load_step(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
+
+
+def base_model_name(args):
+    """What the adapter records as its base: --model (a local folder as an absolute path, so that --caption
+    and --merge find it from anywhere) or the default hub id."""
+    name = args.model or DEFAULT_MODEL
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def save_training_state(args, model, optimizer, schedule, scaler, fingerprint, out_dir, progress):
+    plumbing.save_checkpoint({"script": SCRIPT, "trainable": plumbing.trainable_state(model),
+                              "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                              "scaler": scaler.state_dict(), "state": asdict(progress), "args": vars(args),
+                              "data_fingerprint": fingerprint}, out_dir / "training_state.pt")
+    plumbing.save_adapter(model, out_dir, base_model=base_model_name(args))
+
+
+def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
+    """Adapters, optimizer, schedule and scaler from a training_state.pt; returns its Progress."""
+    unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
+    if unexpected or ckpt["trainable"].keys() != plumbing.trainable_state(model).keys():
+        raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
+                        f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved flags are the saving machine's; a capture sets its own
+        group["fused"], group["capturable"] = device.type == "cuda", False
+    for state in optimizer.state.values():  # fused AdamW counts steps on the device
+        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
+    schedule.load_state_dict(ckpt["schedule"])
+    scaler.load_state_dict(ckpt["scaler"])
+    # rows logged after the last save are logged again by the resumed run
+    plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["step"] <= ckpt["state"]["step"])
+    return Progress(**ckpt["state"])
+
+
+def write_summary(args, config, progress, data, after, counts, device, out_dir):
+    """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
+    null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
+    base = progress.baseline or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
+    examples = [{"image": n, "references": refs, "before": b, "after": a}
+                for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
+    summary = {"script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
+               "test_images": len(after[1]), "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+               "epochs": round(progress.pairs_seen / sum(map(len, data["train"].captions)), 3),
+               "steps": progress.step, "world_size": args.world_size, "global_batch": args.global_batch,
+               "test_acc": None, "train_seconds": progress.train_seconds, "images_per_second": None,
+               "pairs_per_second": progress.pairs_seen / max(progress.train_seconds, 1e-9),
+               "peak_memory_mb": plumbing.peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
+               "args": config, "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
+               "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+               "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
+               "examples": examples}
+    plumbing.write_json(out_dir / "summary.json", summary)
+    for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
+        before = f"before {ex['before']!r} | " if ex["before"] is not None else ""
+        print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
+          f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
+          f"{summary['pairs_per_second']:,.1f} pairs/s | adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures: curves.png, captions.html
+
+SHEET_IMAGES = 8  # validation images shown in captions.html, the same ones every run
+
+
+def sheet_split(data):
+    """The images captions.html shows: the first validation images (test images if there is no validation split)."""
+    split = data["val"] if data["val"].names else data["test"]
+    n = min(SHEET_IMAGES, len(split.names))
+    return CaptionSplit(split.names[:n], split.images[:n], split.captions[:n])
+
+
+def save_pictures(args, model, tokenizer, pixels, progress, data, out_dir):
+    plumbing.plot_curves(plumbing.read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png", x="step",
+                         panels=(("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",))))
+    sheet = sheet_split(data)
+    if not sheet.names:
+        print(f"pictures in {out_dir}: curves.png (no validation or test image for captions.html)")
+        return
+    after = generate_captions(model, tokenizer, pixels, sheet.images, args)
+    before = (progress.baseline or {}).get("sheet") or [None] * len(after)
+    write_caption_sheet(out_dir / "captions.html", sheet, before, after, args.model or DEFAULT_MODEL)
+    print(f"pictures in {out_dir}: curves.png, captions.html")
+
+
+def write_caption_sheet(path, split, before, after, model_name):
+    """A self-contained HTML page (images embedded as JPEG data URIs): image, references, caption before
+    fine-tuning, caption after."""
+    import base64
+    import html
+    import io
+
+    from PIL import Image
+    def shown(caption):
+        return "<em>not computed</em>" if caption is None else html.escape(caption) or "<em>(empty caption)</em>"
+
+    rows = []
+    for name, image, refs, b, a in zip(split.names, split.images, split.captions, before, after):
+        buf = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=85)
+        src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        refs_html = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
+        rows.append(f'<tr><td><img src="{src}" alt="{html.escape(name)}" width="224"><br>'
+                    f'<code>{html.escape(name)}</code></td><td><ul>{refs_html}</ul></td><td>{shown(b)}</td>'
+                    f'<td><strong>{shown(a)}</strong></td></tr>')
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Captions before and after LoRA fine-tuning</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{{margin:0;padding-left:1.2em}}</style>
+</head><body><h1>Captions before and after LoRA fine-tuning</h1>
+<p>Base model: <code>{html.escape(model_name)}</code></p>
+<table><thead><tr><th>image</th><th>references</th><th>before fine-tuning</th><th>after fine-tuning</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table></body></html>
+"""
+    plumbing.write_text_atomic(path, page)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Caption metrics (scoring only): corpus BLEU-4 and CIDEr-D against every reference of each image
+
+def score_captions(hypotheses, references):
+    hyp = [caption_tokens(h) for h in hypotheses]
+    refs = [[caption_tokens(r) for r in rs] for rs in references]
+    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
+
+
+_IDEOGRAPHS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # CJK ideographs
+
+
+def caption_tokens(text):
+    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics. Words are
+    runs of letters, digits and combining marks in any script (after NFKC normalisation, so 'Mädchen' is one
+    word however it was typed); each CJK ideograph is a word of its own, as in sacrebleu's Chinese tokenizer.
+    ASCII text gives exactly its [a-z0-9]+ runs, the tokens the tests hand to sacrebleu and pycocoevalcap. They
+    are not the COCO evaluation's: its PTB tokenizer keeps "well-dressed" whole and "'s" as a token, where this
+    gives "well", "dressed" and "s"."""
+    if text.isascii():
+        return re.findall(r"[a-z0-9]+", text.lower())
+    words, word = [], ""
+    for ch in unicodedata.normalize("NFKC", text).lower():
+        if _IDEOGRAPHS.match(ch):
+            words += [word, ch] if word else [ch]
+            word = ""
+        elif unicodedata.category(ch)[0] in "LNM":
+            word += ch
+        elif word:
+            words.append(word)
+            word = ""
+    return words + [word] if word else words
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu4(hypotheses, references):
+    """Corpus BLEU-4 in [0, 1] (Papineni et al. 2002) over token lists: clipped n-gram precisions
+    summed over the corpus, geometric mean, brevity penalty against the closest reference length (ties:
+    the shorter). No smoothing: any empty n-gram order gives 0. Equals sacrebleu's corpus BLEU with
+    tokenize='none', smooth_method='none', divided by 100."""
+    matches, totals = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for hyp, refs in zip(hypotheses, references):
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+        for n in range(1, 5):
+            counts = _ngrams(hyp, n)
+            max_ref = Counter()
+            for r in refs:
+                max_ref |= _ngrams(r, n)
+            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    if min(matches) == 0 or hyp_len == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(log_precision)
+
+
+def cider_d(hypotheses, references, sigma=6.0):
+    """CIDEr-D (Vedantam et al. 2015, the COCO evaluation server's variant) over token lists: TF-IDF
+    vectors of 1- to 4-grams (document frequency over the references of the corpus), cosine similarity
+    with the hypothesis' weights clipped at the reference's, a Gaussian penalty on the length
+    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams.
+    An empty corpus scores 0."""
+    if not hypotheses:
+        return 0.0
+    ref_counts = [[_all_ngrams(r) for r in refs] for refs in references]
+    doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
+    log_n = math.log(len(references))
+
+    def vector(counts):
+        vec, norm = [{} for _ in range(4)], [0.0] * 4
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, doc_freq[g])))
+            norm[len(g) - 1] += vec[len(g) - 1][g] ** 2
+        return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
+
+    scores = []
+    for hyp, refs in zip(hypotheses, ref_counts):
+        h_vec, h_norm, h_len = vector(_all_ngrams(hyp))
+        total = 0.0
+        for ref in refs:
+            r_vec, r_norm, r_len = vector(ref)
+            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                dot = sum(min(w, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, w in h_vec[n].items())
+                if h_norm[n] and r_norm[n]:
+                    dot /= h_norm[n] * r_norm[n]
+                total += dot * penalty / 4
+        scores.append(10.0 * total / len(refs))
+    return sum(scores) / len(scores)
+
+
+def _all_ngrams(tokens):
+    return sum((_ngrams(tokens, n) for n in range(1, 5)), Counter())
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers and peft: their bars and warnings quieted, another kind of model refused by name
+
+MASK_WARNINGS = {
+    # GPT-2's forward, whenever its config has a pad id (= EOS = the start token) in the first or last column
+    "transformers.modeling_utils": ("We strongly recommend passing in an `attention_mask`",),
+    # generate() with a batch, when pad = EOS
+    "transformers.generation.utils": ("The attention mask is not set", "The attention mask and the pad token id"),
+}
+
+
+def _mask_warning_filter(prefixes):
+    return lambda record: not record.getMessage().startswith(prefixes)
+
+
+def quiet_transformers():
+    """Silence what the script handles itself: transformers' own progress bars ('Loading weights', 'Writing
+    model shards'; download bars stay) and the warnings that the decoder gets no attention mask."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+    downloads_shown = not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if downloads_shown:
+        enable_progress_bars()
+    for name, prefixes in MASK_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "mask_warnings", False) for f in logger.filters):  # once per process
+            drop = _mask_warning_filter(prefixes)
+            drop.mask_warnings = True
+            logger.addFilter(drop)
+
+
+@contextmanager
+def no_peft_deprecation_warning():
+    """peft calls an API that transformers 5 deprecated (is_gradient_checkpointing); not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def load_captioner(name, device, label=None):
+    """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+    quiet_transformers()
+    try:
+        check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
+        model = VisionEncoderDecoderModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
+                        f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
+                        ) from None
+    # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
+    tokenizer.pad_token = tokenizer.eos_token
+    for config in (model.config, model.generation_config):
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config.decoder_start_token_id = tokenizer.bos_token_id
+    return model.to(device), tokenizer, processor
+
+
+@contextmanager
+def no_mask_checks():
+    """transformers' data checks (padding, packed sequences) answered instead of asked, as the decoder gets no mask
+    and positions 0..T-1: no step waits for the device, and a capture records the eager step's kernels."""
+    import transformers
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
+    answers = [(masking_utils, "is_tracing", lambda tensor=None: False),
+               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
+               # GPT-2 looks for a pad id in its first and last columns when its config has one (the padding is
+               # meant: labels mask it, and the causal mask keeps it out of the caption's tokens)
+               (transformers.PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)]
+    answers = [(owner, name, answer) for owner, name, answer in answers if owner and name in vars(owner)]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in answers]
+    for owner, name, answer in answers:
+        setattr(owner, name, answer)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def check_is_captioner(config, label):
+    """A folder of another kind of model (a CLIP, a plain GPT-2) would fail deep inside transformers: its
+    config.json, read first, says what it holds."""
+    if config.model_type != "vision-encoder-decoder":
+        kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
+        raise DataError(f"{label} holds a {kind}, not a VisionEncoderDecoderModel: pass an image captioner "
+                        f"with its tokenizer and image processor (e.g. {DEFAULT_MODEL}), or a --merge output")
+
+
+def processor_geometry(processor):
+    from torchvision.transforms.v2 import InterpolationMode
+    size = processor.size
+    hw = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+    return hw, modes.get(int(getattr(processor, "resample", 2)), InterpolationMode.BILINEAR)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input hardening: captions.csv + images, checked and decoded before any training
+
+SPLITS = ("train", "val", "test")
+
 
 @dataclass
 class CaptionSplit:
@@ -348,1006 +1314,8 @@ def split_names(root, names, seed, log):
             "train": sorted(order[2 * n_held:])}
 
 
-def tokenize_captions(tokenizer, captions, max_length):
-    """Token ids + EOS, right-padded with the pad (= EOS) id to the longest caption: one width for the whole
-    split, so every training step has the same shapes. Labels are the ids with -100 wherever the attention
-    mask is 0, so the caption's own EOS is learned and padding is not."""
-    ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
-    ids = [x + [tokenizer.eos_token_id] for x in ids]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
-    return input_ids, mask, input_ids.masked_fill(mask == 0, -100)
-
-
-def pair_tokens(tokenizer, split, max_length):
-    """Every (image, caption) pair of a split, on the host: the image index per pair, the caption's tokens, the
-    decoder's input (the start token, then the caption shifted right: what the model builds from labels=)
-    and the number of tokens the loss counts."""
-    pair_image = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps], dtype=torch.long)
-    input_ids, mask, labels = tokenize_captions(tokenizer, [c for caps in split.captions for c in caps], max_length)
-    start = torch.full((len(input_ids), 1), tokenizer.bos_token_id, dtype=torch.long)  # the decoder start token
-    return {"pair_image": pair_image, "input_ids": input_ids, "mask": mask, "labels": labels,
-            "decoder_ids": torch.cat([start, input_ids[:, :-1]], 1), "count": mask.sum(1)}
-
-
-def on_device(tokens, device):
-    """The tensors a step indexes, copied to the training device once (no copy per step)."""
-    return {k: tokens[k].to(device) for k in ("pair_image", "decoder_ids", "labels", "count")}
-
-
-class Pixels:
-    """uint8 images -> the model's pixel_values on the device (rescale + the processor's mean/std)."""
-
-    def __init__(self, processor, device):
-        self.device = device
-        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
-
-    def __call__(self, images):
-        return (images.to(self.device, non_blocking=True).float() / 255 - self.mean) / self.std
-
-
 # ----------------------------------------------------------------------------------------------------
-# Model: the captioner through transformers, adapters through peft
-
-# transformers' warnings that the decoder gets no attention mask, by the logger that emits each (5.x wording).
-# Nothing the decoder reads is padding: generation starts from one start token per image, and in training and
-# validation the padding comes after each caption's EOS, where the causal mask keeps it out and labels skip it.
-MASK_WARNINGS = {
-    # GPT-2's forward, whenever its config has a pad id (= EOS = the start token) in the first or last column
-    "transformers.modeling_utils": ("We strongly recommend passing in an `attention_mask`",),
-    # generate() with a batch, when pad = EOS
-    "transformers.generation.utils": ("The attention mask is not set", "The attention mask and the pad token id"),
-}
-
-
-def _mask_warning_filter(prefixes):
-    return lambda record: not record.getMessage().startswith(prefixes)
-
-
-def quiet_transformers():
-    """Silence what the script handles itself: transformers' own progress bars ('Loading weights', 'Writing
-    model shards'; download bars stay) and the warnings that the decoder gets no attention mask."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-    downloads_shown = not are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
-    if downloads_shown:
-        enable_progress_bars()
-    for name, prefixes in MASK_WARNINGS.items():
-        logger = logging.getLogger(name)
-        if not any(getattr(f, "mask_warnings", False) for f in logger.filters):  # once per process
-            drop = _mask_warning_filter(prefixes)
-            drop.mask_warnings = True
-            logger.addFilter(drop)
-
-
-@contextmanager
-def no_peft_deprecation_warning():
-    """peft calls an API that transformers 5 deprecated (is_gradient_checkpointing); not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        yield
-
-
-def check_is_captioner(config, label):
-    """A folder of another kind of model (a CLIP, a plain GPT-2) would fail deep inside transformers: its
-    config.json, read first, says what it holds."""
-    if config.model_type != "vision-encoder-decoder":
-        kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
-        raise DataError(f"{label} holds a {kind}, not a VisionEncoderDecoderModel: pass an image captioner "
-                        f"with its tokenizer and image processor (e.g. {DEFAULT_MODEL}), or a --merge output")
-
-
-def load_captioner(name, device, label=None):
-    """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
-    quiet_transformers()
-    try:
-        check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
-        model = VisionEncoderDecoderModel.from_pretrained(name, **NO_HUB_KERNELS)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        processor = AutoImageProcessor.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
-                        f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
-                        ) from None
-    # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
-    tokenizer.pad_token = tokenizer.eos_token
-    for config in (model.config, model.generation_config):
-        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        config.decoder_start_token_id = tokenizer.bos_token_id
-    return model.to(device), tokenizer, processor
-
-
-def processor_geometry(processor):
-    from torchvision.transforms.v2 import InterpolationMode
-    size = processor.size
-    hw = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
-    modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
-    return hw, modes.get(int(getattr(processor, "resample", 2)), InterpolationMode.BILINEAR)
-
-
-def add_lora(model, args):
-    """Wrap with peft; only the adapters require grad afterwards."""
-    from peft import LoraConfig, get_peft_model
-    targets = list(args.targets) + (CROSS_ATTENTION_TARGETS if args.cross_attention else [])
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
-                        target_modules=targets, fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
-    try:
-        with no_peft_deprecation_warning():
-            return get_peft_model(model, config)
-    except ValueError as e:
-        raise DataError(f"--targets {' '.join(targets)}: {str(e).splitlines()[0]}") from None
-
-
-def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
-
-def lr_factor(step, warmup_steps, total_steps):
-    """Linear warm-up to 1, then cosine to 0 at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The fast step: frozen encoder cached, frozen weights in bf16, decoder blocks compiled. Each leaves the
-# results unchanged (tests/test_lora_fast.py) and each falls back to the plain path when it cannot apply.
-
-def base_model(model):
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def encoder_cache_blocker(model):
-    """Why the encoder's output could change from one step to the next (None if it cannot): a trainable
-    parameter (a --targets that adapts the encoder) or dropout that is active in training."""
-    encoder = base_model(model).encoder
-    if any(p.requires_grad for p in encoder.parameters()):
-        return "the encoder trains (--targets adapts it)"
-    rates = [getattr(m, "p", 0) for m in encoder.modules() if "dropout" in type(m).__name__.lower()]
-    rates += [v for k, v in encoder.config.to_dict().items()
-              if ("dropout" in k or "drop_path" in k) and isinstance(v, float)]
-    return "the encoder uses dropout in training" if any(r > 0 for r in rates) else None
-
-
-class EncoderCache:
-    """The frozen encoder's output (what the decoder's cross-attention reads) for every image of a split,
-    computed once under the training autocast and stored in its dtype (bf16 on GPUs: 296 KiB per ViT-B/16
-    image at 224 px). The decoder trains on it through the model's own encoder_outputs= path, so each step is
-    the step the encoder would have fed. On the device when it takes at most CACHE_SHARE of the free memory,
-    else in host memory, whose rows each batch gathers into pinned memory and copies without waiting."""
-
-    def __init__(self, model, pixels, images, amp_dtype, batch_size=64, on_device=None):
-        self.device, self.states, self.on_device = pixels.device, None, on_device
-        encoder = base_model(model).encoder
-        was_training = encoder.training
-        encoder.eval()
-        for i in range(0, len(images), batch_size):
-            with torch.no_grad(), autocast(self.device, amp_dtype):
-                h = encoder(pixel_values=pixels(images[i:i + batch_size])).last_hidden_state  # [B, tokens, width]
-            if self.states is None:
-                self.states = self._allocate((len(images), *h.shape[1:]), amp_dtype or h.dtype)
-            self.states[i:i + len(h)] = h  # rounded to the autocast dtype exactly as the cross-attention would
-        encoder.train(was_training)
-
-    def _allocate(self, shape, dtype):
-        if self.on_device is None:
-            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else math.inf
-            self.on_device = math.prod(shape) * dtype.itemsize <= CACHE_SHARE * free
-        return torch.empty(shape, dtype=dtype, device=self.device if self.on_device else "cpu")
-
-    @property
-    def nbytes(self):
-        return 0 if self.states is None else self.states.numel() * self.states.element_size()
-
-    def inputs(self, image_idx, image_idx_on_device):
-        """The model's keyword arguments for these images (their indices on the host and on the device)."""
-        if self.on_device:
-            return {"encoder_outputs": (self.states[image_idx_on_device],)}
-        rows = torch.empty((len(image_idx), *self.states.shape[1:]), dtype=self.states.dtype,
-                           pin_memory=self.device.type == "cuda")
-        torch.index_select(self.states, 0, image_idx, out=rows)
-        return {"encoder_outputs": (rows.to(self.device, non_blocking=True),)}
-
-
-class PixelInputs:
-    """Without the cache: the encoder runs at every step on the batch's pixels (uint8 images on the host)."""
-
-    def __init__(self, pixels, images):
-        self.pixels, self.images = pixels, images
-
-    def inputs(self, image_idx, image_idx_on_device):
-        return {"pixel_values": self.pixels(self.images[image_idx])}
-
-
-def cast_frozen_weights(model, dtype=torch.bfloat16):
-    """Store frozen Linear, Conv1D and Conv2d weights and biases in `dtype`: autocast casts them to it at every
-    step anyway (~238M values for ViT-GPT2), so the results are identical and the casts and half of their
-    memory are saved. LayerNorms, embeddings and the lm_head tied to GPT-2's wte stay fp32, as do the adapters
-    and their optimizer state. Returns the bytes saved."""
-    from transformers.pytorch_utils import Conv1D
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    saved = 0
-    for m in model.modules():
-        params = list(m.parameters(recurse=False))
-        if (isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Conv2d)) and params and id(m.weight) not in embeddings
-                and not any(p.requires_grad or p.dtype != torch.float32 for p in params)):
-            saved += sum(p.numel() for p in params) * (4 - dtype.itemsize)
-            m.to(dtype)
-    return saved
-
-
-def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
-    """peft casts each adapter's input to fp32, and autocast casts it straight back to bf16 for the adapter's
-    matmul: two copies per adapted layer and step. Without the adapters' dropout the round trip changes no
-    value, so under autocast it is skipped (peft >= 0.15); with dropout, which would then draw and scale in
-    bf16, it stays."""
-    try:
-        from peft.helpers import disable_input_dtype_casting
-    except ImportError:
-        return nullcontext()
-    return disable_input_dtype_casting(model, active=amp_dtype is not None and lora_dropout == 0)
-
-
-def repeated_blocks(module):
-    """The layers of the module's largest list of identical blocks (GPT-2's h, ViT's layer)."""
-    lists = [m for m in module.modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
-    return list(max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()), default=[]))
-
-
-class CompiledBlocks:
-    """torch.compile of repeated blocks (regional compilation: one block's code is compiled once and reused
-    by all, seconds instead of minutes). Installed for the training step's forward only: generation and
-    validation, whose shapes vary, run the plain blocks."""
-
-    def __init__(self, blocks, mode="default", **options):
-        self.forwards = [(block, torch.compile(block.forward, mode=mode, **options)) for block in blocks]
-        self.proven = False  # set once a step has run compiled
-
-    @contextmanager
-    def active(self):
-        for block, forward in self.forwards:
-            block.forward = forward
-        try:
-            yield
-        finally:
-            for block, _ in self.forwards:
-                del block.forward  # back to the class's own forward
-
-    def give_up(self, error):
-        print(f"torch.compile failed ({error_line(error)}); training with the plain blocks", flush=True)
-        self.forwards, self.proven = [], True
-
-
-def fast_path(args, model, data, pixels, amp_dtype):
-    """Frozen weights in bf16 (with bf16 autocast), the encoder cache (when the encoder cannot change) and the
-    compiled blocks (--compile): ({split: inputs}, CompiledBlocks or None, words for the log). A part that
-    fails falls back to the plain path with a word: none of them is needed for the results."""
-    notes = []
-    if amp_dtype == torch.bfloat16:
-        try:
-            notes.append(f"frozen weights in bf16 (-{cast_frozen_weights(model) / 2 ** 20:,.0f} MiB)")
-        except Exception as e:  # modules already cast stay so: identical under autocast either way
-            notes.append(f"frozen weights stay fp32 ({error_line(e, 100)})")
-    blocker = "--no-encoder-cache" if args.no_encoder_cache else encoder_cache_blocker(model)
-    if blocker is None:
-        t0 = time.perf_counter()
-        try:
-            inputs = {k: EncoderCache(model, pixels, data[k].images, amp_dtype) for k in ("train", "val")}
-            where = "on the device" if inputs["train"].on_device else "in host memory"
-            notes.append(f"encoder output cached ({sum(len(data[k].names) for k in inputs)} images, "
-                         f"{sum(c.nbytes for c in inputs.values()) / 2 ** 20:,.1f} MiB {where}, "
-                         f"{time.perf_counter() - t0:.1f}s)")
-        except Exception as e:  # out of memory included: the cache is an option
-            blocker = f"the cache failed: {error_line(e, 100)}"
-    if blocker is not None:
-        inputs = {k: PixelInputs(pixels, data[k].images) for k in ("train", "val")}
-        notes.append(f"encoder runs every step ({blocker})")
-    compiled = None
-    if args.compile and pixels.device.type != "cuda":
-        quiet_compile_on_cpu()
-    if args.compile:
-        trained = base_model(model)
-        blocks = repeated_blocks(trained.decoder) + (repeated_blocks(trained.encoder) if blocker else [])
-        compiled = CompiledBlocks(blocks, args.compile_mode)
-        notes.append(f"{len(blocks)} blocks compiled ({args.compile_mode})")
-    return inputs, compiled, notes
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: greedy/beam captions, BLEU-4 and CIDEr-D, validation loss
-
-@torch.no_grad()
-def generate_captions(model, tokenizer, pixels, images, args, batch_size=32):
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        with autocast(pixels.device, amp_dtype_for(pixels.device)):
-            ids = model.generate(pixel_values=pixels(images[i:i + batch_size]), max_new_tokens=args.max_new_tokens,
-                                 num_beams=args.num_beams, do_sample=False)
-        out += [c.strip() for c in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    return out
-
-
-def score_captions(hypotheses, references):
-    hyp = [caption_tokens(h) for h in hypotheses]
-    refs = [[caption_tokens(r) for r in rs] for rs in references]
-    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
-
-
-def evaluate_captions(model, tokenizer, pixels, split, args, label):
-    """(scores, captions) on the first --eval-images test images; scores are None without a test image (the
-    data loader said so before any work)."""
-    n = min(len(split.names), args.eval_images or len(split.names))
-    if n == 0:
-        return {"bleu4": None, "cider": None}, []
-    captions = generate_captions(model, tokenizer, pixels, split.images[:n], args)
-    scores = score_captions(captions, split.captions[:n])
-    print(f"{label}: BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} on {n} test images", flush=True)
-    return scores, captions
-
-
-def caption_loss(model, inputs, decoder_ids, labels):
-    """Summed cross-entropy over the caption tokens (labels -100 on padding), computed once: the model gets
-    no labels=, with which it would compute a loss of its own. `inputs` is pixel_values= (the encoder runs)
-    or encoder_outputs= (its cached output)."""
-    logits = model(**inputs, decoder_input_ids=decoder_ids, use_cache=False).logits  # logits[t] predicts labels[t]
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-
-
-@torch.no_grad()
-def validation_loss(model, inputs, tokens, device_tokens, amp_dtype, batch_size):
-    """Mean cross-entropy per caption token over every validation pair (as the training loss)."""
-    model.eval()
-    device = device_tokens["labels"].device
-    total = torch.zeros((), device=device)
-    for idx in torch.arange(len(tokens["pair_image"])).split(batch_size):
-        idx_dev = idx.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            total += caption_loss(model, inputs.inputs(tokens["pair_image"][idx], device_tokens["pair_image"][idx_dev]),
-                                  device_tokens["decoder_ids"][idx_dev], device_tokens["labels"][idx_dev])
-    return total.item() / max(int(tokens["count"].sum()), 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Caption metrics: corpus BLEU-4 and CIDEr-D against every reference of each image
-
-_IDEOGRAPHS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # CJK ideographs
-
-
-def caption_tokens(text):
-    """Lower-case words and numbers, punctuation dropped: the usual preparation for caption metrics. Words are
-    runs of letters, digits and combining marks in any script (after NFKC normalisation, so 'Mädchen' is one
-    word however it was typed); each CJK ideograph is a word of its own, as in sacrebleu's Chinese tokenizer.
-    ASCII text gives exactly its [a-z0-9]+ runs, the tokens the tests hand to sacrebleu and pycocoevalcap. They
-    are not the COCO evaluation's: its PTB tokenizer keeps "well-dressed" whole and "'s" as a token, where this
-    gives "well", "dressed" and "s"."""
-    if text.isascii():
-        return re.findall(r"[a-z0-9]+", text.lower())
-    words, word = [], ""
-    for ch in unicodedata.normalize("NFKC", text).lower():
-        if _IDEOGRAPHS.match(ch):
-            words += [word, ch] if word else [ch]
-            word = ""
-        elif unicodedata.category(ch)[0] in "LNM":
-            word += ch
-        elif word:
-            words.append(word)
-            word = ""
-    return words + [word] if word else words
-
-
-def _ngrams(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu4(hypotheses, references):
-    """Corpus BLEU-4 in [0, 1] (Papineni et al. 2002) over token lists: clipped n-gram precisions
-    summed over the corpus, geometric mean, brevity penalty against the closest reference length (ties:
-    the shorter). No smoothing: any empty n-gram order gives 0. Equals sacrebleu's corpus BLEU with
-    tokenize='none', smooth_method='none', divided by 100."""
-    matches, totals = [0] * 4, [0] * 4
-    hyp_len = ref_len = 0
-    for hyp, refs in zip(hypotheses, references):
-        hyp_len += len(hyp)
-        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-        for n in range(1, 5):
-            counts = _ngrams(hyp, n)
-            max_ref = Counter()
-            for r in refs:
-                max_ref |= _ngrams(r, n)
-            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if min(matches) == 0 or hyp_len == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return brevity * math.exp(log_precision)
-
-
-def cider_d(hypotheses, references, sigma=6.0):
-    """CIDEr-D (Vedantam et al. 2015, the COCO evaluation server's variant) over token lists: TF-IDF
-    vectors of 1- to 4-grams (document frequency over the references of the corpus), cosine similarity
-    with the hypothesis' weights clipped at the reference's, a Gaussian penalty on the length
-    difference, averaged over n and references, times 10. As the reference code, lengths count bigrams.
-    An empty corpus scores 0."""
-    if not hypotheses:
-        return 0.0
-    ref_counts = [[_all_ngrams(r) for r in refs] for refs in references]
-    doc_freq = Counter(g for refs in ref_counts for g in set().union(*refs))
-    log_n = math.log(len(references))
-
-    def vector(counts):
-        vec, norm = [{} for _ in range(4)], [0.0] * 4
-        for g, tf in counts.items():
-            vec[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, doc_freq[g])))
-            norm[len(g) - 1] += vec[len(g) - 1][g] ** 2
-        return vec, [math.sqrt(x) for x in norm], sum(tf for g, tf in counts.items() if len(g) == 2)
-
-    scores = []
-    for hyp, refs in zip(hypotheses, ref_counts):
-        h_vec, h_norm, h_len = vector(_all_ngrams(hyp))
-        total = 0.0
-        for ref in refs:
-            r_vec, r_norm, r_len = vector(ref)
-            penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
-            for n in range(4):
-                dot = sum(min(w, r_vec[n].get(g, 0.0)) * r_vec[n].get(g, 0.0) for g, w in h_vec[n].items())
-                if h_norm[n] and r_norm[n]:
-                    dot /= h_norm[n] * r_norm[n]
-                total += dot * penalty / 4
-        scores.append(10.0 * total / len(refs))
-    return sum(scores) / len(scores)
-
-
-def _all_ngrams(tokens):
-    return sum((_ngrams(tokens, n) for n in range(1, 5)), Counter())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Saving: the adapter folder is swapped in whole; the training state is one atomic file
-
-def load_step(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
-
-
-def base_model_name(args):
-    """What the adapter records as its base: --model (a local folder as an absolute path, so that --caption
-    and --merge find it from anywhere) or the default hub id."""
-    name = args.model or DEFAULT_MODEL
-    return str(Path(name).resolve()) if Path(name).is_dir() else name
-
-
-def save_training_state(run, state, args):
-    save_checkpoint({"script": SCRIPT, "trainable": trainable_state(run["model"]),
-                     "optimizer": run["optimizer"].state_dict(), "schedule": run["schedule"].state_dict(),
-                     "scaler": run["scaler"].state_dict(), "state": dict(state),
-                     "args": vars(args), "data_fingerprint": run["data_fingerprint"]},
-                    run["out_dir"] / "training_state.pt")
-    save_adapter(run["model"], run["out_dir"], base_model=base_model_name(args))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-
-def train(args, run, state, data, inputs, tokens):
-    """Optimizer steps until total_steps: shuffled pairs per epoch (seeded by seed and epoch, so a resumed run
-    sees the same batches), gradient accumulation, clipping, periodic validation and saves. Under torchrun
-    each process takes its slice of every global micro-batch. The loss stays on the device and is read every
-    LOG_EVERY steps and at evaluation and save steps (the only waits for the device); train_seconds counts
-    the steps, not evaluation or saving."""
-    per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
-    with (progress_bar(run["total_steps"], "training", args.no_progress or not run["main_process"]) as bar,
-          adapter_inputs_as_given(run["model"], run["amp_dtype"], args.lora_dropout)):
-        bar.update(state["step"])
-        started = time.perf_counter()
-        run["captured"] = capture_step(args, run, inputs["train"]) if state["step"] < run["total_steps"] else None
-        while state["step"] < run["total_steps"]:
-            shuffle = torch.Generator().manual_seed(derived_seed(args.seed, "batches", state["epoch"]))
-            order = torch.randperm(len(tokens["pair_image"]), generator=shuffle)
-            steps = order[:len(order) // per_step * per_step].view(-1, per_step)
-            steps_on_device = steps.to(run["device"], non_blocking=True)  # one copy per epoch
-            while state["batch"] < len(steps) and state["step"] < run["total_steps"]:
-                pairs = steps[state["batch"]]
-                # LoRA dropout draws depend on (seed, step, process) only: resumable at any process count.
-                seed = derived_seed(args.seed, "dropout", state["step"], run["rank"])
-                guarded_step(args, run, inputs["train"], tokens, pairs, steps_on_device[state["batch"]], seed)
-                run["tokens_since_read"] += int(tokens["count"][pairs].sum())  # host tensors: no device sync
-                state["batch"], state["step"], state["pairs_seen"] = state["batch"] + 1, state["step"] + 1, \
-                    state["pairs_seen"] + per_step
-                bar.update(1)
-                loss = read_loss(args, run, state, bar) if is_read_step(args, state["step"], run) else None
-                if loss is not None:
-                    state["train_seconds"] += time.perf_counter() - started
-                if run["main_process"]:
-                    after_step(args, run, state, data, loss)
-                if loss is not None:
-                    started = time.perf_counter()
-            if state["batch"] >= len(steps):
-                state["epoch"], state["batch"] = state["epoch"] + 1, 0
-    if run.pop("captured", None):  # the graph's memory (its gradients too) goes back to the evaluation that follows
-        run["optimizer"].zero_grad(set_to_none=True)
-
-
-def is_read_step(args, step, run):
-    return step % LOG_EVERY == 0 or step % args.eval_every == 0 or step % args.save_every == 0 \
-        or step == run["total_steps"]
-
-
-def read_loss(args, run, state, bar):
-    """The mean token loss since the previous read, over all processes: waits for the device. A non-finite
-    loss stops the run here, before the state is saved (the last saved state is kept)."""
-    loss = all_reduce_sum(run["loss_sum"].clone(), args.world_size).item() / max(run["tokens_since_read"], 1)
-    run["loss_sum"].zero_()
-    run["tokens_since_read"] = 0
-    lr = run["schedule"].get_last_lr()[0]
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"the training loss became {loss} by step {state['step']} (lr {lr:.2e})")
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
-    return loss
-
-
-def guarded_step(args, run, *batch):
-    """optimizer_step. With --compile the first step compiles; should that fail, the step is redone with the
-    plain blocks and one line says so: the fast path never ends a run."""
-    compiled = run["compiled"]
-    if compiled is None or compiled.proven:
-        return optimizer_step(args, run, *batch)
-    before = run["loss_sum"].clone()
-    try:
-        optimizer_step(args, run, *batch)
-        compiled.proven = True
-    except Exception as e:  # a compiler failure; running out of memory is not one
-        if isinstance(e, torch.OutOfMemoryError):
-            raise
-        compiled.give_up(e)
-        run["optimizer"].zero_grad(set_to_none=True)
-        run["loss_sum"].copy_(before)
-        optimizer_step(args, run, *batch)
-
-
-@contextmanager
-def no_mask_checks():
-    """The decoder gets no attention mask and positions 0..T-1, so transformers' data checks (padding, packed
-    sequences) have known answers; they are given instead of asked. An eager step then never waits for the
-    device (each check reads a value back), and a CUDA capture, during which transformers cannot look at data
-    and would build explicit masks (other kernels, other dropout draws), records the eager step's kernels.
-    Names that a transformers version lacks are left alone."""
-    import transformers
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        masking_utils = None
-    answers = [(masking_utils, "is_tracing", lambda tensor=None: False),
-               (masking_utils, "find_packed_sequence_indices", lambda position_ids: None),
-               # GPT-2 looks for a pad id in its first and last columns when its config has one (the padding is
-               # meant: labels mask it, and the causal mask keeps it out of the caption's tokens)
-               (transformers.PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None)]
-    answers = [(owner, name, answer) for owner, name, answer in answers if owner and name in vars(owner)]
-    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in answers]
-    for owner, name, answer in answers:
-        setattr(owner, name, answer)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-
-
-def optimizer_step(args, run, inputs, tokens, pairs, pairs_on_device, seed):
-    """One optimizer step over `pairs` (all processes' pairs of this step, grad_accum micro-batches; the same
-    indices on the host and on the device). The loss is the mean over every caption token of the step, so
-    neither the split into micro-batches nor into processes changes the gradient. Its sum is added to
-    run['loss_sum'] on the device: nothing here waits for the device. With a captured step (run['captured'])
-    the step is a replay of its CUDA graph."""
-    torch.manual_seed(seed)
-    if run.get("captured"):
-        run["captured"](pairs_on_device, run["optimizer"].param_groups[0]["lr"])
-        run["schedule"].step()
-        return
-    model, device_tokens = run["trained"], run["device_tokens"]
-    total_tokens = int(tokens["count"][pairs].sum())
-    micro_batches = list(zip(pairs.split(args.global_batch), pairs_on_device.split(args.global_batch)))
-    mine = slice(run["rank"] * args.batch_size, (run["rank"] + 1) * args.batch_size)
-    model.train()
-    for i, (idx, idx_dev) in enumerate(micro_batches):
-        idx, idx_dev = idx[mine], idx_dev[mine]
-        last = i == len(micro_batches) - 1
-        with nullcontext() if last or args.world_size == 1 else model.no_sync():  # reduce gradients once per step
-            compiled = run["compiled"].active() if run["compiled"] else nullcontext()
-            with compiled, autocast(run["device"], run["amp_dtype"]), no_mask_checks():
-                batch = inputs.inputs(tokens["pair_image"][idx], device_tokens["pair_image"][idx_dev])
-                loss = caption_loss(model, batch, device_tokens["decoder_ids"][idx_dev],
-                                    device_tokens["labels"][idx_dev])
-            # DDP averages gradients over processes; scaling by world_size makes that the sum over all tokens.
-            run["scaler"].scale(loss * args.world_size / total_tokens).backward()
-        run["loss_sum"] += loss.detach()
-    optimizer = run["optimizer"]
-    if args.grad_clip:
-        run["scaler"].unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(run["params"], args.grad_clip)
-    run["scaler"].step(optimizer)
-    run["scaler"].update()
-    optimizer.zero_grad(set_to_none=True)
-    run["schedule"].step()
-
-
-def cached_step(run, cache, pairs, grad_clip):
-    """optimizer_step's arithmetic for one process and one micro-batch on cached encoder output, in device tensors
-    only: the body that a CUDA graph records (`pairs`: the step's pair indices, on the device)."""
-    optimizer, tokens = run["optimizer"], run["device_tokens"]
-    optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its own memory pool
-    with autocast(run["device"], run["amp_dtype"], cache_enabled=False):  # a cast cache outlives a capture
-        loss = caption_loss(run["trained"], {"encoder_outputs": (cache.states[tokens["pair_image"][pairs]],)},
-                            tokens["decoder_ids"][pairs], tokens["labels"][pairs])
-    (loss / tokens["count"][pairs].sum()).backward()
-    run["loss_sum"] += loss.detach()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(run["params"], grad_clip)
-    optimizer.step()
-
-
-class CapturedStep:
-    """cached_step recorded once as a CUDA graph and replayed at every step (PyTorch's whole-network capture):
-    warm-up steps on a side stream (allocations, cuBLAS plans, the optimizer's state), their effects undone,
-    then one capture that reads the pair indices and the learning rate from static device tensors. A replay
-    launches the step's ~3,000 kernels in one call: the eager step is bound by launching them one by one."""
-
-    def __init__(self, run, cache, batch_size, grad_clip, warmup=3):
-        optimizer, device = run["optimizer"], run["device"]
-        self.pairs = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
-        undo = undo_steps([*run["params"], run["loss_sum"]], [optimizer])  # dropout: reseeded at each step
-        rates = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:  # AdamW reads the rate from the device: replays see the schedule
-            group["lr"], group["capturable"] = self.lr, True
-        optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up steps run uncaptured on purpose
-        try:
-            run["trained"].train()
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), no_mask_checks():
-                for _ in range(warmup):
-                    cached_step(run, cache, self.pairs, grad_clip)
-            torch.cuda.current_stream(device).wait_stream(side)
-            undo()
-            optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with no_mask_checks(), torch.cuda.graph(self.graph):
-                cached_step(run, cache, self.pairs, grad_clip)
-        except BaseException:
-            torch.cuda.synchronize(device)
-            undo()
-            optimizer.zero_grad(set_to_none=True)
-            for group in optimizer.param_groups:
-                group["capturable"] = False
-            raise
-        finally:
-            for group, rate in zip(optimizer.param_groups, rates):
-                group["lr"] = rate  # the schedule keeps setting numbers; each replay copies the current one
-
-    def __call__(self, pairs, lr):
-        self.pairs.copy_(pairs, non_blocking=True)
-        self.lr.fill_(lr)
-        self.graph.replay()
-
-
-def capture_applies(args, run, inputs):
-    """One CUDA process with bf16, the encoder cache on the GPU, one micro-batch per step, no --compile or --eager."""
-    return (run["device"].type == "cuda" and run["amp_dtype"] == torch.bfloat16 and args.world_size == 1
-            and args.grad_accum == 1 and getattr(inputs, "on_device", False) and not args.compile and not args.eager)
-
-
-def cuda_generator_works(device):
-    """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
-    try:
-        torch.rand(1, device=device)
-        return True
-    except RuntimeError:
-        return False
-
-
-def capture_step(args, run, inputs):
-    """A CapturedStep where capture_applies, else None. A capture that fails (running out of memory included: the
-    eager step needs no warm-up copies and no graph pool) leaves the run as it was and says so in one line, with
-    the error that broke the capture: the eager step trains the same model."""
-    if not capture_applies(args, run, inputs):
-        return None
-    t0 = time.perf_counter()
-    try:
-        captured = CapturedStep(run, inputs, args.batch_size, args.grad_clip)
-    except Exception as e:  # the fast path must not end the run
-        while e.__context__ is not None and "during capture" in str(e):  # torch's follow-up error: the cause
-            e = e.__context__
-        why = error_line(e)
-        gc.collect()  # the half-built graph and its memory pool
-        if run["device"].type == "cuda":
-            torch.cuda.empty_cache()
-        if not cuda_generator_works(run["device"]):
-            print(f"{SCRIPT}.py: error: CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
-                  f"nothing was lost: run the same command again with --eager", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
-        return None
-    print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
-    return captured
-
-
-def after_step(args, run, state, data, loss):
-    """Every step, on the main process. At evaluation steps a metrics row (train_loss: the mean since the
-    previous read, at most LOG_EVERY steps back), the validation loss and three sample captions; at save
-    steps the adapter and training state. Both kinds of step are read steps, so `loss` is known there."""
-    step = state["step"]
-    if step % args.eval_every == 0 or step == run["total_steps"]:
-        row = {"step": step, "epoch": state["epoch"] + 1, "train_loss": loss, "lr": run["schedule"].get_last_lr()[0]}
-        if len(data["val"].names):
-            row["val_loss"] = validation_loss(run["model"], run["val_inputs"], run["val_tokens"],
-                                              run["val_device_tokens"], run["amp_dtype"], args.batch_size)
-            samples = generate_captions(run["model"], run["tokenizer"], run["pixels"], data["val"].images[:3], args)
-            print(f"step {step}/{run['total_steps']} | train loss {loss:.4f} | val loss {row['val_loss']:.4f} | "
-                  f"lr {row['lr']:.2e}", flush=True)
-            for name, caption in zip(data["val"].names, samples):
-                print(f"    {name}: {caption}")
-        append_jsonl(run["out_dir"] / "metrics.jsonl", row)
-    if step % args.save_every == 0 or step == run["total_steps"]:
-        save_training_state(run, state, args)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Modes: train (default), --caption, --merge
-
-# The flags each mode reads; any other flag typed with --caption or --merge would be silently ignored.
-MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device"},
-              "--merge": {"merge", "adapter", "model", "out_dir", "device"}}
-NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
-
-
-def check_mode_flags(parser, given, cli):
-    """What --caption and --merge need, then: a typed flag the chosen mode does not read is refused, so that
-    nobody believes it took effect."""
-    if (cli.merge and not cli.adapter) or (cli.caption and not (cli.adapter or cli.model)):
-        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
-                        "--caption also takes a merged model as --model DIR")
-    if cli.merge and not cli.out_dir:
-        raise DataError("--merge needs --out-dir for the merged model")
-    mode = "--caption" if cli.caption else "--merge" if cli.merge else None
-    for action in parser._actions:  # in the parser's order, so that the message names the first one
-        name = action.dest
-        if name not in given:
-            continue
-        if mode and name not in MODE_FLAGS[mode]:
-            raise DataError(f"{flag(name)} has no effect with {mode}; drop it")
-        if not mode and name in NOT_TRAINING_FLAGS:
-            raise DataError(f"{flag(name)} has no effect in training (it is for --caption and --merge); drop it")
-
-
-def experiment_args(argv):
-    """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
-    differs is refused; more --epochs or --max-steps extend the run)."""
-    parser = build_parser()
-    cli, given = parser.parse_args(argv), given_flags(parser, argv)
-    check_mode_flags(parser, given, cli)
-    if not cli.resume:
-        if cli.data_dir:
-            cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
-        return cli, None
-    ckpt = load_checkpoint(cli.resume, SCRIPT)
-    args = resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"), parser=parser)
-    if "data_dir" in given:
-        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
-    return args, ckpt
-
-
-def main(argv=None):
-    memory_hint = "--batch-size (and a larger --grad-accum to keep the effective batch)"
-    with one_line_errors(SCRIPT, memory_hint=memory_hint) as report:
-        args, ckpt = experiment_args(argv)
-        check_args(args)
-        if args.caption:
-            return caption_files(args, pick_device(args.device))
-        if args.merge:
-            return merge_adapter(args, pick_device(args.device), report)
-        rank, world_size, local_rank = init_distributed(args.device)
-        set_global_batch(args, world_size, resuming=ckpt is not None)
-        return train_main(args, ckpt, pick_device(args.device, local_rank), rank, report)
-
-
-def train_main(args, ckpt, device, rank, report):
-    out_dir = Path(args.out_dir or ".")
-    if rank == 0:  # the other processes write nothing
-        out_dir = prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None)
-        args.out_dir = str(out_dir)
-    torch.manual_seed(args.seed)
-    model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
-    size, resample = processor_geometry(processor)
-    data = load_caption_data(args.data_dir, size, resample, args.seed)
-    fingerprint = data_fingerprint(data)
-    if ckpt:  # a --data-dir typed with --resume must hold the run's data (as in the CIFAR scripts)
-        check_same_data(ckpt, SimpleNamespace(fingerprint=fingerprint), args.data_dir)
-    tokens = pair_tokens(tokenizer, data["train"], args.max_length)
-    steps_per_epoch = len(tokens["pair_image"]) // (args.global_batch * args.grad_accum)
-    if steps_per_epoch == 0:
-        raise DataError(f"--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {args.world_size} "
-                        f"process(es) is more than the {len(tokens['pair_image'])} training pairs")
-    pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
-    baseline, sheet = None, sheet_split(data)
-    if not args.no_baseline and not ckpt and rank == 0 and data["test"].names:
-        baseline = evaluate_captions(model, tokenizer, pixels, data["test"], args, "before fine-tuning")
-        baseline += (generate_captions(model, tokenizer, pixels, sheet.images, args),)
-    model = add_lora(model, args)
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    run = make_run(args, model, tokenizer, pixels, amp_dtype, total_steps, out_dir, rank, data, tokens)
-    run["data_fingerprint"] = fingerprint
-    state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "pairs_seen": 0, "baseline": None}
-    if ckpt:
-        state = restore_training(ckpt, args, model, run["optimizer"], run["schedule"], run["scaler"], device)
-        print(f"resuming {args.resume} at step {state['step']} of {total_steps}")
-    else:
-        state["baseline"] = {"scores": baseline[0], "captions": baseline[1], "sheet": baseline[2]} if baseline else None
-    run["config"] = dict(vars(args))  # at every start: a resume may have extended --epochs or --max-steps
-    if rank == 0:
-        write_json(out_dir / "config.json", run["config"])
-    t0 = time.perf_counter()
-    inputs, run["compiled"], notes = fast_path(args, model, data, pixels, amp_dtype)
-    state["train_seconds"] += time.perf_counter() - t0  # encoding the images once is part of training
-    run["val_inputs"] = inputs["val"]
-    print_start(args, model, data, tokens, device, amp_dtype, notes, out_dir)
-    last = out_dir / "training_state.pt"
-    report.resume = last
-    report.saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
-                            if last.exists() else
-                            f"nothing was saved yet (the first save comes at step {args.save_every})")
-    train(args, run, state, data, inputs, tokens)
-    summary = None
-    if rank == 0:
-        after = evaluate_captions(model, tokenizer, pixels, data["test"], args, "after fine-tuning")
-        summary = write_summary(args, run, state, data, after, count_params(model))
-        if not args.no_plots:
-            save_pictures(args, run, state, sheet)
-    if args.world_size > 1:
-        torch.distributed.destroy_process_group()
-    return summary
-
-
-def make_run(args, model, tokenizer, pixels, amp_dtype, total_steps, out_dir, rank, data, tokens):
-    """What the training loop needs besides the data: the model (and its DDP wrapper), optimizer, schedule,
-    scaler, the token tensors on the device and the loss accumulated on the device."""
-    device = pixels.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, int(args.warmup * total_steps), total_steps))
-    val_tokens = pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None
-    # DDP over the peft model: only the adapters require grad, so only their gradients are reduced.
-    return dict(model=model, trained=wrap_distributed(model, device, args.world_size), tokenizer=tokenizer,
-                optimizer=optimizer, schedule=schedule, params=params, pixels=pixels, amp_dtype=amp_dtype,
-                scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device=device,
-                total_steps=total_steps, out_dir=out_dir, rank=rank, main_process=rank == 0, compiled=None,
-                device_tokens=on_device(tokens, device), val_tokens=val_tokens,
-                val_device_tokens=on_device(val_tokens, device) if val_tokens else None,
-                loss_sum=torch.zeros((), device=device), tokens_since_read=0)
-
-
-def print_start(args, model, data, tokens, device, amp_dtype, notes, out_dir):
-    trainable, total = count_params(model)
-    sizes = "/".join(str(len(data[k].names)) for k in SPLITS)
-    processes = f" ({args.world_size} processes x {args.batch_size})" if args.world_size > 1 else ""
-    print(f"{SCRIPT}: trainable {trainable:,} of {total:,} parameters ({trainable / total:.2%}) | {device} "
-          f"{amp_dtype or torch.float32} | {sizes} train/val/test images | {len(tokens['pair_image']):,} training "
-          f"pairs of {tokens['labels'].shape[1]} tokens | batch {args.global_batch}{processes} x {args.grad_accum} "
-          f"accumulated | out {out_dir}")
-    print(f"{SCRIPT}: {' | '.join(notes)}", flush=True)
-
-
-def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
-    """Adapters, optimizer, schedule and scaler from a training_state.pt; returns its counters."""
-    unexpected = model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
-    if unexpected or ckpt["trainable"].keys() != trainable_state(model).keys():
-        raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
-                        f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:  # the saved flags are the saving machine's; a capture sets its own
-        group["fused"], group["capturable"] = device.type == "cuda", False
-    for state in optimizer.state.values():  # fused AdamW counts steps on the device
-        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
-    schedule.load_state_dict(ckpt["schedule"])
-    scaler.load_state_dict(ckpt["scaler"])
-    # rows logged after the last save are logged again by the resumed run
-    trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["step"] <= ckpt["state"]["step"])
-    return ckpt["state"]
-
-
-def write_summary(args, run, state, data, after, counts):
-    """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
-    null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
-    device, out_dir = run["device"], run["out_dir"]
-    base = state["baseline"] or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
-    examples = [{"image": n, "references": refs, "before": b, "after": a}
-                for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
-    summary = {"script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
-               "test_images": len(after[1]), "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-               "epochs": round(state["pairs_seen"] / sum(map(len, data["train"].captions)), 3), "steps": state["step"],
-               "world_size": args.world_size, "global_batch": args.global_batch, "test_acc": None,
-               "train_seconds": state["train_seconds"], "images_per_second": None,
-               "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
-               "peak_memory_mb": peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-               "args": run["config"], "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
-               "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
-               "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
-               "examples": examples}
-    write_json(out_dir / "summary.json", summary)
-    for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
-        before = f"before {ex['before']!r} | " if ex["before"] is not None else ""
-        print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-    print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
-          f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
-          f"{summary['pairs_per_second']:,.1f} pairs/s | adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
-    return summary
-
-
-def sheet_split(data):
-    """The images captions.html shows: the first validation images (test images if there is no validation split)."""
-    split = data["val"] if data["val"].names else data["test"]
-    n = min(SHEET_IMAGES, len(split.names))
-    return CaptionSplit(split.names[:n], split.images[:n], split.captions[:n])
-
-
-def save_pictures(args, run, state, sheet):
-    out_dir = run["out_dir"]
-    plot_curves(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "curves.png", x="step",
-                panels=(("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",))))
-    if not sheet.names:
-        print(f"pictures in {out_dir}: curves.png (no validation or test image for captions.html)")
-        return
-    after = generate_captions(run["model"], run["tokenizer"], run["pixels"], sheet.images, args)
-    before = (state["baseline"] or {}).get("sheet") or [None] * len(after)
-    write_caption_sheet(out_dir / "captions.html", sheet, before, after, args.model or DEFAULT_MODEL)
-    print(f"pictures in {out_dir}: curves.png, captions.html")
-
-
-def write_caption_sheet(path, split, before, after, model_name):
-    """A self-contained HTML page (images embedded as JPEG data URIs): image, references, caption before
-    fine-tuning, caption after."""
-    import base64
-    import html
-    import io
-
-    from PIL import Image
-    def shown(caption):
-        return "<em>not computed</em>" if caption is None else html.escape(caption) or "<em>(empty caption)</em>"
-
-    rows = []
-    for name, image, refs, b, a in zip(split.names, split.images, split.captions, before, after):
-        buf = io.BytesIO()
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=85)
-        src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-        refs_html = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
-        rows.append(f'<tr><td><img src="{src}" alt="{html.escape(name)}" width="224"><br>'
-                    f'<code>{html.escape(name)}</code></td><td><ul>{refs_html}</ul></td><td>{shown(b)}</td>'
-                    f'<td><strong>{shown(a)}</strong></td></tr>')
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Captions before and after LoRA fine-tuning</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{{margin:0;padding-left:1.2em}}</style>
-</head><body><h1>Captions before and after LoRA fine-tuning</h1>
-<p>Base model: <code>{html.escape(model_name)}</code></p>
-<table><thead><tr><th>image</th><th>references</th><th>before fine-tuning</th><th>after fine-tuning</th></tr></thead>
-<tbody>
-{chr(10).join(rows)}
-</tbody></table></body></html>
-"""
-    write_text_atomic(path, page)
-
+# Other modes: --caption, --merge
 
 def load_with_adapter(args, device):
     """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
@@ -1367,7 +1335,8 @@ def load_with_adapter(args, device):
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # no weights file, no module of that name, other shapes
         # peft versions differ in where a foreign adapter fails; the message names one of its own keys either way
         held = sorted(saved_adapter_keys(args.adapter))
-        raise adapter_misfit(args.adapter, base, recorded, f"e.g. {held[0]}" if held else error_line(e)) from None
+        detail = f"e.g. {held[0]}" if held else plumbing.error_line(e)
+        raise adapter_misfit(args.adapter, base, recorded, detail) from None
     check_adapter_keys(model, args.adapter, base, recorded)
     return model.to(device).eval(), tokenizer, processor
 
@@ -1468,7 +1437,7 @@ def merge_out_dir(path, report):
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out-dir {out} is a file; --merge writes a model folder: pick a new folder")
-    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []  # a lock: no data
+    held = sorted(p.name for p in out.iterdir() if p.name != plumbing.LOCK_FILE) if out.is_dir() else []  # a lock
     if held:
         raise DataError(f"--out-dir {out} already holds files ({', '.join(held[:3])}{' ...' * (len(held) > 3)}); "
                         f"--merge writes a whole model folder: pick a new or empty folder")
@@ -1489,6 +1458,7 @@ def merge_adapter(args, device, report):
     processor.save_pretrained(out)
     print(f"merged {args.adapter} into its base: a standalone model in {out} (load it with --model {out})")
     return out
+
 
 
 if __name__ == "__main__":

@@ -3,22 +3,21 @@ saved size, with lora_caption.py's speed-ups added one at a time.
 
 The full-size architecture (ViTConfig() + GPT2Config(add_cross_attention=True) defaults: 239M parameters) with
 random weights, no download. Every variant starts from the same weights and trains on the same batch of random
-images and 20-token captions through lora_caption.py's own step (optimizer_step: AdamW, autocast on CUDA,
-clipping at 1.0, the loss computed once and left on the device):
+images and 20-token captions through lora_caption.py's own step (train_step: AdamW, autocast on CUDA,
+clipping at 1.0, the loss computed once and left on the device), eager or replayed as the script replays it:
 
     full                      every weight trains, eager
-    full+compile              every weight trains, the encoder and decoder blocks compiled (regional)
     lora                      the guide's adapters (r=16, alpha=32, dropout 0.05); the encoder runs at every step
     lora+cache                + the frozen encoder's output cached (encoded once; its cost is amortised below)
     lora+cache+bf16           + frozen weights stored in bf16 (CUDA)
-    lora+cache+bf16+compile   + the decoder blocks compiled (CUDA)
     lora+cache+bf16+graph     + the whole step captured as a CUDA graph and replayed (CUDA; the script's default)
 
 Every variant's first step draws the same dropout seed: the first-step losses of lora, +cache and +bf16 are equal
-bit for bit, compiled ones to rounding (full fine-tuning's differ: the adapters' dropout draws random numbers,
+bit for bit (full fine-tuning's differ: the adapters' dropout draws random numbers,
 which moves GPT-2's own dropout masks).
-A variant may end in @BATCH (another batch size: pairs/s against batch) or :MODE (another torch.compile mode).
-On CUDA the variants run one after the other in this process (peak memory reset for each, compilation counted
+A variant may end in @BATCH (another batch size: pairs/s against batch). lora_caption.py's --compile is gone
+(issue 22: 42.9 ms/step against the captured step's 9.8 ms), and with it the +compile variants.
+On CUDA the variants run one after the other in this process (peak memory reset for each, the capture counted
 as setup, not in ms/step); on a CPU each runs in a process of its own, so that its peak resident memory is its
 own. The cache's encoding time is amortised over --uses-per-image (captions per image x epochs: 5 is one epoch
 of Flickr8k). --deadline skips the variants that would start too late and still prints the table.
@@ -26,13 +25,14 @@ of Flickr8k). --deadline skips the variants that would start too late and still 
     python benchmarks/bench_lora_vs_full.py --device cpu --batch-size 2
     python benchmarks/bench_lora_vs_full.py --device cuda --batch-size 32 --steps 20 --deadline 115
 
-Targets (issue 14; one H100, batch 32): the fastest LoRA step at least 1.5x faster than compiled full
-fine-tuning and 3x faster than eager; amortised encoding at most 10% of that step; LoRA peak memory at most 40%
-of full; adapter under 1/20 of the checkpoint; the same first-step loss with and without the cache. On a CPU,
-LoRA ahead of full fine-tuning.
+Targets (issue 14; one H100, batch 32): the fastest LoRA step at least 3x faster than eager full fine-tuning
+(and 1.5x faster than compiled full fine-tuning, measured before --compile went: BENCHMARKS.md); amortised
+encoding at most 10% of that step; LoRA peak memory at most 40% of full; adapter under 1/20 of the checkpoint;
+the same first-step loss with and without the cache. On a CPU, LoRA ahead of full fine-tuning.
 """
 import argparse
 import copy
+import functools
 import gc
 import multiprocessing as mp
 import resource
@@ -50,8 +50,7 @@ sys.path.insert(0, str(ROOT))
 from common import error_line  # noqa: E402
 
 CPU_VARIANTS = ["full", "lora", "lora+cache"]
-CUDA_VARIANTS = ["full", "full+compile", "lora", "lora+cache", "lora+cache+bf16", "lora+cache+bf16+compile",
-                 "lora+cache+bf16+graph"]
+CUDA_VARIANTS = ["full", "lora", "lora+cache", "lora+cache+bf16", "lora+cache+bf16+graph"]
 CAPTION_TOKENS = 20
 START = 50256  # GPT-2's EOS = BOS = pad = decoder start
 
@@ -65,18 +64,16 @@ def build():
 
 
 def parse_variant(name, args):
-    """'lora+cache+bf16+compile@64:reduce-overhead' -> its switches, batch size and compile mode."""
-    rest, _, mode = name.partition(":")
-    rest, _, batch = rest.partition("@")
+    """'lora+cache+bf16+graph@64' -> its switches and batch size."""
+    rest, _, batch = name.partition("@")
     kind, *extras = rest.split("+")
-    unknown = set(extras) - {"cache", "bf16", "compile", "graph"}
-    if kind not in ("full", "lora") or unknown or (kind == "full" and {"cache", "bf16", "graph"} & set(extras)) \
-            or ("graph" in extras and ("cache" not in extras or "compile" in extras)):
-        raise SystemExit(f"unknown variant {name!r}: full[+compile] or lora[+cache][+bf16][+compile or +graph] "
-                         f"(+graph needs +cache), then @BATCH and :MODE if wanted")
+    unknown = set(extras) - {"cache", "bf16", "graph"}
+    if kind not in ("full", "lora") or unknown or (kind == "full" and extras) \
+            or ("graph" in extras and "cache" not in extras):
+        raise SystemExit(f"unknown variant {name!r}: full or lora[+cache][+bf16][+graph] (+graph needs +cache), "
+                         f"then @BATCH if wanted")
     return {"name": name, "lora": kind == "lora", "cache": "cache" in extras, "bf16": "bf16" in extras,
-            "compile": "compile" in extras, "graph": "graph" in extras, "mode": mode or args.compile_mode,
-            "batch": int(batch) if batch else args.batch_size}
+            "graph": "graph" in extras, "batch": int(batch) if batch else args.batch_size}
 
 
 def sync(device):
@@ -100,7 +97,7 @@ def batch_of(size, device):
 
 
 def prepare(v, base, device, amp_dtype):
-    """The model of a variant, with its inputs (cached or not) and compiled blocks; also the encoding time.
+    """The model of a variant, with its inputs (cached or not); also the encoding time.
     On CUDA each variant trains a copy of `base`; on a CPU (a process per variant) `base` itself."""
     import lora_caption as lc
     model = copy.deepcopy(base).to(device) if device.type == "cuda" else base
@@ -122,16 +119,11 @@ def prepare(v, base, device, amp_dtype):
         encode_seconds = time.perf_counter() - t0
     else:
         inputs = lc.PixelInputs(pixels, images)
-    compiled = None
-    if v["compile"]:
-        inner = lc.base_model(model)
-        blocks = lc.repeated_blocks(inner.decoder) + ([] if v["cache"] else lc.repeated_blocks(inner.encoder))
-        compiled = lc.CompiledBlocks(blocks, v["mode"])
-    return model, inputs, tokens, compiled, encode_seconds
+    return model, inputs, tokens, encode_seconds
 
 
 def measure(v, base, args):
-    """One variant: setup (model, cache, compilation and warm-up steps), then --steps timed steps."""
+    """One variant: setup (model, cache, capture and warm-up steps), then --steps timed steps."""
     import lora_caption as lc
     device = torch.device(args.device)
     amp_dtype = lc.amp_dtype_for(device)
@@ -140,27 +132,31 @@ def measure(v, base, args):
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)  # anything an earlier variant left (nothing, normally)
     t0 = time.perf_counter()
-    model, inputs, tokens, compiled, encode_seconds = prepare(v, base, device, amp_dtype)
+    model, inputs, tokens, encode_seconds = prepare(v, base, device, amp_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    run = dict(trained=model, model=model, device=device, amp_dtype=amp_dtype, optimizer=optimizer, params=params,
-               scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), rank=0,
-               schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), compiled=compiled,
-               device_tokens=lc.on_device(tokens, device), loss_sum=torch.zeros((), device=device))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_sum, device_tokens = torch.zeros((), device=device), lc.on_device(tokens, device)
+    # train_step bound as lora_caption.make_step binds it
+    train_step = functools.partial(lc.train_step, model, optimizer, scaler, params, amp_dtype, 1.0, 1, inputs,
+                                   device_tokens, loss_sum)
     step_args = argparse.Namespace(global_batch=v["batch"], batch_size=v["batch"], world_size=1, grad_clip=1.0)
     pairs = torch.arange(v["batch"])
     pairs_on_device = pairs.to(device)
-    warmup = 3 if compiled else 2
+    warmup = 2
     with lc.adapter_inputs_as_given(model, amp_dtype, lora_dropout=0.05):  # the guide's dropout: casts stay
         if v["graph"]:  # captured as the script captures it (no fallback here: a failure is the variant's row)
-            run["captured"] = lc.CapturedStep(run, inputs, v["batch"], step_args.grad_clip)
+            step = lc.CapturedStep(train_step, optimizer, params, loss_sum, device_tokens, v["batch"])
+        else:
+            step = lc.eager(train_step, tokens, step_args, rank=0)
         for i in range(warmup + args.steps):
             if i == 1:
-                first_loss = run["loss_sum"].item() / int(tokens["count"].sum())  # the same weights and data everywhere
+                first_loss = loss_sum.item() / int(tokens["count"].sum())  # the same weights and data everywhere
             if i == warmup:
                 sync(device)
                 setup, t0 = time.perf_counter() - t0, time.perf_counter()
-            lc.guarded_step(step_args, run, inputs, tokens, pairs, pairs_on_device, i)  # seeds dropout with i
+            torch.manual_seed(i)  # dropout draws follow the step, as in lora_caption.main
+            step(pairs, pairs_on_device)
         sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20 if device.type == "cuda" else \
@@ -171,8 +167,7 @@ def measure(v, base, args):
             model.save_pretrained(tmp)
             saved = folder_bytes(tmp)
     return {**v, "step_seconds": seconds, "peak_mb": peak, "saved_bytes": saved, "first_loss": first_loss,
-            "trainable": sum(p.numel() for p in params), "setup_seconds": setup, "encode_seconds": encode_seconds,
-            "compiled": bool(compiled and compiled.forwards)}
+            "trainable": sum(p.numel() for p in params), "setup_seconds": setup, "encode_seconds": encode_seconds}
 
 
 def measure_in_child(v, args, queue):
@@ -211,7 +206,7 @@ def run_in_process(variants, args):
     try:
         base = build()
         for v in variants:
-            estimate = 60 if v["compile"] else 8  # seconds, compilation included (one H100)
+            estimate = 8  # seconds, the capture included (one H100)
             if args.deadline and time.perf_counter() - started + estimate > args.deadline:
                 results.append(None)
                 continue
@@ -223,7 +218,6 @@ def run_in_process(variants, args):
             done = r.get("error") or f"{r['step_seconds'] * 1000:,.1f} ms/step, setup {r['setup_seconds']:.1f}s"
             print(f"{v['name']}: {done} ({time.perf_counter() - started:.0f}s in)", flush=True)
             gc.collect()
-            torch._dynamo.reset()  # compiled code and CUDA graphs of this variant go with it
             torch.cuda.empty_cache()
     except Stopped:
         print(f"stopped by SIGTERM after {time.perf_counter() - started:.0f}s", flush=True)
@@ -237,24 +231,22 @@ def measured(results):
 def table(results, args):
     """The Markdown table, each step compared with the full variants at the reference batch."""
     ref = {r["name"]: r for r in measured(results)}
-    full, full_c = ref.get("full"), ref.get("full+compile")
+    full = ref.get("full")
     lines = ["| variant | batch | trainable | ms/step | pairs/s | peak MB | first-step loss | encoding ms "
-             "(amortised, % of step) | setup s | vs full | vs full compiled |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(amortised, % of step) | setup s | vs full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v, r in zip(args.variant_specs, results):
         if r is None or "error" in r:
             why = f"failed: {r['error']}" if r else "skipped (--deadline or SIGTERM)"
-            lines.append(f"| {v['name']} | {v['batch']} | {why} | | | | | | | | |")
+            lines.append(f"| {v['name']} | {v['batch']} | {why} | | | | | | | |")
             continue
         ms = r["step_seconds"] * 1000
         encoding = "-" if r["encode_seconds"] is None else \
             f"{r['encode_seconds'] * 1000:,.1f} ({amortised_ms(r, args):.2f}, {amortised_ms(r, args) / ms:.1%})"
-        versus = [f"{o['step_seconds'] / r['step_seconds']:.2f}x" if o and r["batch"] == o["batch"] else "-"
-                  for o in (full, full_c)]
-        compile_note = "" if r["compiled"] or not r["compile"] else " (compile failed: eager)"
-        lines.append(f"| {r['name']}{compile_note} | {r['batch']} | {r['trainable']:,} | {ms:,.1f} | "
+        versus = f"{full['step_seconds'] / r['step_seconds']:.2f}x" if full and r["batch"] == full["batch"] else "-"
+        lines.append(f"| {r['name']} | {r['batch']} | {r['trainable']:,} | {ms:,.1f} | "
                      f"{r['batch'] / r['step_seconds']:,.1f} | {r['peak_mb']:,.0f} | {r['first_loss']:.6f} | "
-                     f"{encoding} | {r['setup_seconds']:.1f} | {versus[0]} | {versus[1]} |")
+                     f"{encoding} | {r['setup_seconds']:.1f} | {versus} |")
     return "\n".join(lines)
 
 
@@ -265,14 +257,12 @@ def amortised_ms(r, args):
 def verdict(results, args):
     """The issue's targets, from the reference-batch rows."""
     ref = {r["name"]: r for r in measured(results) if r["batch"] == args.batch_size}
-    full, full_c, out = ref.get("full"), ref.get("full+compile"), []
+    full, out = ref.get("full"), []
     lora = [r for r in ref.values() if r["lora"]]
     if full and lora:
         best = min(lora, key=lambda r: r["step_seconds"])
         line = f"fastest LoRA: {best['name']} {best['step_seconds'] * 1000:,.1f} ms/step, " \
                f"{full['step_seconds'] / best['step_seconds']:.2f}x full (target >= 3 on a GPU; LoRA ahead on a CPU)"
-        if full_c:
-            line += f", {full_c['step_seconds'] / best['step_seconds']:.2f}x compiled full (target >= 1.5)"
         out.append(line)
         if best["encode_seconds"] is not None:
             out.append(f"amortised encoding {amortised_ms(best, args):.2f} ms = "
@@ -297,16 +287,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps after the warm-up (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--variants", nargs="+", default=None, help="default: all that apply to the device (see above)")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode of +compile variants without :MODE")
     p.add_argument("--uses-per-image", type=float, default=5, help="training pairs per image (captions x epochs)")
     p.add_argument("--deadline", type=float, default=None, help="seconds: skip variants that would start too late")
     args = p.parse_args(argv)
     args.steps = args.steps or (20 if args.device == "cuda" else 3)
     names = args.variants or (CUDA_VARIANTS if args.device == "cuda" else CPU_VARIANTS)
     args.variant_specs = [parse_variant(n, args) for n in names]
-    if args.device == "cpu" and any(v["bf16"] or v["compile"] or v["graph"] for v in args.variant_specs):
-        raise SystemExit("+bf16, +compile and +graph are CUDA paths of lora_caption.py; on a CPU run full, lora, "
-                         "lora+cache")
+    if args.device == "cpu" and any(v["bf16"] or v["graph"] for v in args.variant_specs):
+        raise SystemExit("+bf16 and +graph are CUDA paths of lora_caption.py; on a CPU run full, lora, lora+cache")
     results = (run_isolated if args.device == "cpu" else run_in_process)(args.variant_specs, args)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device {name} | {args.steps} timed steps | 224 px, {CAPTION_TOKENS}-token captions | torch "

@@ -194,13 +194,13 @@ def test_failed_adapter_save_keeps_the_previous_adapter(tiny_captioner, tmp_path
             rank=4, alpha=8, lora_dropout=0.0, targets=lora_caption.DECODER_TARGETS, cross_attention=False
         ),
     )
-    lora_caption.save_adapter(model, tmp_path)
+    common.save_adapter(model, tmp_path)
     before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
     monkeypatch.setattr(
         type(model), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "disk full"))
     )
     with pytest.raises(common.CheckpointWriteError, match="disk full"):
-        lora_caption.save_adapter(model, tmp_path)
+        common.save_adapter(model, tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -422,7 +422,7 @@ def test_lora_out_of_memory_suggests_grad_accum(tiny_captioner, tmp_path, monkey
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(lora_caption, "train", oom)
+    monkeypatch.setattr(lora_caption, "make_step", oom)  # the first thing training does on the GPU
     with pytest.raises(SystemExit) as stop:
         lora_caption.main(
             ["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu", "--no-baseline",

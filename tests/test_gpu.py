@@ -1,6 +1,7 @@
 """The CUDA-graph training steps (vit_scratch, cnn_baseline, lora_caption) train what the eager steps train.
 Needs a CUDA GPU with bf16: CI (CPU only) skips these; benchmarks/gpu_checks.sh runs them first on a lent GPU."""
 import argparse
+import functools
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_a_failing_capture_falls_back_to_the_eager_step_with_one_line(capsys, mo
 
 
 def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0):
-    """The tiny captioner's LoRA run as lora_caption.train sets it up on a GPU (bf16 frozen weights, the encoder
+    """The tiny captioner's LoRA run as lora_caption.main sets it up on a GPU (bf16 frozen weights, the encoder
     cache on the device, fused AdamW), with the step captured or eager; and its training pairs."""
     model, tokenizer, processor = lora_caption.load_captioner(str(folder), CUDA)
     torch.manual_seed(0)
@@ -102,14 +103,18 @@ def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0):
     cache = lora_caption.EncoderCache(model, lora_caption.Pixels(processor, CUDA), split.images, torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
-    run = dict(trained=model, model=model, device=CUDA, amp_dtype=torch.bfloat16, optimizer=optimizer,
-               params=params, rank=0, scaler=torch.amp.GradScaler("cuda", enabled=False), compiled=None,
+    run = dict(model=model, optimizer=optimizer, params=params, loss_sum=torch.zeros((), device=CUDA),
                schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s),
-               device_tokens=lora_caption.on_device(tokens, CUDA), loss_sum=torch.zeros((), device=CUDA))
-    args = argparse.Namespace(world_size=1, grad_accum=1, compile=False, eager=not capture, batch_size=8,
-                              global_batch=8, grad_clip=1.0)
-    run["captured"] = lora_caption.capture_step(args, run, cache)
-    assert isinstance(run["captured"], lora_caption.CapturedStep) == capture
+               device_tokens=lora_caption.on_device(tokens, CUDA))
+    args = argparse.Namespace(world_size=1, grad_accum=1, eager=not capture, batch_size=8, global_batch=8,
+                              grad_clip=1.0)
+    # train_step bound as make_step binds it; run["step"] is what main() calls per step (a replay, or eager)
+    run["train_step"] = functools.partial(lora_caption.train_step, model, optimizer,
+                                          torch.amp.GradScaler("cuda", enabled=False), params, torch.bfloat16,
+                                          args.grad_clip, 1, cache, run["device_tokens"], run["loss_sum"])
+    run["step"] = lora_caption.make_step(args, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), params,
+                                         torch.bfloat16, cache, tokens, run["device_tokens"], run["loss_sum"], 0)
+    assert isinstance(run["step"], lora_caption.CapturedStep) == capture
     return run, cache, tokens, args
 
 
@@ -118,7 +123,9 @@ def lora_losses(run, cache, tokens, args, batches, seeds):
     for pairs, seed in zip(batches, seeds):
         # from zero at each step: a difference of a growing fp32 sum would round each step's loss differently
         run["loss_sum"].zero_()  # in place: the graph adds to this very tensor
-        lora_caption.optimizer_step(args, run, cache, tokens, pairs, pairs.to(CUDA), seed)
+        torch.manual_seed(seed)  # as main() seeds dropout before each step
+        run["step"](pairs, pairs.to(CUDA))
+        run["schedule"].step()
         losses.append(run["loss_sum"].item())
     return losses
 
@@ -157,8 +164,9 @@ def test_a_failing_lora_capture_falls_back_to_the_eager_step_with_one_line(tmp_p
     expected = lora_losses(*lora_run(folder, False), [torch.arange(8)] * 2, [0, 1])
     monkeypatch.setattr(lora_caption.torch.cuda, "graph", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     run, cache, tokens, args = lora_run(folder, False)
-    args.eager = False
-    assert lora_caption.capture_step(args, run, cache) is None
+    assert lora_caption.capture_step(run["train_step"], run["optimizer"], run["params"], run["loss_sum"],
+                                     run["device_tokens"], args.batch_size) is None
+    run["step"] = lora_caption.eager(run["train_step"], tokens, args, 0)
     assert capsys.readouterr().out.count("CUDA graph capture failed (RuntimeError: boom); training eagerly") == 1
     assert not any(g["capturable"] for g in run["optimizer"].param_groups)
     losses = lora_losses(run, cache, tokens, args, [torch.arange(8)] * 2, [0, 1])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import lora_caption
 from conftest import ROOT, TINY_CAPTIONS, one_line_error
 
@@ -107,7 +108,7 @@ def test_adapter_reload_on_a_fresh_base_reproduces_logits_and_merge_matches(tiny
     pixels, labels = batch(tokenizer, processor, load_data(processor), n=4)
     with torch.no_grad():
         logits = model(pixel_values=pixels, labels=labels).logits
-    lora_caption.save_adapter(model, tmp_path)
+    common.save_adapter(model, tmp_path)
     fresh, _, _ = lora_caption.load_captioner(str(tiny_captioner), CPU)
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -224,9 +225,9 @@ def test_resume_at_step_level_gives_the_same_adapter(tiny_captioner, tmp_path, m
 
     real = lora_caption.after_step
 
-    def interrupted_after_step_7(args, run, state, data, loss):
-        real(args, run, state, data, loss)
-        if state["step"] == 7:
+    def interrupted_after_step_7(args, progress, *rest):
+        real(args, progress, *rest)
+        if progress.step == 7:
             raise KeyboardInterrupt  # Ctrl-C: the state saved at step 6 is what survives
     monkeypatch.setattr(lora_caption, "after_step", interrupted_after_step_7)
     with pytest.raises(SystemExit) as stop:

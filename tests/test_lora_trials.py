@@ -170,9 +170,9 @@ def test_resume_logs_each_step_once(tiny_captioner, tmp_path, monkeypatch):
              "--no-plots", "--out-dir", str(tmp_path)]
     real = lora_caption.after_step
 
-    def interrupted_after_step_5(args, run, state, data, loss):
-        real(args, run, state, data, loss)
-        if state["step"] == 5:
+    def interrupted_after_step_5(args, progress, *rest):
+        real(args, progress, *rest)
+        if progress.step == 5:
             raise KeyboardInterrupt  # rows 4 and 5 are logged, the last save is at step 3
     monkeypatch.setattr(lora_caption, "after_step", interrupted_after_step_5)
     with pytest.raises(SystemExit):
