@@ -22,12 +22,13 @@ TINY = {
 SCRIPTS = pytest.mark.parametrize("script", list(TINY), ids=lambda m: m.__name__)
 
 
-@pytest.mark.parametrize("name", ["vit_scratch.py", "cnn_baseline.py", "common.py"])
+@pytest.mark.parametrize("name", ["vit_scratch.py", "cnn_baseline.py", "clip_zeroshot.py", "lora_caption.py",
+                                  "common.py"])
 def test_the_plumbing_banner_opens_the_lower_layer_once(name):
     text = (ROOT / name).read_text()
     assert text.count(BANNER) == 1
     upper = text.split(BANNER)[0]
-    if name != "common.py":  # the loop is written out in the upper layer: main() calls the step per batch
+    if name in ("vit_scratch.py", "cnn_baseline.py"):  # the loop written out in main(), the step per batch
         main = upper[upper.index("def main(argv=None):"):]
         assert "        for x, y in train_loader:\n" in main and "step(x" in main and ".backward()" in upper
 
