@@ -1077,9 +1077,12 @@ def quiet_transformers():
 
 @contextmanager
 def no_peft_deprecation_warning():
-    """peft calls an API that transformers 5 deprecated (is_gradient_checkpointing); not the user's concern."""
+    """peft's warnings that are not the user's concern: it calls an API that transformers 5 deprecated
+    (is_gradient_checkpointing), and with --targets naming the encoder's nn.Linear layers it sets fan_in_fan_out
+    per module (GPT-2's Conv1D needs True, a Linear False), as it should, with a warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to", category=UserWarning)
         yield
 
 
