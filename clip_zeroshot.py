@@ -41,13 +41,13 @@ import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, charts
 from common import (DataError, accuracy_from, apply_crop_flip, confusion_matrix, crop_flip_params,  # part 1
-                    derived_seed, load_cifar10, per_class_accuracy, stratified_subset)
+                    derived_seed, load_cifar10, per_class_accuracy, stratified_subset, undo_steps)
 from common import positive_int  # argparse type: a flag's range (the float ranges below keep this script's words)
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
 # Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "no_download", "no_progress", "no_plots", "overwrite")
+RUNTIME_FLAGS = ("device", "eager", "no_download", "no_progress", "no_plots", "overwrite")
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -110,6 +110,7 @@ def build_parser():
                         "model is the one the folder records unless --model is given")
     # machine
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
+    a("--eager", action="store_true", help="--finetune on CUDA: run each step eagerly, not as a captured CUDA graph")
     a("--seed", type=generator_seed, default=0,
       help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
     a("--out-dir", default=None, help="where results go (default: a new folder runs/clip_zeroshot/<date-time>)")
@@ -237,12 +238,33 @@ def autocast(device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def make_optimizer(model, args, device):
-    """AdamW on what trains, without weight decay on biases, norms and the class embedding (1-D)."""
+def make_optimizer(model, args, device, capture=False):
+    """AdamW on what trains, without weight decay on biases, norms and the class embedding (1-D). Under `capture`
+    the learning rate is a device tensor (set_learning_rate fills it before every replay), AdamW capturable."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda", capturable=capture)
+    place_learning_rate(optimizer, args.lr, device, capture)
+    return optimizer
+
+
+def place_learning_rate(optimizer, peak, device, capture):
+    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
+    for group in optimizer.param_groups:
+        group["peak_lr"] = peak
+        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
+
+
+def set_learning_rate(optimizer, factor):
+    """Peak x factor into every group, a device tensor in place (graph-safe); returns the rate, for the log."""
+    for group in optimizer.param_groups:
+        rate = group["peak_lr"] * factor
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+    return optimizer.param_groups[0]["peak_lr"] * factor
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -254,8 +276,8 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The step: edit train_step. It runs eagerly (no CUDA graph yet); keep host reads (.item(), printing) out of it all
-# the same: the running statistics stay on the device, and the loop reads them every LOG_EVERY steps.
+# The step: edit train_step. On one CUDA GPU with bf16 the CUDA graph replays it unchanged, so nothing in it may read
+# a value back to the host (no .item(), no print, no Python branch on a tensor); the statistics stay on the device.
 
 def augmented_batches(images, labels, batch_size, seed, epoch):
     """Shuffled uint8 batches, each image cropped (zero padding 4) and flipped at 32 px before preprocessing; the
@@ -269,8 +291,11 @@ def augmented_batches(images, labels, batch_size, seed, epoch):
 
 
 def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y, stats):
-    """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device."""
-    with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+    """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device. Gradients are
+    set to None first: in a graph, backward then writes them in the graph's own memory."""
+    optimizer.zero_grad(set_to_none=True)
+    # No cast cache: inside a CUDA graph cached casts would be stale; each weight is cast once a step anyway.
+    with torch.autocast(x.device.type, dtype=amp_dtype, cache_enabled=False) if amp_dtype else nullcontext():
         logits = model(preprocess(x))
     loss = F.cross_entropy(logits.float(), y)
     scaler.scale(loss).backward()
@@ -279,8 +304,50 @@ def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y,
         nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
+
+
+class CapturedStep:
+    """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
+    every batch copied into its input buffers: the tower's hundreds of kernels launched at once."""
+
+    def __init__(self, step, x, y, model, optimizer, stats, warmup=3):
+        self.x, self.y = x.clone(), y.clone()
+        undo = undo_steps([*model.state_dict().values(), stats], [optimizer], torch.cuda)  # LoRA dropout's RNG too
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(self.x, self.y)
+        torch.cuda.current_stream().wait_stream(side)
+        undo()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(self.x, self.y)
+        torch.cuda.synchronize()
+
+    def __call__(self, x, y):
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+
+
+def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture):
+    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
+    else train_step run eagerly; a capture that fails falls back to eager with one line."""
+    step = partial(train_step, model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, stats=stats)
+    if capture:
+        try:
+            model.train()
+            t0 = time.perf_counter()
+            captured = CapturedStep(step, *first_batch, model, optimizer, stats)
+            captured.seconds = time.perf_counter() - t0
+            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+            return captured
+        except Exception as e:  # the fast path must not end the run
+            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly", flush=True)
+            torch.cuda.synchronize()
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,11 +451,15 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
     evaluate_test = partial(evaluate, model, preprocess, test_x, test_y, args.batch_size, amp_dtype)
     steps_per_epoch = len(train_idx) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    optimizer = make_optimizer(model, args, device)
+    capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and not args.eager
+    optimizer = make_optimizer(model, args, device, capture)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     progress = start_run(args, ckpt, report, data, templates, model, optimizer, scaler, evaluate_test, test_y,
-                         len(train_idx), steps_per_epoch, total_steps)  # resumed, or the zero-shot start logged
+                         len(train_idx), steps_per_epoch, total_steps, capture)  # resumed, or the zero-shot start
     stats = torch.zeros(2, device=device)  # the epoch's [loss sum, correct], kept on the device
+    first_batch = next(augmented_batches(train_x, train_y, args.batch_size, args.seed, 0))  # the capture's shapes
+    step = make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture)
+    progress.train_seconds += getattr(step, "seconds", 0.0)  # a capture counts as training time
     preds = None
     for epoch in range(progress.epoch + 1, args.epochs + 1):
         if progress.step >= total_steps:
@@ -402,10 +473,8 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
         with plumbing.progress_bar(min(steps_per_epoch, total_steps - progress.step), f"epoch {epoch}/{args.epochs}",
                                    args.no_progress) as bar:
             for x, y in augmented_batches(train_x, train_y, args.batch_size, args.seed, epoch):
-                lr = args.lr * lr_factor(progress.step, int(args.warmup * total_steps), total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                train_step(model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, x, y, stats)
+                lr = set_learning_rate(optimizer, lr_factor(progress.step, int(args.warmup * total_steps), total_steps))
+                step(x, y)
                 progress.step += 1
                 seen += len(y)
                 bar.update(1)
@@ -504,7 +573,7 @@ def check_no_effect(args, given):
     elif args.finetune == "full":
         useless = dict.fromkeys(LORA_FLAGS, "with --finetune full (LoRA flags; add --finetune lora to use them)")
     elif not args.finetune:
-        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("resume",),
+        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("resume", "eager"),
                                 "without --finetune (add --finetune full or --finetune lora to use it)")
         if not args.linear_probe:
             useless["limit_train"] = "without --linear-probe or --finetune (zero-shot reads no training image)"
@@ -549,18 +618,19 @@ def load_data(args, ckpt):
 
 
 def start_run(args, ckpt, report, data, templates, model, optimizer, scaler, evaluate_test, test_y, train_images,
-              steps_per_epoch, total_steps):
+              steps_per_epoch, total_steps, capture=False):
     """Start line, config.json (on a resume too), the checkpoint restored or the zero-shot start logged as epoch 0,
     what Ctrl-C reports; returns the run's Progress."""
     out_dir, device = Path(args.out_dir), next(model.parameters()).device
     trainable, total = count_params(model)
     print(f"{SCRIPT}: fine-tuning {args.model} ({args.finetune}) | trainable {trainable:,} of {total:,} parameters "
-          f"({trainable / total:.2%}) | {device} {amp_dtype_for(device) or torch.float32} | train {train_images:,} "
+          f"({trainable / total:.2%}) | {device} {amp_dtype_for(device) or torch.float32}{' graph' if capture else ''} "
+          f"| train {train_images:,} "
           f"test {len(test_y):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch "
           f"{args.batch_size}, lr {args.lr:g} | out {out_dir}", flush=True)
     plumbing.write_json(out_dir / "config.json", run_config(args, templates, data.classes))
     if ckpt:
-        progress = restore_run(ckpt, args, model, optimizer, scaler)
+        progress = restore_run(ckpt, args, model, optimizer, scaler, capture)
         print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
     else:
         preds, test_loss = evaluate_test()
@@ -572,7 +642,7 @@ def start_run(args, ckpt, report, data, templates, model, optimizer, scaler, eva
     return progress
 
 
-def restore_run(ckpt, args, model, optimizer, scaler):
+def restore_run(ckpt, args, model, optimizer, scaler, capture=False):
     """Weights (LoRA: adapters + head), optimizer and scaler from a checkpoint; returns its Progress."""
     try:
         if args.finetune == "lora":
@@ -586,6 +656,12 @@ def restore_run(ckpt, args, model, optimizer, scaler):
     except (RuntimeError, ValueError, KeyError) as e:
         raise DataError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
+    device = next(model.parameters()).device
+    place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
+    for group in optimizer.param_groups:
+        group["fused"], group["capturable"] = device.type == "cuda", capture
+    for state in optimizer.state.values():  # fused and capturable AdamW keep the step count on the device
+        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     scaler.load_state_dict(ckpt["scaler"])
     plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return Progress(**ckpt["state"])

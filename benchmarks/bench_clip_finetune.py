@@ -4,9 +4,10 @@ peak memory, trainable parameters, size of the saved weights.
 Random weights, no download: --arch base is CLIPVisionConfig() defaults with a 512-wide projection, the
 ViT-B/32 image tower at 224 px (88M parameters), under the script's 10-class head; --arch tiny is the
 test suite's tiny tower (48 px). Both variants train with the script's own pieces (ImageClassifier,
-add_lora with rank 16, alpha 32 on q/k/v/out_proj, make_optimizer, augmented_batches, train_step: crop
+add_lora with rank 16, alpha 32 on q/k/v/out_proj, make_optimizer, augmented_batches, make_step: crop
 and flip at 32 px, resize to the tower's resolution on the device, bf16 autocast on CUDA, AdamW,
-clipping) on random uint8 32 px images. Each variant runs in its own process, so peak memory is its
+clipping; on one bf16 GPU the step captured as a CUDA graph, as the script runs it, --eager for the
+eager step) on random uint8 32 px images. Each variant runs in its own process, so peak memory is its
 own: the GPU's peak allocation on CUDA, the process's peak resident set on a CPU.
 
     python benchmarks/bench_clip_finetune.py --arch tiny --device cpu --batch-size 32 --steps 20
@@ -56,8 +57,9 @@ def measure(mode, args, queue):
                                                                  targets=clip_zeroshot.LORA_TARGETS))
     trainable, total = clip_zeroshot.count_params(model)
     saved = common.trainable_state(model) if mode == "lora" else model.state_dict()  # what last.pt holds
-    optimizer = clip_zeroshot.make_optimizer(model, argparse.Namespace(lr=1e-5, weight_decay=0.1), device)
     amp_dtype = clip_zeroshot.amp_dtype_for(device)
+    capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and not args.eager  # as the script decides
+    optimizer = clip_zeroshot.make_optimizer(model, argparse.Namespace(lr=1e-5, weight_decay=0.1), device, capture)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     g = torch.Generator().manual_seed(0)
     n = args.batch_size * (args.steps + args.warmup_steps)
@@ -66,17 +68,20 @@ def measure(mode, args, queue):
     batches = list(clip_zeroshot.augmented_batches(images, labels, args.batch_size, seed=0, epoch=1))
     stats = torch.zeros(2, device=device)
     model.train()
+    step = clip_zeroshot.make_step(model, optimizer, scaler, preprocess, amp_dtype, argparse.Namespace(grad_clip=1.0),
+                                   stats, batches[0], capture)  # the script's step: a graph replay, or eager
     for x, y in batches[:args.warmup_steps]:  # allocator, kernels, optimizer state
-        clip_zeroshot.train_step(model, optimizer, scaler, preprocess, amp_dtype, 1.0, x, y, stats)
+        step(x, y)
     clip_zeroshot.sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for x, y in batches[args.warmup_steps:]:
-        clip_zeroshot.train_step(model, optimizer, scaler, preprocess, amp_dtype, 1.0, x, y, stats)
+        step(x, y)
     clip_zeroshot.sync(device)
     seconds = time.perf_counter() - t0
-    queue.put({"mode": mode, "trainable": trainable, "total": total, "images_per_second": n_timed(args) / seconds,
+    queue.put({"mode": mode + (" (captured)" if isinstance(step, clip_zeroshot.CapturedStep) else ""),
+               "trainable": trainable, "total": total, "images_per_second": n_timed(args) / seconds,
                "step_ms": 1000 * seconds / args.steps, "peak_mb": peak_mb(device),
                "saved_mib": sum(t.numel() * t.element_size() for t in saved.values()) / 2 ** 20,
                "finite": bool(torch.isfinite(stats).all())})
@@ -110,6 +115,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="images per step (clip_zeroshot.py's default)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--eager", action="store_true", help="CUDA: time the eager step, not the captured CUDA graph")
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")  # a fresh process per variant: clean peak-memory readings
     results = {}

@@ -1,7 +1,10 @@
 """clip_zeroshot.py --finetune full|lora: the tiny random CLIP saved to disk, loaded through the script's own
 path, trained on the real CIFAR-10 images shipped in tests/data (300 train, 100 test)."""
 import argparse
+import functools
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -343,3 +346,72 @@ def test_config_is_rewritten_on_resume_and_equals_the_summarys_args_issue_21_B13
     assert summary["args"] == config == json.loads((tmp_path / "summary.json").read_text())["args"]
     zero_shot = run(tiny_clip, tiny_cifar, tmp_path / "zero-shot", "--limit-test", "20", "--no-plots")
     assert zero_shot["args"] == json.loads((tmp_path / "zero-shot" / "config.json").read_text())
+
+
+# Issue 23: the fine-tuning step captured as a CUDA graph. On the CPU: the function the graph records is the one the
+# eager loop runs, the warm-up's effects are undone, and the step reads nothing back from the device.
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_undoing_the_capture_warm_up_leaves_the_next_step_that_of_a_fresh_run(mode, tiny_clip, data):
+    """What CapturedStep does before it captures (on the GPU), here on the CPU with the same train_step and
+    undo_steps call: three warm-up steps, undone, then one step equal bit for bit to a fresh run's first step."""
+    def build():
+        classifier, preprocess = zero_shot_classifier(tiny_clip, data)
+        torch.manual_seed(0)
+        model = clip_zeroshot.add_lora(classifier, argparse.Namespace(**{**vars(LORA_ARGS), "lora_dropout": 0.1})) \
+            if mode == "lora" else classifier
+        optimizer = clip_zeroshot.make_optimizer(model, argparse.Namespace(lr=1e-2, weight_decay=0.01), CPU)
+        stats = torch.zeros(2)
+        step = functools.partial(clip_zeroshot.train_step, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                 preprocess, None, 1.0, stats=stats)
+        return model.train(), optimizer, stats, step
+
+    x, y = next(clip_zeroshot.augmented_batches(data.train_x, data.train_y, 16, 0, 0))
+    model, optimizer, stats, step = build()
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    undo = clip_zeroshot.undo_steps([*model.state_dict().values(), stats], [optimizer], torch)
+    for _ in range(3):
+        step(x, y)
+    assert stats[0] > 0 and any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    undo()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and stats.abs().sum() == 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    fresh, _, fresh_stats, fresh_step = build()
+    torch.manual_seed(5)
+    step(x, y)
+    torch.manual_seed(5)
+    fresh_step(x, y)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert torch.equal(stats, fresh_stats)
+
+
+def test_the_fine_tuning_step_reads_nothing_back_from_the_device(tiny_clip, data, monkeypatch):
+    """A host read (.item(), a Python branch on a tensor) would break the graph; on the CPU it is caught by making
+    every such read fail while the step runs."""
+    classifier, preprocess = zero_shot_classifier(tiny_clip, data)
+    optimizer = clip_zeroshot.make_optimizer(classifier, argparse.Namespace(lr=1e-3, weight_decay=0.1), CPU)
+    stats = torch.zeros(2)
+    x, y = next(clip_zeroshot.augmented_batches(data.train_x, data.train_y, 8, 0, 0))
+    def trap(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"torch{os.sep}optim{os.sep}" in caller:  # CPU AdamW reads its step count; capturable AdamW (GPU) not
+                return real(self, *a)
+            raise AssertionError(f"{name}() read a value back in {caller}")
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, trap(name))
+    clip_zeroshot.train_step(classifier.train(), optimizer, torch.amp.GradScaler("cpu", enabled=False), preprocess,
+                             None, 0.0, x, y, stats)
+    monkeypatch.undo()
+    assert stats[0] > 0
+
+
+def test_eager_refuses_where_no_step_is_trained(tiny_clip, tiny_cifar, tmp_path, capsys):
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar),
+                                                             "--eager", "--out-dir", str(tmp_path)]))
+    assert "--eager has no effect without --finetune" in err

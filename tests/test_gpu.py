@@ -1,4 +1,5 @@
-"""The CUDA-graph training steps (vit_scratch, cnn_baseline, lora_caption) train what the eager steps train.
+"""The CUDA-graph training steps (vit_scratch, cnn_baseline, clip_zeroshot, lora_caption) train what the eager steps
+train.
 Needs a CUDA GPU with bf16: CI (CPU only) skips these; benchmarks/gpu_checks.sh runs them first on a lent GPU."""
 import argparse
 import functools
@@ -6,6 +7,7 @@ import functools
 import pytest
 import torch
 
+import clip_zeroshot
 import cnn_baseline
 import lora_caption
 import vit_scratch
@@ -70,6 +72,41 @@ def test_cnn_graph_replays_train_what_the_eager_steps_train_batchnorm_statistics
     for name, value in eager_weights.items():  # running_mean/var and num_batches_tracked too
         torch.testing.assert_close(graph_weights[name], value, atol=1e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(graph_stats, eager_stats, atol=1e-3, rtol=1e-5)
+
+
+def clip_run(capture, data, tiny_clip, mode):
+    """CLIP's fine-tuning classifier after training on uint8 `data`, the step eager or replayed from a graph."""
+    model, tokenizer, processor = clip_zeroshot.load_clip(str(tiny_clip), CUDA)
+    classifier = clip_zeroshot.zero_shot_classifier(model, tokenizer, [f"class {i}" for i in range(10)],
+                                                    ["a photo of a {}."], CUDA)
+    torch.manual_seed(0)
+    if mode == "lora":
+        classifier = clip_zeroshot.add_lora(classifier, argparse.Namespace(rank=4, alpha=8, lora_dropout=0.0,
+                                                                           targets=clip_zeroshot.LORA_TARGETS))
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.01, grad_clip=1.0)
+    optimizer = clip_zeroshot.make_optimizer(classifier, args, CUDA, capture)
+    stats, scaler = torch.zeros(2, device=CUDA), torch.amp.GradScaler("cuda", enabled=False)
+    preprocess = clip_zeroshot.TensorPreprocess(processor, CUDA)
+    step = clip_zeroshot.make_step(classifier, optimizer, scaler, preprocess, torch.bfloat16, args, stats, data[0],
+                                   capture)
+    assert isinstance(step, clip_zeroshot.CapturedStep) == capture
+    for i, (x, y) in enumerate(data):
+        clip_zeroshot.set_learning_rate(optimizer, clip_zeroshot.lr_factor(i, 1, len(data)))
+        step(x, y)
+    torch.cuda.synchronize()
+    return {k: v.float().cpu() for k, v in classifier.state_dict().items()}, stats.cpu()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_clip_graph_replays_train_what_the_eager_steps_train(mode, tiny_clip):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8).to(CUDA),
+             torch.randint(0, 10, (16,), generator=g).to(CUDA)) for _ in range(5)]
+    (eager_weights, eager_stats), (graph_weights, graph_stats) = (clip_run(c, data, tiny_clip, mode)
+                                                                  for c in (False, True))
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(graph_weights[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(graph_stats, eager_stats, atol=1e-3, rtol=1e-5)  # the warm-up left no trace
 
 
 def test_a_failing_capture_falls_back_to_the_eager_step_with_one_line(capsys, monkeypatch):
