@@ -69,6 +69,8 @@ MODE_DEFAULTS = {None: dict(batch_size=500, prompts="single"),
                  "full": dict(batch_size=128, prompts="ensemble", lr=1e-5, weight_decay=0.1),
                  "lora": dict(batch_size=128, prompts="ensemble", lr=1e-3, weight_decay=0.01)}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the image tower's attention projections
+# The same four in a ViTModel (--backbone), as transformers >= 5.2x names them and as earlier releases did
+VIT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "attention.output.dense"]
 
 
 def build_parser():
@@ -106,6 +108,10 @@ def build_parser():
       help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
     a("--resume", help="continue fine-tuning from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
+    a("--backbone", metavar="VIT",
+      help="--finetune an ImageNet ViT (a ViTModel checkpoint: hub id or folder, e.g. "
+           "google/vit-base-patch16-224-in21k) instead of CLIP's tower: a linear head on its CLS output, trained "
+           "from a random start")
     a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
                         "model is the one the folder records unless --model is given")
     # machine
@@ -138,7 +144,7 @@ class TensorPreprocess:
         size = processor.size
         self.resize = size.get("shortest_edge") or [size["height"], size["width"]]  # an int keeps the aspect ratio
         self.mode = interpolation(processor)
-        crop = processor.crop_size if processor.do_center_crop else None
+        crop = processor.crop_size if getattr(processor, "do_center_crop", False) else None  # a ViT's has none
         self.crop = [crop["height"], crop["width"]] if crop else None
         self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
@@ -201,6 +207,18 @@ class ImageClassifier(nn.Module):
     def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
         features = self.projection(self.tower(pixel_values=pixels).pooler_output)  # (B, D)
         return self.head(F.normalize(features, dim=-1))
+
+
+class BackboneClassifier(nn.Module):
+    """--backbone: an ImageNet ViT (ViTModel) and a linear head on its CLS token's final hidden state."""
+
+    def __init__(self, tower, num_classes):
+        super().__init__()
+        self.tower = tower
+        self.head = nn.Linear(tower.config.hidden_size, num_classes, device=tower.device)
+
+    def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
+        return self.head(self.tower(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 def zero_shot_classifier(model, tokenizer, classes, templates, device):
@@ -441,7 +459,12 @@ def zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, 
 def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
     """--finetune full|lora: the zero-shot classifier trained on CIFAR-10, evaluated and saved after every epoch."""
     torch.manual_seed(args.seed)
-    model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
+    if args.backbone:  # an ImageNet ViT: a fresh head, so the epoch-0 row is chance, not zero-shot
+        model = BackboneClassifier(load_backbone(args.backbone, device), len(data.classes))
+        if args.targets == VIT_LORA_TARGETS:  # the default: the names this transformers gives the projections
+            args.targets = [t for t in VIT_LORA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
+    else:
+        model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
     if args.finetune == "lora":
         model = add_lora(model, args)
     initial = plumbing.trainable_state(model) if args.wise is not None else None  # zero-shot weights, for WiSE-FT
@@ -505,6 +528,9 @@ def main(argv=None):
         device = pick_device(args.device)
         args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
         data, train_idx, test_idx = load_data(args, ckpt)
+        if args.backbone:  # no CLIP: an ImageNet ViT's processor, no text tower, no templates
+            processor = load_backbone_processor(args.backbone)
+            return finetune(args, ckpt, data, train_idx, test_idx, None, processor, [], device, report)
         config, tokenizer, processor = load_clip_parts(args.model)  # small files, before the weights
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)
         interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
@@ -546,6 +572,8 @@ def experiment_args(argv):
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        if cli.backbone and "targets" not in given:  # a ViTModel names its attention projections otherwise
+            cli.targets = VIT_LORA_TARGETS
         if cli.adapter and "model" not in given:
             cli.model = adapter_base_model(cli.adapter)
     else:
@@ -573,10 +601,13 @@ def check_no_effect(args, given):
     elif args.finetune == "full":
         useless = dict.fromkeys(LORA_FLAGS, "with --finetune full (LoRA flags; add --finetune lora to use them)")
     elif not args.finetune:
-        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("resume", "eager"),
+        useless = dict.fromkeys(FINETUNE_FLAGS + LORA_FLAGS + ("resume", "eager", "backbone"),
                                 "without --finetune (add --finetune full or --finetune lora to use it)")
         if not args.linear_probe:
             useless["limit_train"] = "without --linear-probe or --finetune (zero-shot reads no training image)"
+    if args.backbone and args.finetune:
+        useless.update(dict.fromkeys(("model", "prompts", "wise"), "with --backbone (no CLIP, no text tower: a "
+                                     "random head on the ViT's CLS output)"))
     if args.limit_test is None and not args.linear_probe and (args.adapter or not args.finetune):
         useless["seed"] = "when the whole test set is evaluated without training (nothing is drawn at random)"
     typed = sorted(given & useless.keys())
@@ -623,7 +654,8 @@ def start_run(args, ckpt, report, data, templates, model, optimizer, scaler, eva
     what Ctrl-C reports; returns the run's Progress."""
     out_dir, device = Path(args.out_dir), next(model.parameters()).device
     trainable, total = count_params(model)
-    print(f"{SCRIPT}: fine-tuning {args.model} ({args.finetune}) | trainable {trainable:,} of {total:,} parameters "
+    print(f"{SCRIPT}: fine-tuning {args.backbone or args.model} ({args.finetune}) | trainable {trainable:,} of "
+          f"{total:,} parameters "
           f"({trainable / total:.2%}) | {device} {amp_dtype_for(device) or torch.float32}{' graph' if capture else ''} "
           f"| train {train_images:,} "
           f"test {len(test_y):,} images | {steps_per_epoch} steps/epoch x {args.epochs} epochs, batch "
@@ -679,7 +711,7 @@ def save_run(args, model, optimizer, scaler, progress, test_acc, data):
             "args": vars(args), "data_fingerprint": data.fingerprint}
     plumbing.save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
     if args.finetune == "lora":
-        plumbing.save_adapter(model, out_dir, base_model=args.model)  # so that --adapter finds its base on its own
+        plumbing.save_adapter(model, out_dir, base_model=args.backbone or args.model)  # --adapter finds its base
 
 
 def check_progress(stats, seen, step, lr, bar):
@@ -695,7 +727,8 @@ def check_progress(stats, seen, step, lr, bar):
 def log_epoch(args, row):
     plumbing.append_jsonl(Path(args.out_dir) / "metrics.jsonl", row)
     if row["epoch"] == 0:
-        print(f"epoch   0/{args.epochs} | zero-shot start | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}",
+        start = "random-head" if args.backbone else "zero-shot"
+        print(f"epoch   0/{args.epochs} | {start} start | test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%}",
               flush=True)
         return
     print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
@@ -730,7 +763,8 @@ def summarise(args, data, device, cm, prompts, **fields):
                "test_images": int(cm.sum()), "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                "test_acc": accuracy_from(cm), "peak_memory_mb": plumbing.peak_memory_mb(device),
-               "args": run_config(args, prompts, data.classes), "model": args.model, "classes": data.classes,
+               "args": run_config(args, prompts, data.classes), "model": args.backbone or args.model,
+               "classes": data.classes,
                "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
                "most_confused": most_confused(cm, data.classes)}
     plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
@@ -788,7 +822,8 @@ def write_finetune_summary(args, model, device, progress, data, preds, test_y, t
         train_seconds=progress.train_seconds, params=total, trainable_params=trainable, templates=templates, wise=wise,
         images_per_second=progress.images_seen / max(progress.train_seconds, 1e-9),
         adapter_bytes=sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None)
-    print(f"test accuracy {summary['test_acc']:.2%} (zero-shot start {progress.zero_shot_acc:.2%}, best "
+    start = "random-head start" if args.backbone else "zero-shot start"
+    print(f"test accuracy {summary['test_acc']:.2%} ({start} {progress.zero_shot_acc:.2%}, best "
           f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "
           f"{summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB"
           + (f" | adapter {summary['adapter_bytes'] / 2 ** 20:.2f} MiB" if summary["adapter_bytes"] else ""))
@@ -986,30 +1021,30 @@ def check_targets(tower, targets):
 
 
 @contextmanager
-def loading(name):
+def loading(name, option="--model", kind="CLIP"):
     """transformers without its "Loading weights" bars (the script says what it loads), and what it raises about
-    `name` as one line naming --model PATH and HF_HUB_OFFLINE."""
+    `name` as one line naming --model PATH (or --backbone PATH) and HF_HUB_OFFLINE."""
     from transformers.utils import logging
     was_enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
         yield
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load CLIP model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
-                        f"offline, pass --model PATH to a local copy (a save_pretrained folder), or unset "
+        raise DataError(f"cannot load {kind} model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
+                        f"offline, pass {option} PATH to a local copy (a save_pretrained folder), or unset "
                         f"HF_HUB_OFFLINE with internet access") from None
     finally:
         if was_enabled:
             logging.enable_progress_bar()
 
 
-def check_model_path(name):
+def check_model_path(name, option="--model"):
     """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no
     backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
     path = Path(name).expanduser()
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
     if looks_like_path and not path.is_dir():
-        raise DataError(f"--model {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
+        raise DataError(f"{option} {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
                         f"a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
 
 
@@ -1023,6 +1058,28 @@ def load_clip_model(name, device):
 def pooled(out):
     """transformers 5 returns an output object (the projection is its pooler_output); 4.x a tensor."""
     return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_backbone_processor(name):
+    """--backbone's image processor, after its config says it is a ViT: read before the weights."""
+    from transformers import AutoConfig, AutoImageProcessor
+    check_model_path(name, "--backbone")
+    with loading(name, "--backbone", "ViT"):
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type != "vit":
+            kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
+            raise DataError(f"--backbone {name} holds a {kind}, not a ViTModel: pass an ImageNet ViT checkpoint "
+                            f"with its image processor (e.g. google/vit-base-patch16-224-in21k)")
+        processor = AutoImageProcessor.from_pretrained(name)
+    interpolation(processor)
+    return processor
+
+
+def load_backbone(name, device):
+    from transformers import ViTModel
+    with loading(name, "--backbone", "ViT"):
+        model = ViTModel.from_pretrained(name, add_pooling_layer=False, **plumbing.NO_HUB_KERNELS)
+    return model.to(device)
 
 
 def load_clip(name, device):

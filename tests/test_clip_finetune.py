@@ -415,3 +415,67 @@ def test_eager_refuses_where_no_step_is_trained(tiny_clip, tiny_cifar, tmp_path,
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar),
                                                              "--eager", "--out-dir", str(tmp_path)]))
     assert "--eager has no effect without --finetune" in err
+
+
+# Issue 24, item 6: the guide's "pre-trained ViT, fine-tuned" row with an ImageNet ViT (--backbone)
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    """A random tiny ViTModel + image processor saved like a hub checkpoint (no pooler, as the script loads it)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def backbone_run(tiny_vit, tiny_cifar, out, *flags):
+    return clip_zeroshot.main(["--backbone", str(tiny_vit), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                               "--batch-size", "32", "--epochs", "2", "--no-plots", "--no-progress", "--out-dir",
+                               str(out), *flags])
+
+
+def test_backbone_full_fine_tuning_trains_every_weight_of_an_imagenet_vit(tiny_vit, tiny_cifar, tmp_path):
+    from transformers import ViTModel
+    summary = backbone_run(tiny_vit, tiny_cifar, tmp_path / "run", "--finetune", "full", "--lr", "1e-3")
+    assert summary["model"] == str(tiny_vit) and summary["finetune"] == "full" and summary["epochs"] == 2
+    start = ViTModel.from_pretrained(tiny_vit, add_pooling_layer=False).state_dict()
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert {k for k in trained if k.startswith("head.")} == {"head.weight", "head.bias"}
+    assert all(not torch.equal(trained[f"tower.{k}"], v) for k, v in start.items())  # every tower weight moved
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["train_loss"] < rows[1]["train_loss"]  # the loss fell on real images
+
+
+def test_backbone_lora_adapts_the_vits_attention_and_trains_the_head(tiny_vit, tiny_cifar, tmp_path):
+    backbone_run(tiny_vit, tiny_cifar, tmp_path / "run", "--finetune", "lora", "--rank", "4")
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in trained if ".lora_A." in k}
+    # the ViT's attention projections, as this transformers names them (5.2x: q/k/v/o_proj; earlier: query, ...)
+    assert adapted in ({"q_proj", "k_proj", "v_proj", "o_proj"}, {"query", "key", "value", "dense"})
+    assert all(".lora_" in k or "head" in k for k in trained)  # nothing else trains
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_vit)
+    summary = clip_zeroshot.main(["--resume", str(tmp_path / "run"), "--epochs", "3", "--no-progress"])
+    assert summary["epochs"] == 3 and summary["model"] == str(tiny_vit)  # resumes through the same loop
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "2"], "--backbone has no effect without --finetune"),
+    (["--finetune", "full", "--wise", "0.5"], "--wise has no effect with --backbone"),
+    (["--finetune", "full", "--prompts", "ensemble"], "--prompts has no effect with --backbone"),
+])
+def test_backbone_flags_that_do_nothing_are_refused(flags, message, tiny_vit, tiny_cifar, tmp_path, capsys):
+    argv = ["--backbone", str(tiny_vit), "--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir",
+            str(tmp_path), *flags]
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(argv))
+    assert message in err
+
+
+def test_a_clip_folder_as_backbone_is_one_line(tiny_clip, tiny_cifar, tmp_path, capsys):
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--backbone", str(tiny_clip), "--finetune", "full",
+                                                             "--data-dir", str(tiny_cifar), "--device", "cpu",
+                                                             "--out-dir", str(tmp_path)]))
+    assert f"--backbone {tiny_clip} holds a CLIPModel, not a ViTModel" in err
