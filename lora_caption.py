@@ -465,10 +465,10 @@ def evaluate_captions(model, tokenizer, pixels, split, args, label):
     """(scores, captions) on the first --eval-images test images (scores None without any)."""
     n = min(len(split.names), args.eval_images or len(split.names))
     if n == 0:
-        return {"bleu4": None, "cider": None}, []
+        return {"bleu4": None, "cider": None, "bleu_one_ref_per_row": None}, []
     captions = generate_captions(model, tokenizer, pixels, split.images[:n], args)
     scores = score_captions(captions, split.captions[:n])
-    print(f"{label}: BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} on {n} test images", flush=True)
+    print(f"{label}: {score_line(scores)} on {n} test images", flush=True)
     return scores, captions
 
 
@@ -856,7 +856,7 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
 def write_summary(args, config, progress, data, after, counts, device, out_dir):
     """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
     null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
-    base = progress.baseline or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
+    base = progress.baseline or {"scores": {}, "captions": [None] * len(after[1])}  # scores .get(): None
     examples = [{"image": n, "references": refs, "before": b, "after": a}
                 for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
     summary = {"script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
@@ -867,8 +867,11 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
                "test_acc": None, "train_seconds": progress.train_seconds, "images_per_second": None,
                "pairs_per_second": progress.pairs_seen / max(progress.train_seconds, 1e-9),
                "peak_memory_mb": plumbing.peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-               "args": config, "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
-               "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+               "args": config, "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"].get("bleu4"),
+               "cider_before": base["scores"].get("cider"), "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+               # the course's figure (COURSE_BLEU); a baseline saved before it existed has none
+               "bleu_one_ref_per_row_before": base["scores"].get("bleu_one_ref_per_row"),
+               "bleu_one_ref_per_row": after[0]["bleu_one_ref_per_row"],
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
                "examples": examples}
     plumbing.write_json(out_dir / "summary.json", summary)
@@ -877,7 +880,8 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
         print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
-          f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
+          f"-> {fmt(summary['cider'])} | {COURSE_BLEU} {fmt(summary['bleu_one_ref_per_row_before'])} -> "
+          f"{fmt(summary['bleu_one_ref_per_row'])} | {summary['train_seconds']:.1f}s training | "
           f"{summary['pairs_per_second']:,.1f} pairs/s | adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
     return summary
 
@@ -948,7 +952,16 @@ td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{
 def score_captions(hypotheses, references):
     hyp = [caption_tokens(h) for h in hypotheses]
     refs = [[caption_tokens(r) for r in rs] for rs in references]
-    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
+    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs),
+            "bleu_one_ref_per_row": bleu_one_ref_per_row(hypotheses, references)}
+
+
+COURSE_BLEU = "BLEU (one reference per row, whitespace tokens)"  # the course's figure, named apart from BLEU-4
+
+
+def score_line(scores):
+    return (f"BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} | "
+            f"{COURSE_BLEU} {scores['bleu_one_ref_per_row']:.4f}")
 
 
 _IDEOGRAPHS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # CJK ideographs
@@ -1002,6 +1015,30 @@ def corpus_bleu4(hypotheses, references):
     log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
     brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
     return brevity * math.exp(log_precision)
+
+
+def bleu_one_ref_per_row(hypotheses, references):
+    """The course's BLEU, computed as nltk's corpus_bleu (4-grams, equal weights, no smoothing) does on a table of
+    (image, caption) rows: each row's caption is the one reference of its image's caption, both split on whitespace
+    as they are (case and punctuation kept). Not BLEU-4 over all references (corpus_bleu4): an image counts once per
+    row, an n-gram order's denominator is at least 1 per row (so captions shorter than 4 words count), and an order
+    without any match gives the smallest float (nltk warns) instead of 0. `references`: each image's rows."""
+    matches, totals = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for hypothesis, rows in zip(hypotheses, references):
+        hyp = hypothesis.split()
+        for row in rows:
+            ref = row.split()
+            hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+            for n in range(1, 5):
+                counts, ref_counts = _ngrams(hyp, n), _ngrams(ref, n)
+                matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in counts.items())
+                totals[n - 1] += max(1, sum(counts.values()))
+    if matches[0] == 0:
+        return 0.0
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(math.fsum(0.25 * math.log(m / t if m else sys.float_info.min)
+                                        for m, t in zip(matches, totals)))
 
 
 def cider_d(hypotheses, references, sigma=6.0):
