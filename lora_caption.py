@@ -18,10 +18,11 @@ against all references of each image, before fine-tuning (the zero-shot baseline
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
 
---data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt, also
-read) and the images (in images/ or beside it), with an optional splits.json of train/val/test image names. Bad
-rows and images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl,
-summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
+--data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt) with an
+optional splits.json of train/val/test image names, or the course's train.txt, val.txt, test.txt (image;caption),
+or Flickr8k's Flickr8k.token.txt + Flickr_8k.*Images.txt lists; the images in images/ (or beside). Bad rows and
+images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl, summary.json,
+adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
 
 Measured on one H100 (BENCHMARKS.md, benchmarks/bench_lora_vs_full.py): 9.8 ms per captured step at batch 32
 against 74.4 ms eager: the frozen encoder's output is cached, frozen weights are bf16, and on one GPU the whole
@@ -53,8 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
-from common import IMAGE_SUFFIXES, DataError, derived_seed, open_rgb, undo_steps  # part 1
-from common import positive_int  # argparse type: a flag's range
+from common import IMAGE_SUFFIXES, DataError, derived_seed, open_rgb, positive_int, undo_steps  # part 1
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -72,8 +72,8 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 def build_parser():
     p = plumbing.make_parser(__doc__)
     a = p.add_argument
-    a("--data-dir", help="a folder with captions.csv (image,caption; or Kaggle's captions.txt), the images (in "
-                         "images/ or beside it) and optionally splits.json (train/val/test image names)")
+    a("--data-dir", help="images (in images/ or beside) and captions.csv (image,caption) + optional splits.json, "
+                         "or train.txt, val.txt, test.txt (image;caption), or Flickr8k.token.txt + its image lists")
     a("--model", help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
                       "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
@@ -122,7 +122,7 @@ def build_parser():
 def check_args(args):
     """The rules that involve two flags (each flag's own range is checked by its type=)."""
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
-        raise plumbing.DataError("training needs --data-dir (a folder with captions.csv and the images)")
+        raise plumbing.DataError("training needs --data-dir (images + captions.csv, train.txt or Flickr8k.token.txt)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1199,11 +1199,118 @@ class CaptionSplit:
     captions: list  # [N] lists of reference captions
 
 
+# The layouts read, in this order: captions.csv (or Kaggle's captions.txt) + optional splits.json; the course's
+# split files; Flickr8k as it ships (the image lists decide the splits; the images in Flicker8k_Dataset/, sic).
+COURSE_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}  # image;caption, a header line each
+FLICKR8K_TOKENS = "Flickr8k.token.txt"  # image#n<TAB>caption, no header
+FLICKR8K_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                  "test": "Flickr_8k.testImages.txt"}  # one image name a line
+IMAGE_FOLDERS = ("images", "Flicker8k_Dataset", "Flickr8k_Dataset")  # else the images lie beside the table
+
+
+@dataclass
+class CaptionTable:
+    rows: list  # [(image, caption)]
+    problems: dict  # {kind: [where]}: bad rows, reported and skipped
+    splits: dict = None  # {split: [image names]} where the layout decides them (else splits.json or a seeded split)
+    source: str = "splits.json"  # what decides the splits, in messages
+    test_file: str = None  # the layout's test list, in the message about an empty test split
+
+
 def find_caption_table(root):
     for name in ("captions.csv", "captions.txt"):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"{root}: no captions.csv (columns image,caption) or captions.txt found")
+    raise DataError(f"{root}: no captions.csv (columns image,caption) or captions.txt found, nor the course's "
+                    f"train.txt + val.txt (image;caption), nor Flickr8k's {FLICKR8K_TOKENS} + image lists")
+
+
+def read_caption_layout(root, log):
+    """The caption rows of whichever layout `root` holds (see COURSE_FILES and FLICKR8K_TOKENS)."""
+    if any((root / name).is_file() for name in ("captions.csv", "captions.txt")) or not (
+            (root / COURSE_FILES["train"]).is_file() or (root / FLICKR8K_TOKENS).is_file()):
+        return CaptionTable(*read_caption_rows(find_caption_table(root), log))
+    return read_course_files(root, log) if (root / COURSE_FILES["train"]).is_file() else read_flickr8k(root, log)
+
+
+def required_lists(root, have, files, layout):
+    """The layout's train and validation files must both be there (a test file is optional)."""
+    missing = [files[k] for k in ("train", "val") if not (root / files[k]).is_file()]
+    if missing:
+        raise DataError(f"{root}: {have} is there but not {missing[0]}; {layout}")
+
+
+def split_of_each_image(root, splits, files):
+    """An image in two splits' files would be trained on and scored on: one error naming both files."""
+    seen = {}
+    for k, names in splits.items():
+        for name in names:
+            if seen.setdefault(name, k) != k:
+                raise DataError(f"{root}: {name} is in both {files[seen[name]]} and {files[k]}; an image belongs to "
+                                f"one split (else its captions are trained on and scored on)")
+
+
+def read_course_files(root, log):
+    """The course's layout: train.txt, val.txt and optionally test.txt, each a caption table with a header line
+    (image;caption; read as captions.csv is); the file an image's rows are in is its split."""
+    required_lists(root, COURSE_FILES["train"], COURSE_FILES,
+                   "the course's layout: train.txt, val.txt, optional test.txt, each image;caption with a header")
+    rows, problems, splits = [], {}, {}
+    for k, name in COURSE_FILES.items():
+        split_rows, split_problems = read_caption_rows(root / name, log) if (root / name).is_file() else ([], {})
+        for kind, where in split_problems.items():
+            problems.setdefault(kind, []).extend(f"{name} {w}" for w in where)
+        splits[k] = list(dict.fromkeys(image for image, _ in split_rows))  # first appearance order
+        rows += split_rows
+    split_of_each_image(root, splits, COURSE_FILES)
+    return CaptionTable(rows, problems, splits, "the split files", COURSE_FILES["test"])
+
+
+def read_flickr8k(root, log):
+    """Flickr8k as it ships: Flickr8k.token.txt (image#n<TAB>caption, no header) and the image lists
+    Flickr_8k.trainImages.txt, .devImages.txt (the validation split) and optionally .testImages.txt."""
+    required_lists(root, FLICKR8K_TOKENS, FLICKR8K_LISTS, f"Flickr8k's layout is {FLICKR8K_TOKENS} with "
+                   f"{', '.join(FLICKR8K_LISTS.values())} (the last optional)")
+    table = root / FLICKR8K_TOKENS
+    problems = {"malformed row": [], "empty caption": [], "duplicate row": []}
+    rows, seen = [], set()
+    lines = read_caption_text(table).replace("\r\n", "\n").split("\n")
+    for line, text in enumerate(lines, start=1):
+        key, tab, caption = text.partition("\t")
+        image, hash_sign, number = key.strip().rpartition("#")
+        where = f"{FLICKR8K_TOKENS} line {line}"
+        if not text.strip():
+            continue
+        if not (tab and hash_sign and image and number.isdigit()):
+            problems["malformed row"].append(where)
+        elif not caption.strip():
+            problems["empty caption"].append(where)
+        elif (image, caption.strip()) in seen:
+            problems["duplicate row"].append(where)
+        else:
+            seen.add((image, caption.strip()))
+            rows.append((image, caption.strip()))
+    if not rows:
+        raise DataError(f"{table}: no line of the form image#n<TAB>caption (line 1 is {lines[0][:60]!r})")
+    return CaptionTable(rows, problems, read_image_lists(root, log), "the Flickr_8k.*Images.txt lists",
+                        FLICKR8K_LISTS["test"])
+
+
+def read_image_lists(root, log):
+    """{split: image names} from Flickr8k's lists, one name a line; a line of two words is reported and skipped."""
+    splits, bad = {}, {"malformed line": []}
+    for k, name in FLICKR8K_LISTS.items():
+        listed = read_caption_text(root / name).split("\n") if (root / name).is_file() else []
+        splits[k] = []
+        for line, text in enumerate(listed, start=1):
+            if len(text.split()) > 1:  # two names, or a name and a caption
+                bad["malformed line"].append(f"{name} line {line}")
+            elif text.strip():
+                splits[k].append(text.strip())
+        splits[k] = list(dict.fromkeys(splits[k]))
+    report(bad, "image list line(s)", log)
+    split_of_each_image(root, splits, FLICKR8K_LISTS)
+    return splits
 
 
 def read_caption_text(table):
@@ -1271,21 +1378,33 @@ def load_caption_data(data_dir, image_size, resample, seed, log=print):
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: no such folder")
-    rows, problems = read_caption_rows(find_caption_table(root), log)
-    report(problems, "caption row(s)", log)
+    table = read_caption_layout(root, log)
+    report(table.problems, "caption row(s)", log)
     by_image = {}
-    for image, caption in rows:
+    for image, caption in table.rows:
         by_image.setdefault(image, []).append(caption)
-    images, bad = decode_images(root, sorted(by_image), image_size, resample)
+    names = sorted(by_image)
+    if table.splits is not None:  # only the images the layout's lists place in a split are read
+        listed = {n for v in table.splits.values() for n in v}
+        unlisted = [n for n in names if n not in listed]
+        if unlisted:
+            log(f"{len(unlisted)} captioned image(s) are in none of {table.source}; left out, e.g. {unlisted[0]}")
+        names = [n for n in names if n in listed]
+    images, bad = decode_images(root, names, image_size, resample)
     report(bad, "image(s)", log)
     if not images:
         raise DataError(f"{root}: no readable image is named in the caption table; nothing to train on")
-    splits = split_names(root, sorted(images), seed, log)
+    splits = split_names(root, sorted(images), seed, log, table)
     if not splits["train"]:
         raise DataError(f"{root}: the training split is empty; nothing to train on")
     if not splits["test"]:
-        why = "splits.json lists no readable test image" if (root / "splits.json").is_file() else \
-            f"{len(images)} image(s) are too few for a held-out split"
+        if table.test_file:
+            why = f"{table.test_file} names no readable image" if (root / table.test_file).is_file() else \
+                f"there is no {table.test_file}"
+        elif (root / "splits.json").is_file():
+            why = "splits.json lists no readable test image"
+        else:
+            why = f"{len(images)} image(s) are too few for a held-out split"
         log(f"{root}: the test split is empty ({why}); captions will not be scored (bleu4 and cider are null)")
     empty = torch.zeros(0, 3, *image_size, dtype=torch.uint8)
     return {k: CaptionSplit(v, torch.stack([images[n] for n in v]) if v else empty, [by_image[n] for n in v])
@@ -1304,7 +1423,7 @@ def data_fingerprint(data):
 
 def decode_images(root, names, image_size, resample):
     from torchvision.transforms.v2 import functional as TF
-    folder = root / "images" if (root / "images").is_dir() else root
+    folder = next((root / f for f in IMAGE_FOLDERS if (root / f).is_dir()), root)
     images, bad = {}, {"missing": [], "unreadable": []}
     for name in names:
         # a name is relative to images/ (Flickr8k's tables) or to the table's own folder ("images/x.jpg")
@@ -1337,15 +1456,18 @@ def read_splits(path):
     return {k: listed.get(k, []) for k in SPLITS}
 
 
-def split_names(root, names, seed, log):
-    """splits.json if present (names it lists that were skipped are dropped), else a seeded 80/10/10 split."""
-    if (root / "splits.json").is_file():
-        listed = read_splits(root / "splits.json")
+def split_names(root, names, seed, log, table=None):
+    """The layout's splits (table.splits), else splits.json if present (names listed there that were skipped are
+    dropped), else a seeded 80/10/10 split."""
+    listed = table.splits if table is not None else None
+    if listed is not None or (root / "splits.json").is_file():
+        listed = listed if listed is not None else read_splits(root / "splits.json")
         present = set(names)
         splits = {k: [n for n in listed[k] if n in present] for k in SPLITS}
         dropped = sum(map(len, listed.values())) - sum(map(len, splits.values()))
         if dropped:
-            log(f"splits.json names {dropped} image(s) that were skipped or have no caption")
+            log(f"{table.source if table else 'splits.json'} names {dropped} image(s) that were skipped or have no "
+                f"caption")
         return splits
     order = names[:]
     random.Random(seed).shuffle(order)
