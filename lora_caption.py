@@ -22,7 +22,7 @@ against all references of each image, before fine-tuning (the zero-shot baseline
 optional splits.json of train/val/test image names, or the course's train.txt, val.txt, test.txt (image;caption),
 or Flickr8k's Flickr8k.token.txt + Flickr_8k.*Images.txt lists; the images in images/ (or beside). Bad rows and
 images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl, summary.json,
-adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
+adapter/ (peft adapter only), training_state.pt, curves.png, captions.html. In Python: load_trained, caption_images.
 
 Measured on one H100 (BENCHMARKS.md, benchmarks/bench_lora_vs_full.py): 9.8 ms per captured step at batch 32
 against 74.4 ms eager: the frozen encoder's output is cached, frozen weights are bf16, and on one GPU the whole
@@ -1477,7 +1477,7 @@ def split_names(root, names, seed, log, table=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Other modes: --caption, --merge
+# Other modes: --caption (in Python: load_trained, caption_images), --merge
 
 def load_with_adapter(args, device):
     """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
@@ -1560,25 +1560,84 @@ def caption_inputs(given):
     return files, missing
 
 
+@dataclass
+class TrainedCaptioner:
+    """What load_trained returns and caption_images reads: a captioner in eval mode, its tokenizer and image
+    processor, and the device it is on."""
+    model: object
+    tokenizer: object
+    processor: object
+    device: torch.device
+
+
+def load_trained(run_or_adapter_or_model, device="cpu", model=None):
+    """A trained captioner for caption_images, from a training run's folder (its adapter/), an adapter folder (on
+    the base model it records, or on `model`), or a merged model (a --merge folder, or any VisionEncoderDecoderModel
+    folder or hub id). `device`: "cpu", "cuda", "mps", "auto", "cuda:1" or a torch.device. Loads as --caption does:
+    an adapter of another model is refused with the same one-line DataError."""
+    device = pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
+    path = Path(run_or_adapter_or_model).expanduser()
+    adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
+    if adapter is not None:
+        loaded = load_with_adapter(SimpleNamespace(adapter=str(adapter), model=model and str(model)), device)
+    elif model is not None:
+        raise DataError(f"load_trained({str(run_or_adapter_or_model)!r}, model=...): model= is the base of an adapter, "
+                        f"and this is no run or adapter folder (no adapter_config.json)")
+    else:
+        loaded = load_captioner(str(run_or_adapter_or_model), device, label=str(run_or_adapter_or_model))
+    loaded[0].eval()
+    return TrainedCaptioner(*loaded, device)
+
+
+def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size=32):
+    """Captions (a list of strings, in order) for image files (paths), PIL images or uint8 [3, H, W] tensors, by a
+    load_trained captioner: greedy by default, as --caption; `num_beams` and `max_new_tokens` as the flags. Images
+    are read as in training (EXIF rotation applied, any mode to 8-bit RGB) and resized to the model's input size."""
+    single = isinstance(images, (str, Path)) or hasattr(images, "getexif") or torch.is_tensor(images)
+    images = [images] if single else list(images)
+    if not images:
+        return []
+    size, resample = processor_geometry(captioner.processor)
+    pixels = torch.stack([image_tensor(image, size, resample) for image in images])
+    settings = SimpleNamespace(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return generate_captions(captioner.model, captioner.tokenizer, Pixels(captioner.processor, captioner.device),
+                             pixels, settings, batch_size)
+
+
+def image_tensor(image, size, resample):
+    """A path (read by common.open_rgb), a PIL image (converted as open_rgb converts) or a uint8 [3, H, W] tensor
+    as uint8 [3, H, W] at the model's input size (a tensor of that size is returned as it is)."""
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2 import functional as TF
+    if torch.is_tensor(image):
+        return TF.resize(image, list(size), interpolation=resample, antialias=True)
+    if isinstance(image, (str, Path)):
+        image = open_rgb(image)
+    else:  # open_rgb's conversions for an image already open; on open_rgb's own output they change nothing
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+        image = image.convert("RGB")
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return TF.resize(x, list(size), interpolation=resample, antialias=True)
+
+
 def caption_files(args, device):
     """Captions for image files (or every image in a folder), by the base model + --adapter, or by a --model
-    alone (a merged one). A file that cannot be read is named in a line of its own and the others are
-    captioned; if none can be, that is one error."""
-    from torchvision.transforms.v2 import functional as TF
+    alone (a merged one), through caption_images. A file that cannot be read is named in a line of its own and
+    the others are captioned; if none can be, that is one error."""
     files, missing = caption_inputs(args.caption)
     skipped = [f"{name} (no such file or folder)" for name in missing]
     if not files:
         empty = [n for n in args.caption if Path(n).is_dir()]
         why = f"{empty[0]} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})" if empty else skipped[0]
         raise DataError(f"--caption: nothing to caption: {why}")
-    model, tokenizer, processor = load_with_adapter(args, device) if args.adapter else \
-        load_captioner(args.model, device)
-    size, resample = processor_geometry(processor)
-    read, images = [], []  # a file named twice is captioned twice
+    loaded = load_with_adapter(args, device) if args.adapter else load_captioner(args.model, device)
+    size, resample = processor_geometry(loaded[2])
+    read, images = [], []  # a file named twice is captioned twice; each is kept at the model's size only
     for path in files:
         try:
-            images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
-                                    interpolation=resample, antialias=True))
+            images.append(image_tensor(path, size, resample))
             read.append(path)
         except Exception as e:  # PIL raises many kinds for a broken or foreign file
             skipped.append(f"{path} (cannot read it as an image: {type(e).__name__})")
@@ -1587,7 +1646,7 @@ def caption_files(args, device):
                         f"e.g. {skipped[0]}")
     for line in skipped:
         print(f"skipped {line}")
-    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
+    captions = caption_images(TrainedCaptioner(*loaded, device), images, args.num_beams, args.max_new_tokens)
     for path, caption in zip(read, captions):
         print(f"{path}: {caption}")
     return dict(zip(read, captions))

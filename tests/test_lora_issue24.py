@@ -259,3 +259,94 @@ def test_issue24_3_a_run_on_the_flickr8k_layout_trains_and_scores(tiny_captioner
                                  "--out-dir", str(tmp_path / "run"), "--batch-size", "10", "--max-steps", "1",
                                  "--no-baseline", "--eval-images", "1", "--no-plots"])
     assert summary["steps"] == 1 and summary["train_images"] == 20 and summary["test_images"] == 1
+
+
+# 5. The Python API: load_trained + caption_images, the same strings as --caption ---------------------------------
+
+@pytest.fixture(scope="module")
+def adapted(tiny_captioner, tmp_path_factory):
+    """A run folder whose adapter/ (decoder and cross-attention, B drawn at random, as a trained one would not be
+    after a few steps on the tiny model) makes the tiny captioner write a different, non-empty caption per image."""
+    import argparse
+
+    import common
+    model, _, _ = lora_caption.load_captioner(str(tiny_captioner), torch.device("cpu"))
+    lora = argparse.Namespace(rank=4, alpha=8, lora_dropout=0.0, targets=lora_caption.DECODER_TARGETS,
+                              cross_attention=True)
+    model = lora_caption.add_lora(model, lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    run = tmp_path_factory.mktemp("adapted") / "run"
+    common.save_adapter(model, run, base_model=str(tiny_captioner))
+    return run
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Three shipped images, a grey PNG and an EXIF-rotated JPEG: paths whose reading matters."""
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("pictures")
+    shipped = sorted((TINY_CAPTIONS / "images").iterdir())[:3]
+    rgb = np.array(Image.open(shipped[0]).convert("RGB"))
+    Image.fromarray(rgb).convert("L").save(folder / "grey.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    Image.fromarray(rgb[:, :40]).save(folder / "rotated.jpg", exif=exif)
+    return [str(p) for p in shipped] + [str(folder / "grey.png"), str(folder / "rotated.jpg")]
+
+
+def cli_captions(*flags, images):
+    return list(lora_caption.main(["--caption", *images, *flags, "--device", "cpu"]).values())
+
+
+def test_issue24_5_the_api_gives_the_captions_of_caption_from_paths_and_pil_images(adapted, pictures):
+    from PIL import Image
+    expected = cli_captions("--adapter", str(adapted / "adapter"), images=pictures)
+    assert len(expected) == 5 and all(isinstance(c, str) and c for c in expected) and len(set(expected)) >= 3
+    for given in (adapted, adapted / "adapter", str(adapted / "adapter")):  # a run folder or its adapter
+        captioner = lora_caption.load_trained(given)
+        assert captioner.device == torch.device("cpu") and not captioner.model.training
+        assert lora_caption.caption_images(captioner, pictures) == expected
+        assert lora_caption.caption_images(captioner, [Image.open(p) for p in pictures]) == expected
+    mixed = [pictures[0], Image.open(pictures[1])]
+    assert lora_caption.caption_images(captioner, mixed) == expected[:2]
+    assert lora_caption.caption_images(captioner, pictures[2]) == expected[2:3]  # one image, not in a list
+    assert lora_caption.caption_images(captioner, []) == []
+    beams = cli_captions("--adapter", str(adapted / "adapter"), "--num-beams", "2", "--max-new-tokens", "5",
+                         images=pictures[:2])
+    assert lora_caption.caption_images(captioner, pictures[:2], num_beams=2, max_new_tokens=5) == beams
+
+
+def test_issue24_5_the_api_loads_a_merged_model_and_a_base_given_for_an_adapter(adapted, tiny_captioner, pictures,
+                                                                                tmp_path):
+    lora_caption.main(["--merge", "--adapter", str(adapted / "adapter"), "--out-dir", str(tmp_path / "merged"),
+                       "--device", "cpu"])
+    expected = cli_captions("--model", str(tmp_path / "merged"), images=pictures)
+    assert all(expected) and len(set(expected)) >= 3
+    merged = lora_caption.load_trained(tmp_path / "merged", device=torch.device("cpu"))
+    assert lora_caption.caption_images(merged, pictures) == expected
+    on_base = lora_caption.load_trained(adapted, "cpu", model=tiny_captioner)
+    assert lora_caption.caption_images(on_base, pictures) == cli_captions(
+        "--adapter", str(adapted / "adapter"), "--model", str(tiny_captioner), images=pictures)
+    with pytest.raises(lora_caption.DataError, match="model= is the base of an adapter"):
+        lora_caption.load_trained(tmp_path / "merged", model=tiny_captioner)
+    with pytest.raises(lora_caption.DataError, match="cannot load the captioner"):
+        lora_caption.load_trained(tmp_path / "nothing-here")
+
+
+def test_issue24_5_caption_runs_through_caption_images(adapted, pictures, monkeypatch, capsys):
+    calls = []
+    real = lora_caption.caption_images
+
+    def recorded(captioner, images, *rest):
+        calls.append(len(images))
+        return real(captioner, images, *rest)
+    monkeypatch.setattr(lora_caption, "caption_images", recorded)
+    captions = lora_caption.main(["--caption", *pictures, "--adapter", str(adapted / "adapter"), "--device", "cpu"])
+    assert calls == [5] and list(captions) == pictures
+    printed = capsys.readouterr().out.split("\n")  # split("\n"): a random caption may hold \x1c, a line end to Python
+    assert printed[-6:-1] == [f"{p}: {c}" for p, c in captions.items()]
