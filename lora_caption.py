@@ -1019,10 +1019,11 @@ def corpus_bleu4(hypotheses, references):
 
 def bleu_one_ref_per_row(hypotheses, references):
     """The course's BLEU, computed as nltk's corpus_bleu (4-grams, equal weights, no smoothing) does on a table of
-    (image, caption) rows: each row's caption is the one reference of its image's caption, both split on whitespace
-    as they are (case and punctuation kept). Not BLEU-4 over all references (corpus_bleu4): an image counts once per
-    row, an n-gram order's denominator is at least 1 per row (so captions shorter than 4 words count), and an order
-    without any match gives the smallest float (nltk warns) instead of 0. `references`: each image's rows."""
+    (image, caption) rows: each row's caption is the one reference of the caption generated for its image, both
+    split on whitespace as they are (case and punctuation kept). Not BLEU-4 over all references (corpus_bleu4): an
+    image counts once per row, an n-gram order's denominator is at least 1 per row (so captions shorter than 4 words
+    count), and an order without any match gives the smallest float (nltk warns) instead of 0. `references`: each
+    image's rows."""
     matches, totals = [0] * 4, [0] * 4
     hyp_len = ref_len = 0
     for hypothesis, rows in zip(hypotheses, references):
