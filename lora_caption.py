@@ -18,10 +18,11 @@ against all references of each image, before fine-tuning (the zero-shot baseline
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
 
---data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt, also
-read) and the images (in images/ or beside it), with an optional splits.json of train/val/test image names. Bad
-rows and images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl,
-summary.json, adapter/ (peft adapter only), training_state.pt, curves.png, captions.html.
+--data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt) with an
+optional splits.json of train/val/test image names, or the course's train.txt, val.txt, test.txt (image;caption),
+or Flickr8k's Flickr8k.token.txt + Flickr_8k.*Images.txt lists; the images in images/ (or beside). Bad rows and
+images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl, summary.json,
+adapter/ (peft adapter only), training_state.pt, curves.png, captions.html. In Python: load_trained, caption_images.
 
 Measured on one H100 (BENCHMARKS.md, benchmarks/bench_lora_vs_full.py): 9.8 ms per captured step at batch 32
 against 74.4 ms eager: the frozen encoder's output is cached, frozen weights are bf16, and on one GPU the whole
@@ -53,8 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
-from common import IMAGE_SUFFIXES, DataError, derived_seed, open_rgb, undo_steps  # part 1
-from common import positive_int  # argparse type: a flag's range
+from common import IMAGE_SUFFIXES, DataError, derived_seed, open_rgb, positive_int, undo_steps  # part 1
 
 SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -72,8 +72,8 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 def build_parser():
     p = plumbing.make_parser(__doc__)
     a = p.add_argument
-    a("--data-dir", help="a folder with captions.csv (image,caption; or Kaggle's captions.txt), the images (in "
-                         "images/ or beside it) and optionally splits.json (train/val/test image names)")
+    a("--data-dir", help="images (in images/ or beside) and captions.csv (image,caption) + optional splits.json, "
+                         "or train.txt, val.txt, test.txt (image;caption), or Flickr8k.token.txt + its image lists")
     a("--model", help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
                       "with --adapter, the adapter's own base; with --caption, a merged model)")
     # LoRA
@@ -122,7 +122,7 @@ def build_parser():
 def check_args(args):
     """The rules that involve two flags (each flag's own range is checked by its type=)."""
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
-        raise plumbing.DataError("training needs --data-dir (a folder with captions.csv and the images)")
+        raise plumbing.DataError("training needs --data-dir (images + captions.csv, train.txt or Flickr8k.token.txt)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,10 +465,10 @@ def evaluate_captions(model, tokenizer, pixels, split, args, label):
     """(scores, captions) on the first --eval-images test images (scores None without any)."""
     n = min(len(split.names), args.eval_images or len(split.names))
     if n == 0:
-        return {"bleu4": None, "cider": None}, []
+        return {"bleu4": None, "cider": None, "bleu_one_ref_per_row": None}, []
     captions = generate_captions(model, tokenizer, pixels, split.images[:n], args)
     scores = score_captions(captions, split.captions[:n])
-    print(f"{label}: BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} on {n} test images", flush=True)
+    print(f"{label}: {score_line(scores)} on {n} test images", flush=True)
     return scores, captions
 
 
@@ -856,7 +856,7 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
 def write_summary(args, config, progress, data, after, counts, device, out_dir):
     """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
     null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
-    base = progress.baseline or {"scores": {"bleu4": None, "cider": None}, "captions": [None] * len(after[1])}
+    base = progress.baseline or {"scores": {}, "captions": [None] * len(after[1])}  # scores .get(): None
     examples = [{"image": n, "references": refs, "before": b, "after": a}
                 for n, refs, b, a in zip(data["test"].names[:5], data["test"].captions[:5], base["captions"], after[1])]
     summary = {"script": SCRIPT, "dataset": f"captions ({args.data_dir})", "train_images": len(data["train"].names),
@@ -867,8 +867,11 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
                "test_acc": None, "train_seconds": progress.train_seconds, "images_per_second": None,
                "pairs_per_second": progress.pairs_seen / max(progress.train_seconds, 1e-9),
                "peak_memory_mb": plumbing.peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-               "args": config, "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"]["bleu4"],
-               "cider_before": base["scores"]["cider"], "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+               "args": config, "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"].get("bleu4"),
+               "cider_before": base["scores"].get("cider"), "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
+               # the course's figure (COURSE_BLEU); a baseline saved before it existed has none
+               "bleu_one_ref_per_row_before": base["scores"].get("bleu_one_ref_per_row"),
+               "bleu_one_ref_per_row": after[0]["bleu_one_ref_per_row"],
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
                "examples": examples}
     plumbing.write_json(out_dir / "summary.json", summary)
@@ -877,7 +880,8 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
         print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
     print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
-          f"-> {fmt(summary['cider'])} | {summary['train_seconds']:.1f}s training | "
+          f"-> {fmt(summary['cider'])} | {COURSE_BLEU} {fmt(summary['bleu_one_ref_per_row_before'])} -> "
+          f"{fmt(summary['bleu_one_ref_per_row'])} | {summary['train_seconds']:.1f}s training | "
           f"{summary['pairs_per_second']:,.1f} pairs/s | adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
     return summary
 
@@ -948,7 +952,16 @@ td,th{{border:1px solid #ccc;padding:8px;vertical-align:top;max-width:360px}}ul{
 def score_captions(hypotheses, references):
     hyp = [caption_tokens(h) for h in hypotheses]
     refs = [[caption_tokens(r) for r in rs] for rs in references]
-    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs)}
+    return {"bleu4": corpus_bleu4(hyp, refs), "cider": cider_d(hyp, refs),
+            "bleu_one_ref_per_row": bleu_one_ref_per_row(hypotheses, references)}
+
+
+COURSE_BLEU = "BLEU (one reference per row, whitespace tokens)"  # the course's figure, named apart from BLEU-4
+
+
+def score_line(scores):
+    return (f"BLEU-4 {scores['bleu4']:.4f} | CIDEr-D {scores['cider']:.4f} | "
+            f"{COURSE_BLEU} {scores['bleu_one_ref_per_row']:.4f}")
 
 
 _IDEOGRAPHS = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # CJK ideographs
@@ -1002,6 +1015,31 @@ def corpus_bleu4(hypotheses, references):
     log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
     brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
     return brevity * math.exp(log_precision)
+
+
+def bleu_one_ref_per_row(hypotheses, references):
+    """The course's BLEU, computed as nltk's corpus_bleu (4-grams, equal weights, no smoothing) does on a table of
+    (image, caption) rows: each row's caption is the one reference of the caption generated for its image, both
+    split on whitespace as they are (case and punctuation kept). Not BLEU-4 over all references (corpus_bleu4): an
+    image counts once per row, an n-gram order's denominator is at least 1 per row (so captions shorter than 4 words
+    count), and an order without any match gives the smallest float (nltk warns) instead of 0. `references`: each
+    image's rows."""
+    matches, totals = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for hypothesis, rows in zip(hypotheses, references):
+        hyp = hypothesis.split()
+        for row in rows:
+            ref = row.split()
+            hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+            for n in range(1, 5):
+                counts, ref_counts = _ngrams(hyp, n), _ngrams(ref, n)
+                matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in counts.items())
+                totals[n - 1] += max(1, sum(counts.values()))
+    if matches[0] == 0:
+        return 0.0
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(math.fsum(0.25 * math.log(m / t if m else sys.float_info.min)
+                                        for m, t in zip(matches, totals)))
 
 
 def cider_d(hypotheses, references, sigma=6.0):
@@ -1162,11 +1200,118 @@ class CaptionSplit:
     captions: list  # [N] lists of reference captions
 
 
+# The layouts read, in this order: captions.csv (or Kaggle's captions.txt) + optional splits.json; the course's
+# split files; Flickr8k as it ships (the image lists decide the splits; the images in Flicker8k_Dataset/, sic).
+COURSE_FILES = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}  # image;caption, a header line each
+FLICKR8K_TOKENS = "Flickr8k.token.txt"  # image#n<TAB>caption, no header
+FLICKR8K_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                  "test": "Flickr_8k.testImages.txt"}  # one image name a line
+IMAGE_FOLDERS = ("images", "Flicker8k_Dataset", "Flickr8k_Dataset")  # else the images lie beside the table
+
+
+@dataclass
+class CaptionTable:
+    rows: list  # [(image, caption)]
+    problems: dict  # {kind: [where]}: bad rows, reported and skipped
+    splits: dict = None  # {split: [image names]} where the layout decides them (else splits.json or a seeded split)
+    source: str = "splits.json"  # what decides the splits, in messages
+    test_file: str = None  # the layout's test list, in the message about an empty test split
+
+
 def find_caption_table(root):
     for name in ("captions.csv", "captions.txt"):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"{root}: no captions.csv (columns image,caption) or captions.txt found")
+    raise DataError(f"{root}: no captions.csv (columns image,caption) or captions.txt found, nor the course's "
+                    f"train.txt + val.txt (image;caption), nor Flickr8k's {FLICKR8K_TOKENS} + image lists")
+
+
+def read_caption_layout(root, log):
+    """The caption rows of whichever layout `root` holds (see COURSE_FILES and FLICKR8K_TOKENS)."""
+    if any((root / name).is_file() for name in ("captions.csv", "captions.txt")) or not (
+            (root / COURSE_FILES["train"]).is_file() or (root / FLICKR8K_TOKENS).is_file()):
+        return CaptionTable(*read_caption_rows(find_caption_table(root), log))
+    return read_course_files(root, log) if (root / COURSE_FILES["train"]).is_file() else read_flickr8k(root, log)
+
+
+def required_lists(root, have, files, layout):
+    """The layout's train and validation files must both be there (a test file is optional)."""
+    missing = [files[k] for k in ("train", "val") if not (root / files[k]).is_file()]
+    if missing:
+        raise DataError(f"{root}: {have} is there but not {missing[0]}; {layout}")
+
+
+def split_of_each_image(root, splits, files):
+    """An image in two splits' files would be trained on and scored on: one error naming both files."""
+    seen = {}
+    for k, names in splits.items():
+        for name in names:
+            if seen.setdefault(name, k) != k:
+                raise DataError(f"{root}: {name} is in both {files[seen[name]]} and {files[k]}; an image belongs to "
+                                f"one split (else its captions are trained on and scored on)")
+
+
+def read_course_files(root, log):
+    """The course's layout: train.txt, val.txt and optionally test.txt, each a caption table with a header line
+    (image;caption; read as captions.csv is); the file an image's rows are in is its split."""
+    required_lists(root, COURSE_FILES["train"], COURSE_FILES,
+                   "the course's layout: train.txt, val.txt, optional test.txt, each image;caption with a header")
+    rows, problems, splits = [], {}, {}
+    for k, name in COURSE_FILES.items():
+        split_rows, split_problems = read_caption_rows(root / name, log) if (root / name).is_file() else ([], {})
+        for kind, where in split_problems.items():
+            problems.setdefault(kind, []).extend(f"{name} {w}" for w in where)
+        splits[k] = list(dict.fromkeys(image for image, _ in split_rows))  # first appearance order
+        rows += split_rows
+    split_of_each_image(root, splits, COURSE_FILES)
+    return CaptionTable(rows, problems, splits, "the split files", COURSE_FILES["test"])
+
+
+def read_flickr8k(root, log):
+    """Flickr8k as it ships: Flickr8k.token.txt (image#n<TAB>caption, no header) and the image lists
+    Flickr_8k.trainImages.txt, .devImages.txt (the validation split) and optionally .testImages.txt."""
+    required_lists(root, FLICKR8K_TOKENS, FLICKR8K_LISTS, f"Flickr8k's layout is {FLICKR8K_TOKENS} with "
+                   f"{', '.join(FLICKR8K_LISTS.values())} (the last optional)")
+    table = root / FLICKR8K_TOKENS
+    problems = {"malformed row": [], "empty caption": [], "duplicate row": []}
+    rows, seen = [], set()
+    lines = read_caption_text(table).replace("\r\n", "\n").split("\n")
+    for line, text in enumerate(lines, start=1):
+        key, tab, caption = text.partition("\t")
+        image, hash_sign, number = key.strip().rpartition("#")
+        where = f"{FLICKR8K_TOKENS} line {line}"
+        if not text.strip():
+            continue
+        if not (tab and hash_sign and image and number.isdigit()):
+            problems["malformed row"].append(where)
+        elif not caption.strip():
+            problems["empty caption"].append(where)
+        elif (image, caption.strip()) in seen:
+            problems["duplicate row"].append(where)
+        else:
+            seen.add((image, caption.strip()))
+            rows.append((image, caption.strip()))
+    if not rows:
+        raise DataError(f"{table}: no line of the form image#n<TAB>caption (line 1 is {lines[0][:60]!r})")
+    return CaptionTable(rows, problems, read_image_lists(root, log), "the Flickr_8k.*Images.txt lists",
+                        FLICKR8K_LISTS["test"])
+
+
+def read_image_lists(root, log):
+    """{split: image names} from Flickr8k's lists, one name a line; a line of two words is reported and skipped."""
+    splits, bad = {}, {"malformed line": []}
+    for k, name in FLICKR8K_LISTS.items():
+        listed = read_caption_text(root / name).split("\n") if (root / name).is_file() else []
+        splits[k] = []
+        for line, text in enumerate(listed, start=1):
+            if len(text.split()) > 1:  # two names, or a name and a caption
+                bad["malformed line"].append(f"{name} line {line}")
+            elif text.strip():
+                splits[k].append(text.strip())
+        splits[k] = list(dict.fromkeys(splits[k]))
+    report(bad, "image list line(s)", log)
+    split_of_each_image(root, splits, FLICKR8K_LISTS)
+    return splits
 
 
 def read_caption_text(table):
@@ -1234,21 +1379,33 @@ def load_caption_data(data_dir, image_size, resample, seed, log=print):
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: no such folder")
-    rows, problems = read_caption_rows(find_caption_table(root), log)
-    report(problems, "caption row(s)", log)
+    table = read_caption_layout(root, log)
+    report(table.problems, "caption row(s)", log)
     by_image = {}
-    for image, caption in rows:
+    for image, caption in table.rows:
         by_image.setdefault(image, []).append(caption)
-    images, bad = decode_images(root, sorted(by_image), image_size, resample)
+    names = sorted(by_image)
+    if table.splits is not None:  # only the images the layout's lists place in a split are read
+        listed = {n for v in table.splits.values() for n in v}
+        unlisted = [n for n in names if n not in listed]
+        if unlisted:
+            log(f"{len(unlisted)} captioned image(s) are in none of {table.source}; left out, e.g. {unlisted[0]}")
+        names = [n for n in names if n in listed]
+    images, bad = decode_images(root, names, image_size, resample)
     report(bad, "image(s)", log)
     if not images:
         raise DataError(f"{root}: no readable image is named in the caption table; nothing to train on")
-    splits = split_names(root, sorted(images), seed, log)
+    splits = split_names(root, sorted(images), seed, log, table)
     if not splits["train"]:
         raise DataError(f"{root}: the training split is empty; nothing to train on")
     if not splits["test"]:
-        why = "splits.json lists no readable test image" if (root / "splits.json").is_file() else \
-            f"{len(images)} image(s) are too few for a held-out split"
+        if table.test_file:
+            why = f"{table.test_file} names no readable image" if (root / table.test_file).is_file() else \
+                f"there is no {table.test_file}"
+        elif (root / "splits.json").is_file():
+            why = "splits.json lists no readable test image"
+        else:
+            why = f"{len(images)} image(s) are too few for a held-out split"
         log(f"{root}: the test split is empty ({why}); captions will not be scored (bleu4 and cider are null)")
     empty = torch.zeros(0, 3, *image_size, dtype=torch.uint8)
     return {k: CaptionSplit(v, torch.stack([images[n] for n in v]) if v else empty, [by_image[n] for n in v])
@@ -1267,7 +1424,7 @@ def data_fingerprint(data):
 
 def decode_images(root, names, image_size, resample):
     from torchvision.transforms.v2 import functional as TF
-    folder = root / "images" if (root / "images").is_dir() else root
+    folder = next((root / f for f in IMAGE_FOLDERS if (root / f).is_dir()), root)
     images, bad = {}, {"missing": [], "unreadable": []}
     for name in names:
         # a name is relative to images/ (Flickr8k's tables) or to the table's own folder ("images/x.jpg")
@@ -1300,15 +1457,18 @@ def read_splits(path):
     return {k: listed.get(k, []) for k in SPLITS}
 
 
-def split_names(root, names, seed, log):
-    """splits.json if present (names it lists that were skipped are dropped), else a seeded 80/10/10 split."""
-    if (root / "splits.json").is_file():
-        listed = read_splits(root / "splits.json")
+def split_names(root, names, seed, log, table=None):
+    """The layout's splits (table.splits), else splits.json if present (names listed there that were skipped are
+    dropped), else a seeded 80/10/10 split."""
+    listed = table.splits if table is not None else None
+    if listed is not None or (root / "splits.json").is_file():
+        listed = listed if listed is not None else read_splits(root / "splits.json")
         present = set(names)
         splits = {k: [n for n in listed[k] if n in present] for k in SPLITS}
         dropped = sum(map(len, listed.values())) - sum(map(len, splits.values()))
         if dropped:
-            log(f"splits.json names {dropped} image(s) that were skipped or have no caption")
+            log(f"{table.source if table else 'splits.json'} names {dropped} image(s) that were skipped or have no "
+                f"caption")
         return splits
     order = names[:]
     random.Random(seed).shuffle(order)
@@ -1318,7 +1478,7 @@ def split_names(root, names, seed, log):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Other modes: --caption, --merge
+# Other modes: --caption (in Python: load_trained, caption_images), --merge
 
 def load_with_adapter(args, device):
     """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
@@ -1401,25 +1561,84 @@ def caption_inputs(given):
     return files, missing
 
 
+@dataclass
+class TrainedCaptioner:
+    """What load_trained returns and caption_images reads: a captioner in eval mode, its tokenizer and image
+    processor, and the device it is on."""
+    model: object
+    tokenizer: object
+    processor: object
+    device: torch.device
+
+
+def load_trained(run_or_adapter_or_model, device="cpu", model=None):
+    """A trained captioner for caption_images, from a training run's folder (its adapter/), an adapter folder (on
+    the base model it records, or on `model`), or a merged model (a --merge folder, or any VisionEncoderDecoderModel
+    folder or hub id). `device`: "cpu", "cuda", "mps", "auto", "cuda:1" or a torch.device. Loads as --caption does:
+    an adapter of another model is refused with the same one-line DataError."""
+    device = pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
+    path = Path(run_or_adapter_or_model).expanduser()
+    adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
+    if adapter is not None:
+        loaded = load_with_adapter(SimpleNamespace(adapter=str(adapter), model=model and str(model)), device)
+    elif model is not None:
+        raise DataError(f"load_trained({str(run_or_adapter_or_model)!r}, model=...): model= is the base of an adapter, "
+                        f"and this is no run or adapter folder (no adapter_config.json)")
+    else:
+        loaded = load_captioner(str(run_or_adapter_or_model), device, label=str(run_or_adapter_or_model))
+    loaded[0].eval()
+    return TrainedCaptioner(*loaded, device)
+
+
+def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size=32):
+    """Captions (a list of strings, in order) for image files (paths), PIL images or uint8 [3, H, W] tensors, by a
+    load_trained captioner: greedy by default, as --caption; `num_beams` and `max_new_tokens` as the flags. Images
+    are read as in training (EXIF rotation applied, any mode to 8-bit RGB) and resized to the model's input size."""
+    single = isinstance(images, (str, Path)) or hasattr(images, "getexif") or torch.is_tensor(images)
+    images = [images] if single else list(images)
+    if not images:
+        return []
+    size, resample = processor_geometry(captioner.processor)
+    pixels = torch.stack([image_tensor(image, size, resample) for image in images])
+    settings = SimpleNamespace(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return generate_captions(captioner.model, captioner.tokenizer, Pixels(captioner.processor, captioner.device),
+                             pixels, settings, batch_size)
+
+
+def image_tensor(image, size, resample):
+    """A path (read by common.open_rgb), a PIL image (converted as open_rgb converts) or a uint8 [3, H, W] tensor
+    as uint8 [3, H, W] at the model's input size (a tensor of that size is returned as it is)."""
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2 import functional as TF
+    if torch.is_tensor(image):
+        return TF.resize(image, list(size), interpolation=resample, antialias=True)
+    if isinstance(image, (str, Path)):
+        image = open_rgb(image)
+    else:  # open_rgb's conversions for an image already open; on open_rgb's own output they change nothing
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+        image = image.convert("RGB")
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return TF.resize(x, list(size), interpolation=resample, antialias=True)
+
+
 def caption_files(args, device):
     """Captions for image files (or every image in a folder), by the base model + --adapter, or by a --model
-    alone (a merged one). A file that cannot be read is named in a line of its own and the others are
-    captioned; if none can be, that is one error."""
-    from torchvision.transforms.v2 import functional as TF
+    alone (a merged one), through caption_images. A file that cannot be read is named in a line of its own and
+    the others are captioned; if none can be, that is one error."""
     files, missing = caption_inputs(args.caption)
     skipped = [f"{name} (no such file or folder)" for name in missing]
     if not files:
         empty = [n for n in args.caption if Path(n).is_dir()]
         why = f"{empty[0]} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})" if empty else skipped[0]
         raise DataError(f"--caption: nothing to caption: {why}")
-    model, tokenizer, processor = load_with_adapter(args, device) if args.adapter else \
-        load_captioner(args.model, device)
-    size, resample = processor_geometry(processor)
-    read, images = [], []  # a file named twice is captioned twice
+    loaded = load_with_adapter(args, device) if args.adapter else load_captioner(args.model, device)
+    size, resample = processor_geometry(loaded[2])
+    read, images = [], []  # a file named twice is captioned twice; each is kept at the model's size only
     for path in files:
         try:
-            images.append(TF.resize(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1), list(size),
-                                    interpolation=resample, antialias=True))
+            images.append(image_tensor(path, size, resample))
             read.append(path)
         except Exception as e:  # PIL raises many kinds for a broken or foreign file
             skipped.append(f"{path} (cannot read it as an image: {type(e).__name__})")
@@ -1428,7 +1647,7 @@ def caption_files(args, device):
                         f"e.g. {skipped[0]}")
     for line in skipped:
         print(f"skipped {line}")
-    captions = generate_captions(model, tokenizer, Pixels(processor, device), torch.stack(images), args)
+    captions = caption_images(TrainedCaptioner(*loaded, device), images, args.num_beams, args.max_new_tokens)
     for path, caption in zip(read, captions):
         print(f"{path}: {caption}")
     return dict(zip(read, captions))
