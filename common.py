@@ -1,9 +1,7 @@
-"""What the course scripts share, in two parts. Part 1, what the experiments use: CIFAR-10 in memory, the
-guide's augmentation on the device (TensorLoader), patching, classification metrics, seeds and the CUDA-graph
-warm-up undo. Part 2, below the banner, run plumbing that never changes what is trained: one-line errors, flags,
-resume, run folders and atomic outputs, torchrun, charts. A script copied elsewhere needs only this file beside it;
-models, loops, devices, precision and optimisers stay in each script.
-"""
+"""What the course scripts share. Part 1, what the experiments use: CIFAR-10 in memory, its augmentation on the
+device (TensorLoader), patching, metrics, seeds, the CUDA-graph warm-up undo. Part 2, below the banner, run plumbing
+(errors, flags, resume, run folders, atomic outputs, torchrun, charts). Models, loops and optimisers stay in each
+script."""
 import argparse
 import errno
 import functools
@@ -33,14 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the study guide's constants
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # the study guide's constants
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 # ----------------------------------------------------------------------------------------------------
 # CIFAR-10 into memory: uint8 [N,3,H,W] + int64 labels, from an ImageFolder tree or torchvision's folder
-
 @dataclass
 class ImageDataset:
     train_x: torch.Tensor  # uint8 [N, 3, H, W]
@@ -60,9 +56,8 @@ class ImageDataset:
 
 
 def load_cifar10(data_dir, download=True, image_size=32, log=print, resumed_from=None):
-    """CIFAR-10 from `data_dir`: an ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's
-    `cifar-10-batches-py` folder, downloaded there by torchvision when neither is present. A resumed run
-    (`resumed_from`: its checkpoint) reads its own folder and never downloads: missing data is said as such."""
+    """CIFAR-10 from `data_dir`: an ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's folder,
+    downloaded there when neither is present (never for a resumed run: `resumed_from`, its checkpoint)."""
     root = Path(data_dir).expanduser()
     if (root / "train").is_dir() and (root / "test").is_dir():
         return _load_imagefolder_cached(root, image_size, log)
@@ -96,8 +91,7 @@ def _load_torchvision_batches(batches):
 
 
 def open_rgb(path):
-    """Any image PIL reads as 8-bit RGB, the one decoder of every script: EXIF rotation applied; grey, palette,
-    RGBA (alpha dropped), CMYK and 16-bit images converted (16-bit scaled to 8 bits, not clipped)."""
+    """Any image PIL reads as 8-bit RGB (every script's decoder): EXIF rotation applied, 16-bit scaled, not clipped."""
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
@@ -115,8 +109,7 @@ def _decode_one(path, image_size):
 
 
 def _decode_split(root, files, image_size, log):
-    """(images, labels) of one split, decoded in one thread (faster than handing tiny images around); unreadable
-    files are reported and skipped."""
+    """(images, labels) of one split, decoded in one thread (faster for tiny images); unreadable ones skipped."""
     images, labels, bad = [], [], []
     for rel, k in files:
         try:
@@ -132,8 +125,7 @@ def _decode_split(root, files, image_size, log):
 
 
 def stratified_subset(labels, n, seed=0, name="--limit", every_class=False):
-    """Indices of a deterministic, class-balanced subset of size n (sorted); n=None keeps everything. With
-    `every_class`, a subset too small to hold each class once is refused."""
+    """Sorted indices of a deterministic, class-balanced subset of n (None: all); `every_class`: at least one each."""
     if n is None or n == len(labels):
         return torch.arange(len(labels))
     if not 0 < n <= len(labels):
@@ -185,12 +177,21 @@ def apply_crop_flip(x, params, padding=4):
     return padded[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
 
 
-class TensorLoader:
-    """Batches of uint8 images held on the training device, shuffled and augmented there: no CPU pipeline. Draws
-    depend only on (seed, epoch), so a resumed run sees the uninterrupted run's batches. Under torchrun each process
-    takes its slice of every global batch; evaluation loaders hold a contiguous shard each."""
+def apply_erase(x, y0, x0, on, size):
+    """RandomErasing(value=0) of a normalised batch (0 is the mean colour): a size x size square at (y0, x0), each
+    (B, 1), in the images where `on`; one masked fill, no host sync."""
+    B, C, H, W = x.shape
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    inside = ((rows >= y0) & (rows < y0 + size)).view(B, 1, H, 1) & ((cols >= x0) & (cols < x0 + size)).view(B, 1, 1, W)
+    return x.masked_fill(inside & on.view(B, 1, 1, 1), 0.0)
 
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
+
+class TensorLoader:
+    """uint8 images on the training device, shuffled and augmented there (crop, flip; `erase` > 0: random erasing of
+    a quarter-side square with that probability); draws depend only on (seed, epoch), so a resumed run sees the
+    same batches. Under torchrun each process takes its slice of every global batch, or a shard to evaluate."""
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1, erase=0.0):
         self.total = len(labels)
         if not train:  # a contiguous shard per process
             shard = slice(self.total * rank // world_size, self.total * (rank + 1) // world_size)
@@ -198,7 +199,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.erase = rank, world_size, erase
         self.mean, self.std = torch.tensor(CIFAR_MEAN, device=self.device), torch.tensor(CIFAR_STD, device=self.device)
 
     def __len__(self):
@@ -219,10 +220,17 @@ class TensorLoader:
         order = torch.randperm(self.total, device=self.device, generator=g)
         global_batch = self.batch_size * self.world_size
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        side = self.images.shape[-1]  # a generator of its own: without erasing, the batches are as before
+        e = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, "erase", self.epoch))
         for i in range(len(self)):
             idx = order[i * global_batch:(i + 1) * global_batch][mine]
             params = [p[mine] for p in crop_flip_params(global_batch, generator=g, device=self.device)]
-            yield normalize(apply_crop_flip(self.images[idx], params), self.mean, self.std), self.labels[idx]
+            x = normalize(apply_crop_flip(self.images[idx], params), self.mean, self.std)
+            if self.erase:  # drawn for the global batch, as the crops: any process count sees the same squares
+                corners = torch.randint(0, side - side // 4 + 1, (2, global_batch, 1), device=self.device, generator=e)
+                on = torch.rand(global_batch, 1, device=self.device, generator=e) < self.erase
+                x = apply_erase(x, corners[0][mine], corners[1][mine], on[mine], side // 4)
+            yield x, self.labels[idx]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,9 +275,8 @@ def derived_seed(*parts):
 
 
 def undo_steps(tensors, optimizers, rng=None):
-    """A function that puts back what optimizer steps taken from now on change: `tensors` (weights, buffers,
-    running statistics), the optimizers' state (state they create starts from zero, as a fresh optimizer's)
-    and, if given, the state of `rng` (torch or torch.cuda: the generator dropout draws from)."""
+    """A function that puts back what optimizer steps from now on change: `tensors` (weights, buffers), the
+    optimizers' state (new state back to zero, as a fresh optimizer's) and `rng`'s state (torch or torch.cuda)."""
     saved = [t.detach().clone() for t in tensors]
     before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
               for opt in optimizers for p, s in opt.state.items()}
@@ -282,8 +289,10 @@ def undo_steps(tensors, optimizers, rng=None):
             for p, state in opt.state.items():
                 old = before.get(id(p), {})
                 for k, v in state.items():
-                    if torch.is_tensor(v):
-                        v.copy_(old[k]) if k in old else v.zero_()
+                    if torch.is_tensor(v) and k in old:
+                        v.copy_(old[k])
+                    elif torch.is_tensor(v):
+                        v.zero_()
         if rng:
             rng.set_rng_state(rng_state)
     return undo

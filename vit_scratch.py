@@ -95,6 +95,8 @@ def build_parser():
     a("--dropout", type=fraction, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
     a("--init-std", type=non_negative,
       help="standard deviation of the CLS token and positions at initialisation (recipe: 0.02 / the guide's 1)")
+    a("--erase", type=fraction, default=0.0,
+      help="random erasing, a third augmentation: a square of a quarter of the side, with this probability (0 = off)")
     a("--tta", action=argparse.BooleanOptionalAction,
       help="evaluate with flip test-time augmentation, the mean of image and mirror logits (recipe: on / off)")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm to this (0 = off)")
@@ -454,7 +456,7 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         model = VisionTransformer(**model_config(args, len(data.classes)), init_std=args.init_std).to(device)
         train_loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device,
-                                    train=True, seed=args.seed, rank=rank, world_size=world_size)
+                                    train=True, seed=args.seed, rank=rank, world_size=world_size, erase=args.erase)
         test_loader = TensorLoader(data.test_x[test_idx], data.test_y[test_idx], 2000, device, train=False,
                                    rank=rank, world_size=world_size)
         steps_per_epoch = len(train_loader)
