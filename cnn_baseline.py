@@ -391,6 +391,9 @@ def experiment_args(argv):
     differs is refused, more --epochs or --max-steps extend the run)."""
     parser = build_parser()
     cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    unused = sorted(given - {"compare"}) if cli.compare else []
+    if unused:  # --compare only reads summaries: a training flag beside it would do nothing
+        raise DataError(f"{plumbing.flag(unused[0])} has no effect with --compare (it only prints the table); drop it")
     if not cli.resume:
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         check_args(cli)

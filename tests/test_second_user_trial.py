@@ -296,6 +296,11 @@ def test_compile_mode_is_gone_and_cnn_has_no_compile(script, capsys):
     assert "unrecognized arguments: --compile" in err
 
 
+def test_compare_refuses_a_training_flag_beside_it(tmp_path, capsys):
+    err = one_line_error(capsys, lambda: cnn_baseline.main(["--compare", str(tmp_path), "--epochs", "5"]))
+    assert "--epochs has no effect with --compare (it only prints the table); drop it" in err
+
+
 @SCRIPTS
 def test_fewer_training_images_than_classes_is_refused(script, tiny_cifar, tmp_path, capsys):
     err = one_line_error(capsys, lambda: train(script, tiny_cifar, tmp_path, "--limit-train", "5"))
