@@ -308,6 +308,9 @@ def main(argv=None):
             return compare(args.compare)
         rank, world_size, local_rank = plumbing.init_distributed(args.device)
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
+        if args.sync_bn and world_size == 1 and ckpt is None:  # a resume may continue a torchrun run alone
+            raise DataError("--sync-bn has no effect in one process (it syncs BatchNorm across torchrun's "
+                            "processes); drop it, or start with torchrun")
         device = pick_device(args.device, local_rank, args.sync_bn and world_size > 1)
         out_dir = open_run_folder(args, ckpt, report, rank)
         data, train_idx, test_idx = load_data(args, ckpt)

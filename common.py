@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import zipfile
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -91,9 +91,10 @@ def _load_torchvision_batches(batches):
 
 
 def open_rgb(path):
-    """Any image PIL reads as 8-bit RGB (every script's decoder): EXIF rotation applied, 16-bit scaled, not clipped."""
+    """Any image PIL reads (a path, or an image already open) as 8-bit RGB, every script's one decoder: EXIF
+    rotation applied, 16-bit scaled (not clipped)."""
     from PIL import Image, ImageOps
-    with Image.open(path) as im:
+    with Image.open(path) if isinstance(path, (str, Path)) else nullcontext(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))

@@ -36,8 +36,10 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
+import shutil
 import sys
 import time
 import unicodedata
@@ -700,6 +702,9 @@ def open_run_folder(args, ckpt, report, rank):
 def load_data(args, ckpt, tokenizer, processor):
     """The caption set (checked against a resumed run's), its fingerprint and the training pairs' tokens."""
     size, resample = processor_geometry(processor)
+    if ckpt and args.data_dir == ckpt["args"]["data_dir"] and not Path(args.data_dir).is_dir():
+        raise DataError(f"--resume {args.resume}: the run's data folder {args.data_dir} is gone (moved or deleted?); "
+                        f"pass --data-dir with the folder that holds it now")
     data = load_caption_data(args.data_dir, size, resample, args.seed)
     fingerprint = data_fingerprint(data)
     if ckpt:  # a --data-dir typed with --resume must hold the run's data (as in the CIFAR scripts)
@@ -1128,6 +1133,10 @@ def load_captioner(name, device, label=None):
     """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
     quiet_transformers()
+    path = Path(str(name)).expanduser()  # a hub id is "owner/name": a path-like name must be a folder
+    if (str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1 or path.exists()) and not path.is_dir():
+        raise DataError(f"{label or f'--model {name}'}: {'not a folder' if path.exists() else 'no such folder'} (a "
+                        f"local model is a save_pretrained folder; a hub id looks like {DEFAULT_MODEL})")
     try:
         check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
         model = VisionEncoderDecoderModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
@@ -1608,18 +1617,10 @@ def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size
 def image_tensor(image, size, resample):
     """A path (read by common.open_rgb), a PIL image (converted as open_rgb converts) or a uint8 [3, H, W] tensor
     as uint8 [3, H, W] at the model's input size (a tensor of that size is returned as it is)."""
-    from PIL import Image, ImageOps
     from torchvision.transforms.v2 import functional as TF
     if torch.is_tensor(image):
         return TF.resize(image, list(size), interpolation=resample, antialias=True)
-    if isinstance(image, (str, Path)):
-        image = open_rgb(image)
-    else:  # open_rgb's conversions for an image already open; on open_rgb's own output they change nothing
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
-        image = image.convert("RGB")
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    x = torch.from_numpy(np.array(open_rgb(image))).permute(2, 0, 1)  # a path or an open PIL image
     return TF.resize(x, list(size), interpolation=resample, antialias=True)
 
 
@@ -1666,18 +1667,37 @@ def merge_out_dir(path, report):
     report.created_out_dir, report.out_dir = not out.exists(), out
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / plumbing.LOCK_FILE, "a+")
     except OSError as e:
         raise DataError(f"--out-dir {out}: cannot write there ({e.strerror or e})") from None
+    plumbing.hold_lock(lock, out, report)  # a second --merge into the same folder is refused while this one lives
     return out
 
 
 def merge_adapter(args, device, report):
+    """The merged model is written into a folder beside --out-dir and moved in whole: a full disk or a kill leaves
+    --out-dir as it was (empty), never a half-written model."""
     out = merge_out_dir(args.out_dir, report)
     model, tokenizer, processor = load_with_adapter(args, device)
     merged = model.merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    processor.save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.merging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for part in (merged, tokenizer, processor):
+            part.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+    except OSError as e:
+        for item in out.iterdir():  # what was moved in before the failure
+            if item.is_dir():
+                shutil.rmtree(item)
+            elif item.name != plumbing.LOCK_FILE:
+                item.unlink()
+        raise plumbing.OutputWriteError(e.errno, f"could not write the merged model into {out} "
+                                                 f"({e.strerror or e}); {out} holds nothing of it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (out / plumbing.LOCK_FILE).unlink(missing_ok=True)  # a model folder, not a run's: no lock file left in it
     print(f"merged {args.adapter} into its base: a standalone model in {out} (load it with --model {out})")
     return out
 

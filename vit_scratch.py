@@ -251,9 +251,10 @@ def autocast(device, dtype):
 
 def newton_schulz(G, steps=5):
     """G's "zeroth power" (its singular values set to about 1), for a batch (n, rows, cols): five quintic
-    Newton-Schulz steps in bf16 with the coefficients of Keller Jordan's Muon."""
+    Newton-Schulz steps with the coefficients of Keller Jordan's Muon, in bf16 (fp16 on a GPU without native
+    bf16, such as a T4: the spectral norm is kept <= 1, well inside fp16's range)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(torch.float16 if amp_dtype_for(G.device) == torch.float16 else torch.bfloat16)
     wide = X.size(-2) <= X.size(-1)
     X = X if wide else X.mT  # iterate on the smaller Gram matrix
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1

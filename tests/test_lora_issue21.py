@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,54 @@ def test_issue21_A2_the_loaded_captioner_never_kernelizes(tiny_captioner, monkey
     assert getattr(model, "use_kernels", False) is False
     model.eval()
     assert getattr(model, "use_kernels", False) is False
+
+
+# Review gaps of issue 21 closed: --merge locked and atomic (B1, B4), --model paths (B21), resume after the data
+# moved (B9) -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_captioner, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge") / "run"
+    train(tiny_captioner, out, "--no-baseline")
+    return out / "adapter"
+
+
+def test_a_merge_into_a_folder_in_use_is_refused_and_a_full_disk_leaves_it_empty(trained_adapter, tmp_path,
+                                                                                  monkeypatch, capsys):
+    holder = argparse.Namespace(script="someone", out_dir=None, created_out_dir=False, lock=None)
+    common.prepare_out_dir(tmp_path / "merged", holder)
+    merge = ["--merge", "--adapter", str(trained_adapter), "--out-dir", str(tmp_path / "merged"), "--device", "cpu"]
+    err = one_line_error(capsys, lambda: lora_caption.main(merge))
+    assert f"--out-dir {tmp_path / 'merged'} is in use by a run still going" in err
+    holder.lock.close()
+    from transformers import PreTrainedModel
+
+    def full_disk(self, folder, *a, **k):
+        (Path(folder)).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")  # a write cut short
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        lora_caption.main(merge)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "No space left on device" in err
+    assert [p.name for p in (tmp_path / "merged").iterdir() if p.name != ".lock"] == []  # no half-written model
+    monkeypatch.undo()
+    lora_caption.main(merge)
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / ".lock").exists()
+
+
+def test_a_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsys):
+    for argv in (["--data-dir", str(TINY_CAPTIONS), "--out-dir", str(tmp_path / "run")], ["--caption", str(IMAGES[0])]):
+        err = one_line_error(capsys, lambda argv=argv: lora_caption.main(["--model", str(tmp_path / "none"),
+                                                                         "--device", "cpu", *argv]))
+        assert f"--model {tmp_path / 'none'}: no such folder" in err and "Repo id" not in err
+
+
+def test_resume_after_the_caption_folder_moved_says_so(tiny_captioner, tmp_path, capsys):
+    shutil.copytree(TINY_CAPTIONS, tmp_path / "data")
+    train(tiny_captioner, tmp_path / "run", "--no-baseline", data=tmp_path / "data")
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    err = one_line_error(capsys, lambda: lora_caption.main(["--resume", str(tmp_path / "run"), "--max-steps", "3"]))
+    assert f"the run's data folder {tmp_path / 'data'} is gone" in err and "pass --data-dir" in err

@@ -340,3 +340,39 @@ def test_cifar_batches_of_newer_pickle_protocols_load(protocol, tmp_path):
     loaded = common.load_cifar10(tmp_path, download=False)
     assert torch.equal(loaded.test_x, torch.from_numpy(data["test_batch"].reshape(4, 3, 32, 32)))
     assert loaded.classes == ["a", "b", "c", "d"] and loaded.train_x.shape == (20, 3, 32, 32)
+
+
+# Review gaps of issue 21 closed ------------------------------------------------------------------------------
+
+
+def test_sync_bn_in_one_process_is_refused(tiny_cifar, tmp_path, capsys):
+    err = one_line_error(capsys, lambda: train(cnn_baseline, tiny_cifar, tmp_path, "--sync-bn"))
+    assert "--sync-bn has no effect in one process" in err
+
+
+def test_muon_orthogonalises_in_fp16_where_bf16_is_not_native(monkeypatch):
+    """A5 for the optimizer too: on a T4 Muon's Newton-Schulz steps run in fp16, on Ampere and later in bf16."""
+    seen = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *a, **k):
+        seen.extend(x for x in a if isinstance(x, torch.dtype))
+        return real_to(self, *a, **k)
+
+    G = torch.randn(2, 8, 16)
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    monkeypatch.setattr(vit_scratch, "amp_dtype_for", lambda device: torch.float16)  # what a T4 gets
+    assert vit_scratch.newton_schulz(G).dtype == torch.float16 and seen == [torch.float16]
+    monkeypatch.setattr(vit_scratch, "amp_dtype_for", lambda device: torch.bfloat16)
+    assert vit_scratch.newton_schulz(G).dtype == torch.bfloat16
+    monkeypatch.setattr(vit_scratch, "amp_dtype_for", lambda device: None)  # CPU: bf16 as before
+    assert vit_scratch.newton_schulz(G).dtype == torch.bfloat16
+
+
+def test_the_one_decoder_takes_an_open_image_too(tmp_path):
+    """B5: lora_caption's API passes open PIL images to common.open_rgb; it converts them as it converts files."""
+    from PIL import Image
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert np.unique(np.asarray(common.open_rgb(im))).tolist() == [128]
+    assert np.unique(np.asarray(common.open_rgb(tmp_path / "deep.png"))).tolist() == [128]
