@@ -36,10 +36,8 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import re
-import shutil
 import sys
 import time
 import unicodedata
@@ -1677,6 +1675,8 @@ def merge_out_dir(path, report):
 def merge_adapter(args, device, report):
     """The merged model is written into a folder beside --out-dir and moved in whole: a full disk or a kill leaves
     --out-dir as it was (empty), never a half-written model."""
+    import os
+    import shutil
     out = merge_out_dir(args.out_dir, report)
     model, tokenizer, processor = load_with_adapter(args, device)
     merged = model.merge_and_unload()
