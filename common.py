@@ -91,8 +91,7 @@ def _load_torchvision_batches(batches):
 
 
 def open_rgb(path):
-    """Any image PIL reads (a path, or an image already open) as 8-bit RGB, every script's one decoder: EXIF
-    rotation applied, 16-bit scaled (not clipped)."""
+    """A path or an open image as 8-bit RGB (every script's decoder): EXIF rotation applied, 16-bit scaled."""
     from PIL import Image, ImageOps
     with Image.open(path) if isinstance(path, (str, Path)) else nullcontext(path) as im:
         im = ImageOps.exif_transpose(im)
