@@ -525,7 +525,7 @@ def main(argv=None):
     with plumbing.one_line_errors(SCRIPT) as report:
         args, ckpt = experiment_args(argv)  # every flag checked; the mode's defaults, or a resumed run's own flags
         templates = load_templates(args.prompts)
-        device = pick_device(args.device)
+        device = plumbing.pick_device(args.device)
         args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
         data, train_idx, test_idx = load_data(args, ckpt)
         if args.backbone:  # no CLIP: an ImageNet ViT's processor, no text tower, no templates
@@ -613,16 +613,6 @@ def check_no_effect(args, given):
     typed = sorted(given & useless.keys())
     if typed:
         raise DataError(f"{plumbing.flag(typed[0])} has no effect {useless[typed[0]]}; drop it")
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device(name)
 
 
 def sync(device):

@@ -308,10 +308,8 @@ def main(argv=None):
             return compare(args.compare)
         rank, world_size, local_rank = plumbing.init_distributed(args.device)
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
-        if args.sync_bn and world_size == 1 and ckpt is None:  # a resume may continue a torchrun run alone
-            raise DataError("--sync-bn has no effect in one process (it syncs BatchNorm across torchrun's "
-                            "processes); drop it, or start with torchrun")
-        device = pick_device(args.device, local_rank, args.sync_bn and world_size > 1)
+        device = plumbing.pick_device(args.device, local_rank)
+        check_sync_bn(args, world_size, device, resuming=ckpt is not None)
         out_dir = open_run_folder(args, ckpt, report, rank)
         data, train_idx, test_idx = load_data(args, ckpt)
 
@@ -419,17 +417,13 @@ class Progress:
     images_seen: int = 0
 
 
-def pick_device(name, local_rank=0, sync_bn=False):
-    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    if sync_bn and name != "cuda":
+def check_sync_bn(args, world_size, device, resuming):
+    """--sync-bn needs torchrun's processes (a resume may continue a torchrun run alone) on CUDA GPUs."""
+    if args.sync_bn and world_size == 1 and not resuming:
+        raise DataError("--sync-bn has no effect in one process (it syncs BatchNorm across torchrun's "
+                        "processes); drop it, or start with torchrun")
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
         raise DataError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only); drop it on CPU")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def open_run_folder(args, ckpt, report, rank):

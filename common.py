@@ -486,6 +486,18 @@ def resuming_line(path, progress, steps_per_epoch, total_steps):
 # ----------------------------------------------------------------------------------------------------
 # torchrun: one process per device; without torchrun everything below is a no-op
 
+def pick_device(name, local_rank=0):
+    """The device --device names (auto: cuda, then mps, then cpu); under torchrun, this process's GPU (LOCAL_RANK).
+    A device PyTorch cannot use is one line."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
 def init_distributed(device_name):
     """(rank, world_size, local_rank), joining the process group (NCCL or gloo) under torchrun; only rank 0 prints."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

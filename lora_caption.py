@@ -517,12 +517,12 @@ def main(argv=None):
     with plumbing.one_line_errors(SCRIPT, memory_hint=memory_hint) as report:
         args, ckpt = experiment_args(argv)
         if args.caption:
-            return caption_files(args, pick_device(args.device))
+            return caption_files(args, plumbing.pick_device(args.device))
         if args.merge:
-            return merge_adapter(args, pick_device(args.device), report)
+            return merge_adapter(args, plumbing.pick_device(args.device), report)
         rank, world_size, local_rank = plumbing.init_distributed(args.device)
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
-        device = pick_device(args.device, local_rank)
+        device = plumbing.pick_device(args.device, local_rank)
         out_dir = open_run_folder(args, ckpt, report, rank)
         torch.manual_seed(args.seed)
         model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
@@ -632,17 +632,6 @@ class Progress:
     train_seconds: float = 0.0
     pairs_seen: int = 0
     baseline: dict = None  # scores and captions before fine-tuning (None: not computed)
-
-
-def pick_device(name, local_rank=0):
-    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 # The flags each mode reads; any other flag typed with --caption or --merge would be silently ignored.
@@ -1583,7 +1572,7 @@ def load_trained(run_or_adapter_or_model, device="cpu", model=None):
     the base model it records, or on `model`), or a merged model (a --merge folder, or any VisionEncoderDecoderModel
     folder or hub id). `device`: "cpu", "cuda", "mps", "auto", "cuda:1" or a torch.device. Loads as --caption does:
     an adapter of another model is refused with the same one-line DataError."""
-    device = pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
+    device = plumbing.pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
     path = Path(run_or_adapter_or_model).expanduser()
     adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
     if adapter is not None:

@@ -450,7 +450,7 @@ def main(argv=None):
             return show_attention(args)
         rank, world_size, local_rank = plumbing.init_distributed(args.device)
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
-        device = pick_device(args.device, local_rank)
+        device = plumbing.pick_device(args.device, local_rank)
         out_dir = open_run_folder(args, ckpt, report, rank)
         data, train_idx, test_idx = load_data(args, ckpt)
 
@@ -536,17 +536,6 @@ class Progress:
     best_acc: float = -1.0
     train_seconds: float = 0.0
     images_seen: int = 0
-
-
-def pick_device(name, local_rank=0):
-    """The device to train on; under torchrun, this process's GPU (LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def compile_blocks(model, device):
@@ -803,7 +792,7 @@ def show_attention(args):
     ckpt = plumbing.load_checkpoint(args.show_attention, SCRIPT, option="--show-attention")
     data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
     data = load_cifar10(data_dir, download=not args.no_download, image_size=ckpt["model_config"]["image_size"])
-    device = pick_device(args.device)
+    device = plumbing.pick_device(args.device)
     model = VisionTransformer(**ckpt["model_config"]).to(device)
     plumbing.load_weights(model, ckpt, args.show_attention)
     out_dir = Path(args.out_dir or Path(args.show_attention).parent)
