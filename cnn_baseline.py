@@ -592,13 +592,15 @@ def comparison_table(summaries):
             return f"BLEU-4 {cell(s['bleu4'], '.4f')}"
         return "-"
 
-    header = "| model | data | params | epochs | test score | train s | img/s | peak MB | device | run |"
-    rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    header = "| model | data | params | trainable | epochs | test score | train s | img/s | peak MB | device | run |"
+    rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for s in summaries:
         name = s["script"] + (f" ({s['finetune']})" if s.get("finetune") else "")
         rate = s.get("images_per_second") if s.get("images_per_second") is not None else s.get("pairs_per_second")
         unit = " pairs" if s.get("images_per_second") is None and rate is not None else ""
-        rows.append(f"| {name} | {s.get('dataset', '-')} | {cell(s['params'] / 1e6, '.2f')}M | "
+        millions = lambda v: f"{v / 1e6:.2f}M" if cell(v, "g") != "-" else "-"
+        rows.append(f"| {name} | {s.get('dataset', '-')} | {millions(s['params'])} | "
+                    f"{millions(s.get('trainable_params'))} | "
                     f"{cell(s.get('epochs'), 'g')} | {score(s)} | {cell(s.get('train_seconds'), '.1f')} | "
                     f"{cell(rate, ',.0f')}{unit if cell(rate, ',.0f') != '-' else ''} | "
                     f"{cell(s.get('peak_memory_mb'), ',.0f')} | {s.get('device_name', '-')} | {s['run']} |")

@@ -810,18 +810,29 @@ def save_checkpoint(obj, path, also=None):
 
 
 def save_adapter(model, out_dir, base_model=None):
-    """A peft model's adapter into out_dir/adapter/, written beside it and swapped in whole (atomic as a file).
-    `base_model` (the checkpoint it adapts) goes into adapter_config.json, so a later load can check it."""
-    final, tmp, old = out_dir / "adapter", out_dir / "adapter.tmp", out_dir / "adapter.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """A peft model's adapter into out_dir/adapter/, swapped in whole (save_folder). `base_model` (the checkpoint
+    it adapts) goes into adapter_config.json, so a later load can check it."""
     if base_model is not None:
         for config in model.peft_config.values():
             config.base_model_name_or_path = str(base_model)
+    save_folder(out_dir / "adapter", [model])
+
+
+def save_folder(final, parts, files=None):
+    """save_pretrained of each part (a model, tokenizer, processor; or (model, state_dict)) and `files` ({name:
+    text}) into a folder written beside `final` and swapped in whole: a failed write leaves the previous one intact."""
+    final = Path(final)
+    tmp, old = final.with_name(f"{final.name}.tmp"), final.with_name(f"{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        for part in parts:
+            part, state = part if isinstance(part, tuple) else (part, None)
+            part.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputWriteError(e.errno, f"could not write the adapter ({e.strerror or e}); the previous {final} "
+        raise OutputWriteError(e.errno, f"could not write {final.name}/ ({e.strerror or e}); the previous {final} "
                                         f"is intact") from None
     if final.exists():
         os.replace(final, old)

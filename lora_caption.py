@@ -3,30 +3,30 @@
 # dependencies = ["torch>=2.11", "torchvision>=0.26", "transformers>=5.17", "peft>=0.21", "huggingface_hub", "numpy",
 #                 "pillow", "tqdm>=4.66", "matplotlib>=3.7"]
 # ///
-"""LoRA fine-tuning of the ViT-GPT2 image captioner's decoder on a custom image-caption set.
+"""LoRA (or full) fine-tuning of the ViT-GPT2 image captioner on a custom image-caption set.
 
-Reproduces the study guide's LoRA exercise: the captioner nlpconnect/vit-gpt2-image-captioning (a ViT
-encoder, a GPT-2 decoder with cross-attention) gets rank-16 adapters (alpha 32, dropout 0.05) on the
-decoder's attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj through peft; everything else is frozen, so
-2,359,296 of 241,555,200 parameters (0.98%) train. Captions are scored with corpus BLEU-4 and CIDEr-D
-against all references of each image, before fine-tuning (the zero-shot baseline) and after.
+Reproduces the study guide's LoRA exercise: the captioner nlpconnect/vit-gpt2-image-captioning (a ViT encoder, a
+GPT-2 decoder with cross-attention) gets rank-16 adapters (alpha 32, dropout 0.05) on the decoder's attn.c_attn,
+attn.c_proj, mlp.c_fc and mlp.c_proj through peft; the rest is frozen, so 2,359,296 of 241,555,200 parameters
+(0.98%) train. --finetune full trains every weight instead; --encoder + --decoder compose a new captioner from two
+checkpoints, as the course does. Captions are scored with corpus BLEU-4 and CIDEr-D against all references of each
+image (and the course's one-reference BLEU), before fine-tuning and after.
 
     python lora_caption.py --data-dir my_captions/                  # images/ + captions.csv (image,caption)
-    python lora_caption.py --data-dir flickr8k/ --rank 8 --max-steps 2000
+    python lora_caption.py --data-dir flickr8k/ --finetune full     # every weight trains (lr 5e-5)
+    python lora_caption.py --data-dir course/ --encoder google/vit-base-patch16-224-in21k --decoder gpt2
     python lora_caption.py --caption photo1.jpg photos/ --adapter runs/lora_caption/<run>/adapter   # files, folders
     python lora_caption.py --merge --adapter runs/lora_caption/<run>/adapter --out-dir merged/
     python lora_caption.py --resume runs/lora_caption/<run>/training_state.pt
     torchrun --standalone --nproc_per_node=4 lora_caption.py --data-dir flickr8k/ --batch-size 4   # 4 GPUs
 
---data-dir holds captions.csv (image,caption; several rows per image, as Kaggle's Flickr8k captions.txt) with an
-optional splits.json of train/val/test image names, or the course's train.txt, val.txt, test.txt (image;caption),
-or Flickr8k's Flickr8k.token.txt + Flickr_8k.*Images.txt lists; the images in images/ (or beside). Bad rows and
-images are reported and skipped before training. Outputs in --out-dir: config.json, metrics.jsonl, summary.json,
-adapter/ (peft adapter only), training_state.pt, curves.png, captions.html. In Python: load_trained, caption_images.
+--data-dir: captions.csv (image,caption, several rows per image) + optional splits.json, the course's train.txt,
+val.txt, test.txt (image;caption), or Flickr8k's token file and image lists; images in images/ (or beside). Outputs:
+config.json, metrics.jsonl, summary.json, adapter/ (or model/ with --finetune full), training_state.pt, curves.png,
+captions.html. In Python: load_trained, caption_images. Needs common.py.
 
-Measured on one H100 (BENCHMARKS.md, benchmarks/bench_lora_vs_full.py): 9.8 ms per captured step at batch 32
-against 74.4 ms eager: the frozen encoder's output is cached, frozen weights are bf16, and on one GPU the whole
-step is a CUDA graph (--eager turns it off; where it cannot apply, one line says why). Needs common.py.
+Measured on one H100 (BENCHMARKS.md): 9.8 ms per captured LoRA step at batch 32 against 74.4 ms eager: the frozen
+encoder's output is cached, frozen weights are bf16, and the step is a CUDA graph (where not, one line says why).
 """
 import argparse
 import csv
@@ -76,6 +76,10 @@ def build_parser():
                          "or train.txt, val.txt, test.txt (image;caption), or Flickr8k.token.txt + its image lists")
     a("--model", help=f"hub id or local folder of a VisionEncoderDecoderModel (default {DEFAULT_MODEL}; "
                       "with --adapter, the adapter's own base; with --caption, a merged model)")
+    a("--encoder", help="compose a new captioner instead: an image encoder (e.g. google/vit-base-patch16-224-in21k)")
+    a("--decoder", help="... and a GPT-2-like decoder (e.g. gpt2), whose new cross-attention trains in full")
+    a("--finetune", choices=["lora", "full"], default="lora", help="lora: adapters (the guide's); full: every weight")
+    a("--freeze-encoder", action="store_true", help="with --finetune full: the encoder stays frozen (and cached)")
     # LoRA
     a("--rank", type=positive_int, default=16, help="LoRA rank r")
     a("--alpha", type=positive, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
@@ -88,11 +92,11 @@ def build_parser():
     a("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     a("--batch-size", type=positive_int, default=32, help="(image, caption) pairs per forward pass and process")
     a("--grad-accum", type=positive_int, default=1, help="forward passes per step (effective batch = batch x this)")
-    a("--lr", type=positive, default=3e-4, help="peak AdamW learning rate of the adapters")
+    a("--lr", type=positive, help="peak AdamW learning rate (default: 3e-4 with LoRA, 5e-5 with --finetune full)")
     # common.HelpFormatter hides a default equal to False, which 0 and 0.0 are: those defaults are written out
     a("--weight-decay", type=non_negative, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
     a("--warmup", type=fraction, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")
-    a("--grad-clip", type=non_negative, default=1.0, help="clip the adapters' gradient norm to this (0 = off)")
+    a("--grad-clip", type=non_negative, default=1.0, help="clip the trained weights' gradient norm to this (0 = off)")
     a("--max-length", type=positive_int, default=40, help="caption tokens kept, EOS included (the padded width)")
     # evaluation
     a("--num-beams", type=positive_int, default=1, help="beam search width for generation (1 = greedy)")
@@ -123,18 +127,32 @@ def check_args(args):
     """The rules that involve two flags (each flag's own range is checked by its type=)."""
     if not (args.caption or args.merge or args.resume) and not args.data_dir:
         raise plumbing.DataError("training needs --data-dir (images + captions.csv, train.txt or Flickr8k.token.txt)")
+    if bool(args.encoder) != bool(args.decoder) or (args.encoder and args.model):
+        raise DataError("--encoder and --decoder compose a captioner together, in place of --model: give both")
+    args.lr = args.lr or (3e-4 if args.finetune == "lora" else 5e-5)  # full: the course's rate
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: the captioner (transformers), its adapters (peft) and what it reads. Edit the LoRA set-up freely; the
-# speed-ups below (encoder cache, bf16 frozen weights) each fall back to the plain path when they cannot apply.
+# Model: the captioner (transformers), what trains in it (peft adapters, or every weight) and what it reads. Edit
+# freely; the speed-ups below (encoder cache, bf16 frozen weights) each fall back to the plain path when they cannot.
 
-def add_lora(model, args):
-    """Wrap with peft; only the adapters require grad afterwards."""
+def make_trainable(model, args, new_modules):
+    """LoRA adapters (only they train), or with --finetune full every weight (the encoder's too, unless
+    --freeze-encoder). `new_modules`, a composed captioner's random cross-attention, trains in full either way."""
+    if args.finetune == "lora":
+        return add_lora(model, args, new_modules)
+    for name, p in model.named_parameters():  # a ViT's pooler is left out: the decoder never reads it
+        p.requires_grad = not (args.freeze_encoder and name.startswith("encoder.") or ".pooler." in f".{name}")
+    return model
+
+
+def add_lora(model, args, new_modules=()):
+    """Wrap with peft; only the adapters (and peft's trained copies of new_modules) require grad afterwards."""
     from peft import LoraConfig, get_peft_model
     targets = list(args.targets) + (CROSS_ATTENTION_TARGETS if args.cross_attention else [])
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout, bias="none",
-                        target_modules=targets, fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
+                        target_modules=targets, modules_to_save=list(new_modules) or None,
+                        fan_in_fan_out=True)  # GPT-2's Conv1D stores weights as (in, out)
     try:
         with no_peft_deprecation_warning():
             return get_peft_model(model, config)
@@ -190,7 +208,7 @@ def encoder_cache_blocker(model):
     """Why the encoder's output could change from one step to the next (None if it cannot)."""
     encoder = base_model(model).encoder
     if any(p.requires_grad for p in encoder.parameters()):
-        return "the encoder trains: --targets adapts it"
+        return f"the encoder trains: {'--targets adapts it' if hasattr(model, 'peft_config') else '--finetune full'}"
     rates = [getattr(m, "p", 0) for m in encoder.modules() if "dropout" in type(m).__name__.lower()]
     rates += [v for k, v in encoder.config.to_dict().items()
               if ("dropout" in k or "drop_path" in k) and isinstance(v, float)]
@@ -258,15 +276,6 @@ def cast_frozen_weights(model, dtype=torch.bfloat16):
     return saved
 
 
-def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
-    """Without the adapters' dropout, peft's fp32 cast of their input (undone by autocast) is skipped (peft >= 0.15)."""
-    try:
-        from peft.helpers import disable_input_dtype_casting
-    except ImportError:
-        return nullcontext()
-    return disable_input_dtype_casting(model, active=amp_dtype is not None and lora_dropout == 0)
-
-
 def fast_path(args, model, data, pixels, amp_dtype):
     """bf16 frozen weights and the encoder cache: ({split: inputs}, words for the log); each falls back with a word."""
     notes = []
@@ -317,7 +326,7 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 def make_optimizer(args, params, device, total_steps):
-    """AdamW on the adapters (fused on CUDA) and its warm-up + cosine schedule, stepped once per optimizer step."""
+    """AdamW on what trains (fused on CUDA) and its warm-up + cosine schedule, stepped once per optimizer step."""
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     warmup_steps = int(args.warmup * total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps))
@@ -417,23 +426,6 @@ class CapturedStep:
         self.graph.replay()
 
 
-def eager_because(args, device, amp_dtype, inputs):
-    """Why the step cannot be captured as a CUDA graph (None where it can)."""
-    if not hasattr(inputs, "on_device"):
-        return inputs.why  # the encoder runs every step
-    if not inputs.on_device:
-        return "the encoder cache is in host memory"
-    if args.grad_accum > 1:
-        return "--grad-accum > 1"
-    if args.world_size > 1:
-        return "torchrun: DDP reduces the gradients"
-    if device.type != "cuda":
-        return f"not CUDA: {device.type}"
-    if amp_dtype != torch.bfloat16:
-        return "no bf16 on this GPU"
-    return "--eager" if args.eager else None
-
-
 def make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs, tokens, device_tokens, loss_sum, rank):
     """What trains on a step's pairs: a graph replay, else train_step run eagerly after one line saying why."""
     step = partial(train_step, trained, optimizer, scaler, params, amp_dtype, args.grad_clip, args.world_size,
@@ -525,18 +517,18 @@ def main(argv=None):
         device = plumbing.pick_device(args.device, local_rank)
         out_dir = open_run_folder(args, ckpt, report, rank)
         torch.manual_seed(args.seed)
-        model, tokenizer, processor = load_captioner(args.model or DEFAULT_MODEL, device)
+        model, tokenizer, processor, new_modules = load_model(args, out_dir, device, rank)
         data, fingerprint, tokens = load_data(args, ckpt, tokenizer, processor)
         per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
         total_steps = min(args.epochs * (len(tokens["pair_image"]) // per_step), args.max_steps or math.inf)
         pixels, amp_dtype = Pixels(processor, device), amp_dtype_for(device)
         skip_baseline = args.no_baseline or ckpt or rank  # a resumed run keeps its own
         baseline = None if skip_baseline else evaluate_baseline(args, model, tokenizer, pixels, data)
-        model = add_lora(model, args)
+        model = make_trainable(model, args, new_modules)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, schedule = make_optimizer(args, params, device, total_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        trained = plumbing.wrap_distributed(model, device, world_size)  # DDP reduces only the adapters' gradients
+        trained = plumbing.wrap_distributed(model, device, world_size)  # DDP reduces only what trains
         progress = Progress(baseline=baseline)
         if ckpt:
             progress = restore_training(ckpt, args, model, optimizer, schedule, scaler, device)
@@ -550,7 +542,8 @@ def main(argv=None):
         val_tokens = pair_tokens(tokenizer, data["val"], args.max_length) if data["val"].names else None
         validation = partial(validate, model, tokenizer, pixels, data["val"], inputs["val"], val_tokens, amp_dtype,
                              args)
-        save = partial(save_training_state, args, model, optimizer, schedule, scaler, fingerprint, out_dir)
+        save = partial(save_training_state, args, model, tokenizer, processor, optimizer, schedule, scaler,
+                       fingerprint, out_dir)
         loss_sum = torch.zeros((), device=device)  # the training loss since the last read, on the device
         tokens_read = torch.zeros((), dtype=torch.long)  # its caption tokens, on the host
         with (plumbing.progress_bar(total_steps, "training", args.no_progress or rank != 0) as bar,
@@ -623,6 +616,15 @@ non_negative = finite_number("a finite number >= 0", lambda v: v >= 0)
 fraction = finite_number("in [0, 1)", lambda v: 0 <= v < 1)
 
 
+def adapter_inputs_as_given(model, amp_dtype, lora_dropout):
+    """Without the adapters' dropout, peft's fp32 cast of their input (undone by autocast) is skipped (peft >= 0.15)."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:
+        return nullcontext()
+    return disable_input_dtype_casting(model, active=amp_dtype is not None and lora_dropout == 0)
+
+
 @dataclass
 class Progress:
     """What training_state.pt records of the run besides weights and flags."""
@@ -638,6 +640,7 @@ class Progress:
 MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device"},
               "--merge": {"merge", "adapter", "model", "out_dir", "device"}}
 NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
+LORA_FLAGS = {"rank", "alpha", "lora_dropout", "targets", "cross_attention"}
 
 
 def check_mode_flags(parser, given, cli):
@@ -657,6 +660,10 @@ def check_mode_flags(parser, given, cli):
         if not mode and name in NOT_TRAINING_FLAGS:
             raise DataError(f"{plumbing.flag(name)} has no effect in training (it is for --caption and --merge); "
                             f"drop it")
+        if not (mode or cli.resume) and name in LORA_FLAGS and cli.finetune == "full":
+            raise DataError(f"{plumbing.flag(name)} has no effect with --finetune full (no adapters); drop it")
+        if not (mode or cli.resume) and name == "freeze_encoder" and cli.finetune == "lora":
+            raise DataError("--freeze-encoder goes with --finetune full (with LoRA the encoder is frozen already)")
 
 
 def experiment_args(argv):
@@ -719,7 +726,8 @@ def start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, not
     """What Ctrl-C reports, and the start lines."""
     last = out_dir / "training_state.pt"
     report.resume = last
-    report.saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, adapter in {out_dir / 'adapter'})"
+    saved = out_dir / ("adapter" if args.finetune == "lora" else "model")
+    report.saved = lambda: (f"the last saved state is {last} (step {load_step(last)}, {saved.name} in {saved})"
                             if last.exists() else
                             f"nothing was saved yet (the first save comes at step {args.save_every})")
     trainable, total = count_params(model)
@@ -730,6 +738,23 @@ def start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, not
           f"pairs of {tokens['labels'].shape[1]} tokens | batch {args.global_batch}{processes} x {args.grad_accum} "
           f"accumulated | out {out_dir}")
     print(f"{SCRIPT}: {' | '.join(notes)}", flush=True)
+
+
+def eager_because(args, device, amp_dtype, inputs):
+    """Why the step cannot be captured as a CUDA graph (None where it can)."""
+    if not hasattr(inputs, "on_device"):
+        return inputs.why  # the encoder runs every step
+    if not inputs.on_device:
+        return "the encoder cache is in host memory"
+    if args.grad_accum > 1:
+        return "--grad-accum > 1"
+    if args.world_size > 1:
+        return "torchrun: DDP reduces the gradients"
+    if device.type != "cuda":
+        return f"not CUDA: {device.type}"
+    if amp_dtype != torch.bfloat16:
+        return "no bf16 on this GPU"
+    return "--eager" if args.eager else None
 
 
 def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size):
@@ -814,17 +839,25 @@ def load_step(path):
 
 def base_model_name(args):
     """What the adapter records as its base: --model (a local folder as an absolute path, so that --caption
-    and --merge find it from anywhere) or the default hub id."""
-    name = args.model or DEFAULT_MODEL
+    and --merge find it from anywhere), a composed captioner's base/ folder, or the default hub id."""
+    name = str(Path(args.out_dir) / "base") if args.encoder else args.model or DEFAULT_MODEL
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 
 
-def save_training_state(args, model, optimizer, schedule, scaler, fingerprint, out_dir, progress):
+def save_training_state(args, model, tokenizer, processor, optimizer, schedule, scaler, fingerprint, out_dir,
+                        progress):
+    """training_state.pt (what trains, the optimizer, where the run is), then the adapter/ folder, or with
+    --finetune full the whole model/ folder (a captioner --model loads), each written beside and swapped in whole."""
     plumbing.save_checkpoint({"script": SCRIPT, "trainable": plumbing.trainable_state(model),
                               "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                               "scaler": scaler.state_dict(), "state": asdict(progress), "args": vars(args),
                               "data_fingerprint": fingerprint}, out_dir / "training_state.pt")
-    plumbing.save_adapter(model, out_dir, base_model=base_model_name(args))
+    if args.finetune == "lora":
+        plumbing.save_adapter(model, out_dir, base_model=base_model_name(args))
+        return
+    # frozen weights cast to bf16 are saved as fp32 again, so that the folder loads as any fp32 captioner
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    plumbing.save_folder(out_dir / "model", [(model, state), tokenizer, processor])
 
 
 def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
@@ -864,17 +897,20 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
                # the course's figure (COURSE_BLEU); a baseline saved before it existed has none
                "bleu_one_ref_per_row_before": base["scores"].get("bleu_one_ref_per_row"),
                "bleu_one_ref_per_row": after[0]["bleu_one_ref_per_row"],
+               "finetune": args.finetune, "composed_from": [args.encoder, args.decoder] if args.encoder else None,
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
+               "model_bytes": sum(f.stat().st_size for f in (out_dir / "model").rglob("*") if f.is_file()),
                "examples": examples}
     plumbing.write_json(out_dir / "summary.json", summary)
     for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
         before = f"before {ex['before']!r} | " if ex["before"] is not None else ""
         print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    saved = "adapter" if args.finetune == "lora" else "model"
     print(f"BLEU-4 {fmt(summary['bleu4_before'])} -> {fmt(summary['bleu4'])} | CIDEr-D {fmt(summary['cider_before'])} "
           f"-> {fmt(summary['cider'])} | {COURSE_BLEU} {fmt(summary['bleu_one_ref_per_row_before'])} -> "
           f"{fmt(summary['bleu_one_ref_per_row'])} | {summary['train_seconds']:.1f}s training | "
-          f"{summary['pairs_per_second']:,.1f} pairs/s | adapter {summary['adapter_bytes'] / 2 ** 20:.1f} MiB")
+          f"{summary['pairs_per_second']:,.1f} pairs/s | {saved} {summary[saved + '_bytes'] / 2 ** 20:.1f} MiB")
     return summary
 
 
@@ -1133,12 +1169,75 @@ def load_captioner(name, device, label=None):
         raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
                         f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
                         ) from None
-    # GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2).
+    return use_decoder_tokens(model, tokenizer).to(device), tokenizer, processor
+
+
+def use_decoder_tokens(model, tokenizer):
+    """GPT-2 has no pad token: pad = EOS = BOS = the decoder's start token (50256 for GPT-2). No token is added (the
+    course's solutions add <|pad|> and a start token, and so new embedding rows that must learn from nothing)."""
     tokenizer.pad_token = tokenizer.eos_token
     for config in (model.config, model.generation_config):
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         config.decoder_start_token_id = tokenizer.bos_token_id
-    return model.to(device), tokenizer, processor
+    return model
+
+
+def load_model(args, out_dir, device, rank):
+    """(model, tokenizer, processor, new modules) for training: --model (or the default captioner), or --encoder +
+    --decoder composed. A composed captioner trained with LoRA keeps its base in the run's base/ folder (its random
+    cross-attention is part of it), written once, so that the adapter, --caption and --merge find it later."""
+    if not args.encoder:
+        return (*load_captioner(args.model or DEFAULT_MODEL, device), [])
+    base = out_dir / "base"
+    if args.finetune == "lora" and (base / "config.json").is_file():  # a resumed run: its own base
+        model, tokenizer, processor = load_captioner(base, device, label=f"the run's base model {base}")
+        return model, tokenizer, processor, json.loads((base / "new_modules.json").read_text())
+    model, tokenizer, processor, new_modules = compose_captioner(args.encoder, args.decoder)
+    if args.finetune == "lora" and rank == 0:
+        plumbing.save_folder(base, [model, tokenizer, processor], {"new_modules.json": json.dumps(new_modules)})
+    return model.to(device), tokenizer, processor, new_modules
+
+
+def compose_captioner(encoder_name, decoder_name):
+    """A VisionEncoderDecoderModel from an image encoder and a causal LM decoder given cross-attention (as
+    from_encoder_decoder_pretrained builds it), and the names of the modules that start random: the decoder's
+    cross-attention (the weights its checkpoint lacks) and a projection where the two widths differ."""
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer,
+                              VisionEncoderDecoderModel)
+    quiet_transformers()
+    try:
+        encoder = AutoModel.from_pretrained(encoder_name, **plumbing.NO_HUB_KERNELS)
+        processor = AutoImageProcessor.from_pretrained(encoder_name)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--encoder {encoder_name}: cannot load it ({str(e).strip().splitlines()[0]}); offline, pass "
+                        f"a local save_pretrained folder with its image processor") from None
+    try:
+        config = AutoConfig.from_pretrained(decoder_name)
+        config.is_decoder = config.add_cross_attention = True
+        # transformers' table of the missing (new) weights is said below in one line instead (a filter: a higher
+        # level on that logger turns on another warning, of tensor-parallel plans)
+        report, drop = logging.getLogger("transformers.modeling_utils"), lambda r: "LOAD REPORT" not in r.getMessage()
+        report.addFilter(drop)
+        try:
+            decoder, info = AutoModelForCausalLM.from_pretrained(decoder_name, config=config, output_loading_info=True,
+                                                                 **plumbing.NO_HUB_KERNELS)
+        finally:
+            report.removeFilter(drop)
+        tokenizer = AutoTokenizer.from_pretrained(decoder_name)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--decoder {decoder_name}: cannot load it ({str(e).strip().splitlines()[0]}); offline, pass "
+                        f"a local save_pretrained folder with its tokenizer") from None
+    model = use_decoder_tokens(VisionEncoderDecoderModel(encoder=encoder, decoder=decoder), tokenizer)
+    params = dict(model.named_parameters())
+    new = sorted({f"decoder.{k.rsplit('.', 1)[0]}" for k in info["missing_keys"] if f"decoder.{k}" in params})
+    if not any("cross" in name for name in new):
+        raise DataError(f"--decoder {decoder_name}: it gained no cross-attention (a {type(decoder).__name__}); pass "
+                        f"a GPT-2-like decoder that takes add_cross_attention")
+    new += ["enc_to_dec_proj"] * hasattr(model, "enc_to_dec_proj")
+    count = sum(p.numel() for n, p in params.items() if any(n.startswith(f"{m}.") for m in new))
+    print(f"{SCRIPT}: composed {encoder_name} + {decoder_name}; new, trained in full: {len(new)} modules, {count:,} "
+          f"weights (cross-attention{', a projection of the encoder width' * ('enc_to_dec_proj' in new)})")
+    return model, tokenizer, processor, new
 
 
 @contextmanager
@@ -1568,12 +1667,15 @@ class TrainedCaptioner:
 
 
 def load_trained(run_or_adapter_or_model, device="cpu", model=None):
-    """A trained captioner for caption_images, from a training run's folder (its adapter/), an adapter folder (on
+    """A trained captioner for caption_images, from a training run's folder (its adapter/, or model/ after --finetune
+    full), an adapter folder (on
     the base model it records, or on `model`), or a merged model (a --merge folder, or any VisionEncoderDecoderModel
     folder or hub id). `device`: "cpu", "cuda", "mps", "auto", "cuda:1" or a torch.device. Loads as --caption does:
     an adapter of another model is refused with the same one-line DataError."""
     device = plumbing.pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
     path = Path(run_or_adapter_or_model).expanduser()
+    if (path / "model" / "config.json").is_file() and model is None:  # a --finetune full run
+        path = run_or_adapter_or_model = path / "model"
     adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
     if adapter is not None:
         loaded = load_with_adapter(SimpleNamespace(adapter=str(adapter), model=model and str(model)), device)

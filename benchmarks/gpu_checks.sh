@@ -56,6 +56,16 @@ from conftest import build_tiny_captioner as b; b(Path('/tmp/tiny-cap'))\" && py
 --data-dir tests/data/captions-tiny --device cuda --max-steps 30 --batch-size 10 --eval-every 10 --no-plots \
 --no-progress --out-dir runs/gpu/lora-smoke"
 { echo; echo "## lora_caption.py on the GPU (tiny captioner)"; grep -E "encoder output|capture|pairs/s|BLEU" "$LOG" | tail -4; } >> "$RESULTS"
+# issue 24: --finetune full (eager: the encoder trains), with --freeze-encoder (cached, captured), and a captioner
+# composed from a tiny ViT + GPT-2 (LoRA + the new cross-attention in full; cached, captured)
+check lora_full_composed 90 bash -c "python -c \"import sys; sys.path.insert(0, 'tests'); from pathlib import Path; \
+from conftest import build_tiny_parts as b; b(Path('/tmp/tiny-parts'))\" && for run in 'full=--model /tmp/tiny-cap --finetune full' \
+'full-frozen=--model /tmp/tiny-cap --finetune full --freeze-encoder' \
+'composed=--encoder /tmp/tiny-parts/encoder --decoder /tmp/tiny-parts/decoder'; do echo \"run \${run%%=*}\"; \
+python lora_caption.py \${run#*=} --data-dir tests/data/captions-tiny --device cuda --max-steps 30 --batch-size 10 \
+--eval-every 10 --no-plots --no-progress --out-dir runs/gpu/lora-\${run%%=*}; done"
+{ echo; echo "## lora_caption.py --finetune full, --freeze-encoder, composed (tiny)"
+  grep -E "^run |step: eager|captured|pairs/s" "$LOG" | tail -9; } >> "$RESULTS"
 
 # decode CIFAR-10 once (the scripts cache it beside the data): the targets are for a warm cache
 check decode 90 python -c "import common; common.load_cifar10('/tmp/cifar10', download=False)"

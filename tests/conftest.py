@@ -135,6 +135,25 @@ def build_tiny_captioner(folder, seed=0, dropout=0.1):
     return folder
 
 
+def build_tiny_parts(root):
+    """A tiny ViT encoder (width 48, root/encoder) and a tiny GPT-2 without cross-attention (width 32, root/decoder),
+    saved apart as the hub's google/vit-base-patch16-224-in21k and gpt2 are: the widths differ, so a projection
+    joins them when lora_caption.py composes them."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)).save_pretrained(root / "encoder")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "encoder")
+    tok = gpt2_tokenizer(root / "decoder" / "tok")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                    ).save_pretrained(root / "decoder")
+    tok.save_pretrained(root / "decoder")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_captioner(tmp_path_factory):
     return build_tiny_captioner(tmp_path_factory.mktemp("tiny-captioner"))

@@ -64,11 +64,13 @@ def test_compare_prints_the_newest_run_of_each_script(tmp_path, capsys):
     printed = cnn_baseline.main(["--compare", str(tmp_path)])
     assert capsys.readouterr().out.strip() == printed
     table = printed.splitlines()
-    assert table[0].startswith("| model | data | params | epochs | test score | train s | img/s | peak MB | device |")
+    header = "| model | data | params | trainable | epochs | test score | train s | img/s | peak MB | device |"
+    assert table[0].startswith(header)
     assert len(table) == 5 and table[2].startswith("| cnn_baseline |") and "90.00%" in table[2]
-    assert table[3].startswith("| lora_caption | - | 3.20M | 10 | - | 20.5 |")
+    assert table[3].startswith("| lora_caption | - | 3.20M | - | 10 | - | 20.5 |")
     table = table[:3] + table[4:]
-    assert table[3].startswith("| vit_scratch | - | 3.20M | 10 | acc 75.00% | 20.5 | 25,000 | 1,234 | NVIDIA H100 |")
+    assert table[3].startswith("| vit_scratch | - | 3.20M | - | 10 | acc 75.00% | 20.5 | 25,000 | 1,234 | "
+                               "NVIDIA H100 |")
     assert table[3].endswith(f"{tmp_path / 'vit_scratch' / 'new'} |")
 
 

@@ -125,14 +125,15 @@ def test_a_failing_capture_falls_back_to_the_eager_step_with_one_line(capsys, mo
     assert torch.isfinite(stats).all() and stats[0] > 0
 
 
-def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0):
-    """The tiny captioner's LoRA run as lora_caption.main sets it up on a GPU (bf16 frozen weights, the encoder
-    cache on the device, fused AdamW), with the step captured or eager; and its training pairs."""
+def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0, finetune="lora"):
+    """The tiny captioner's LoRA run (or --finetune full --freeze-encoder) as lora_caption.main sets it up on a GPU
+    (bf16 frozen weights, the encoder cache on the device, fused AdamW), the step captured or eager; its pairs."""
     model, tokenizer, processor = lora_caption.load_captioner(str(folder), CUDA)
     torch.manual_seed(0)
-    model = lora_caption.add_lora(model, argparse.Namespace(rank=4, alpha=8, lora_dropout=lora_dropout,
-                                                            targets=lora_caption.DECODER_TARGETS,
-                                                            cross_attention=False))
+    model = lora_caption.make_trainable(model, argparse.Namespace(rank=4, alpha=8, lora_dropout=lora_dropout,
+                                                                  targets=lora_caption.DECODER_TARGETS,
+                                                                  cross_attention=False, finetune=finetune,
+                                                                  freeze_encoder=True), [])
     lora_caption.cast_frozen_weights(model)
     size, resample = lora_caption.processor_geometry(processor)
     split = lora_caption.load_caption_data(TINY_CAPTIONS, size, resample, seed=0, log=lambda *_: None)["train"]
@@ -167,13 +168,14 @@ def lora_losses(run, cache, tokens, args, batches, seeds):
     return losses
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no dropout", "dropout"])
-def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout):
+@pytest.mark.parametrize("dropout, finetune", [(0.0, "lora"), (0.1, "lora"), (0.1, "full")],
+                         ids=["no dropout", "dropout", "full fine-tuning, frozen encoder"])
+def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout, finetune):
     # with dropout: GPT-2's (attention included) and the adapters', drawn from each step's seed in both
     folder = build_tiny_captioner(tmp_path, dropout=dropout)
     results = []
     for capture in (False, True):
-        run, cache, tokens, args = lora_run(folder, capture, lora_dropout=dropout / 2)
+        run, cache, tokens, args = lora_run(folder, capture, lora_dropout=dropout / 2, finetune=finetune)
         pairs = len(tokens["count"])  # 100: 20 training images x 5 captions
         order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))[:48].view(6, 8)
         losses = lora_losses(run, cache, tokens, args, order, range(6))

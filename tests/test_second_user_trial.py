@@ -259,10 +259,10 @@ def test_compare_shows_the_data_a_captioner_row_and_no_impossible_numbers(tmp_pa
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     rows = cnn_baseline.main(["--compare", str(tmp_path)]).splitlines()
-    assert rows[2] == (f"| lora_caption | captions (/data/flickr) | 241.56M | 2.667 | BLEU-4 0.1235 | 30.0 | "
+    assert rows[2] == (f"| lora_caption | captions (/data/flickr) | 241.56M | - | 2.667 | BLEU-4 0.1235 | 30.0 | "
                        f"40 pairs | 900 | cpu | {tmp_path / 'cap'} |")
-    assert rows[3] == (f"| vit_scratch | CIFAR-10 (imagefolder: /data/a) | 3.20M | 10 | acc 79.00% | - | - | 1,234 | "
-                       f"cpu | {tmp_path / 'vit'} |")
+    assert rows[3] == (f"| vit_scratch | CIFAR-10 (imagefolder: /data/a) | 3.20M | - | 10 | acc 79.00% | - | - | "
+                       f"1,234 | cpu | {tmp_path / 'vit'} |")
     one = cnn_baseline.main(["--compare", str(tmp_path / "vit" / "summary.json")]).splitlines()
     assert len(one) == 3 and one[2] == rows[3]  # a summary.json itself is taken too
     err = one_line_error(capsys, lambda: cnn_baseline.main(["--compare", str(tmp_path / "nothing")]))
