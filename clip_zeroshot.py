@@ -74,7 +74,7 @@ VIT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "val
 
 
 def build_parser():
-    p = plumbing.make_parser(__doc__)
+    p = plumbing.make_parser(__doc__, SCRIPT)
     a = p.add_argument
     a("--model", default="openai/clip-vit-base-patch32",
       help="hub id or local folder (save_pretrained) of a CLIPModel with its tokenizer and image processor")
@@ -565,7 +565,7 @@ def experiment_args(argv):
     """(args, checkpoint or None): the flags with the mode's defaults, or on --resume the run's own (a flag that
     differs is refused, more --epochs or --max-steps extend the run); all checked before any work."""
     parser = build_parser()
-    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    cli, given = plumbing.parse(parser, argv)
     args, ckpt = cli, None
     if not cli.resume:
         for name, value in MODE_DEFAULTS[cli.finetune].items():
@@ -710,7 +710,7 @@ def check_progress(stats, seen, step, lr, bar):
     if not math.isfinite(loss):
         raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
     if not bar.disable:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f} lr {lr:.1e}")
     return loss, acc
 
 
@@ -757,7 +757,7 @@ def summarise(args, data, device, cm, prompts, **fields):
                "classes": data.classes,
                "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
                "most_confused": most_confused(cm, data.classes)}
-    plumbing.write_json(Path(args.out_dir) / "summary.json", summary)
+    summary = plumbing.write_summary(Path(args.out_dir) / "summary.json", summary)
     return summary
 
 

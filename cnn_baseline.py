@@ -49,7 +49,7 @@ LOG_EVERY = 20  # steps between reads of the running loss (each read waits for t
 # Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
 
 def build_parser():
-    p = plumbing.make_parser(__doc__)
+    p = plumbing.make_parser(__doc__, SCRIPT)
     a = p.add_argument
     # data
     a("--data-dir", default="./data",
@@ -357,12 +357,12 @@ def main(argv=None):
                     seen += len(y)
                     bar.update(1)
                     if progress.step % LOG_EVERY == 0:  # a host read: the bar and the non-finite check
-                        check_progress(stats, seen, progress.step, lr, time.perf_counter() - t0, bar)
+                        check_progress(stats, seen, progress.step, lr, bar)
                     if progress.step >= total_steps:
                         break
                 totals = plumbing.all_reduce_sum(stats.clone(), world_size)  # the epoch over all processes
                 seen *= world_size
-                loss, acc = check_progress(totals, seen, progress.step, lr, time.perf_counter() - t0, bar)
+                loss, acc = check_progress(totals, seen, progress.step, lr, bar)
             seconds = time.perf_counter() - t0  # the read-back above waited for the device
             cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
             progress.epoch = epoch
@@ -391,7 +391,7 @@ def experiment_args(argv):
     """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that
     differs is refused, more --epochs or --max-steps extend the run)."""
     parser = build_parser()
-    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    cli, given = plumbing.parse(parser, argv)
     unused = sorted(given - {"compare"}) if cli.compare else []
     if unused:  # --compare only reads summaries: a training flag beside it would do nothing
         raise DataError(f"{plumbing.flag(unused[0])} has no effect with --compare (it only prints the table); drop it")
@@ -493,13 +493,13 @@ def save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data):
 # ----------------------------------------------------------------------------------------------------
 # Progress, logs, summary
 
-def check_progress(stats, seen, step, lr, seconds, bar):
+def check_progress(stats, seen, step, lr, bar):
     loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
     loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
     if not math.isfinite(loss):
         raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
     if not bar.disable:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / seconds:,.0f}", lr=f"{lr:.2e}")
+        bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f}")  # short: 80 columns (img/s: the epoch line)
     return loss, acc
 
 
@@ -526,7 +526,7 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
         "args": vars(args), "classes": data.classes,
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
-    plumbing.write_json(out_dir / "summary.json", summary)
+    summary = plumbing.write_summary(out_dir / "summary.json", summary)
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
@@ -544,7 +544,7 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
 # The comparison a student pastes into a report
 
 def compare(root):
-    table = comparison_table(newest_summaries(root))
+    table = plumbing.Table(comparison_table(newest_summaries(root)))
     print(table)
     return table
 

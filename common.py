@@ -331,16 +331,54 @@ def error_line(error, limit=200):
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+class RunFailed(Exception):
+    """In a notebook, a run that ends early raises this instead of SystemExit: the cell shows the one line (no
+    traceback: IPython calls _render_traceback_) and Run All stops there. `code` is the exit status a shell gets."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+    def _render_traceback_(self):
+        return [str(self)]
+
+
+def in_notebook():
+    """True inside a Jupyter (or Colab) kernel: main() was called from a cell or by %run, not by python."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def parse(parser, argv):
+    """(flags, the names of those typed). argv: a list, a string (split as a shell splits it), or None: the command
+    line, which in a notebook's kernel is the kernel's own (then no flags; under %run, the flags after the name)."""
+    if isinstance(argv, str):
+        import shlex
+        argv = shlex.split(argv)
+    elif argv is None and in_notebook() and Path(sys.argv[0]).name != parser.prog:
+        argv = []
+    return parser.parse_args(argv), given_flags(parser, argv)
+
+
 @contextmanager
 def one_line_errors(script, memory_hint="--batch-size"):
     """The one path from a failure to its one-line message: bad input (DataError, argparse's included) exits 2;
-    Ctrl-C 130, with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint write 1. The
-    script fills in the report (saved(): what is on disk; resume: the file --resume takes). An output folder
-    this run created and left empty is removed."""
+    Ctrl-C 130, with the resume command; out of GPU memory, a non-finite loss, a failed checkpoint write 1 (in a
+    notebook: RunFailed with the line, and --help just prints). The script fills in the report (saved(): what is
+    on disk; resume: the file --resume takes). An output folder this run created and left empty is removed. The
+    process-wide state a run changes (random generators, cuDNN's autotuner, transformers' progress bars) is put
+    back afterwards, and the run's own peak memory is measured (peak_memory_mb)."""
+    global _run_memory
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
                              created_out_dir=False, lock=None)
+    restore = _global_state()
+    _run_memory = RunMemory()
     try:
         yield report
+    except SystemExit as e:
+        if not (in_notebook() and e.code in (0, None)):  # --help in a notebook: printed, nothing more
+            raise
     except DataError as e:
         _stop(script, str(e), 2, report)
     except KeyboardInterrupt:
@@ -357,6 +395,8 @@ def one_line_errors(script, memory_hint="--batch-size"):
         if report.lock is not None:  # main() may be called again in the same process (a notebook)
             report.lock.close()
             report.lock = None
+        _run_memory.close()
+        restore()
 
 
 def _stop(script, message, code, report, prefix="error: "):
@@ -364,8 +404,66 @@ def _stop(script, message, code, report, prefix="error: "):
     if report.created_out_dir and out and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
         (out / LOCK_FILE).unlink(missing_ok=True)  # a failed run leaves no empty folder behind
         out.rmdir()
+    if in_notebook():
+        raise RunFailed(f"{script}.py: {prefix}{message}", code) from None
     print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def _global_state():
+    """A function that puts back what a run changes in the process: torch's random generators (CPU, and CUDA's
+    once started), cudnn.benchmark, transformers' progress bars."""
+    cpu, benchmark = torch.get_rng_state(), torch.backends.cudnn.benchmark
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    bars = hf_logging.is_progress_bar_enabled() if hf_logging else None
+
+    def restore():
+        torch.set_rng_state(cpu)
+        torch.backends.cudnn.benchmark = benchmark
+        if cuda is not None:
+            with suppress(RuntimeError):  # a failed graph capture can leave CUDA's generator unusable
+                torch.cuda.set_rng_state_all(cuda)
+        logging_now = sys.modules.get("transformers.utils.logging")
+        if logging_now and bars is not False:  # on before the run, or transformers not loaded yet: on
+            logging_now.enable_progress_bar()
+    return restore
+
+
+class RunMemory:
+    """The run's own peak resident memory on a CPU: the process's peak if the run raised it (exact), else the
+    highest of samples every 20 ms (a notebook that ran a larger run before: the process's peak is that run's)."""
+
+    def __init__(self):
+        self.start_peak, self.sampled, self.done = _max_rss_mb(), _rss_mb() or 0.0, threading.Event()
+        if _rss_mb() is not None:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self.done.wait(0.02):
+            self.sampled = max(self.sampled, _rss_mb())
+
+    def peak(self):
+        now = _max_rss_mb()
+        return now if now > self.start_peak else max(self.sampled, _rss_mb() or 0.0)
+
+    def close(self):
+        self.done.set()
+
+
+def _max_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rss_mb():
+    """The resident memory now (Linux), None elsewhere."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_run_memory = None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -379,10 +477,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def make_parser(doc):
+def make_parser(doc, script):
     """A parser described by the docstring's first paragraph, its commands as epilog, errors as DataError."""
     examples = [line for line in doc.splitlines() if line.split()[:1] in (["python"], ["torchrun"])]
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
+    parser = argparse.ArgumentParser(prog=f"{script}.py", description=doc.split("\n\n")[0],
+                                     formatter_class=HelpFormatter,
                                      epilog="examples:\n" + "\n".join(examples) if examples else None)
 
     def error(message):  # "argument --lr: must be positive, got 0" -> "--lr must be positive, got 0"
@@ -495,7 +594,11 @@ def pick_device(name, local_rank=0):
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    device = torch.device("cuda", local_rank)
+    torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb: this run's, not an earlier one's in this process
+    return device
 
 
 def init_distributed(device_name):
@@ -849,6 +952,36 @@ def write_json(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def write_summary(path, summary):
+    """summary.json, and the dict main() returns: a Summary, which a notebook shows in one line, not ~85."""
+    write_json(path, summary)
+    return Summary(summary)
+
+
+class Summary(dict):
+    """A run's summary.json as a dict; its repr is one line (script, score, time, folder)."""
+
+    def __repr__(self):
+        score = (f"test_acc {self['test_acc']:.2%}" if isinstance(self.get("test_acc"), float) else
+                 f"BLEU-4 {self['bleu4']:.4f}" if isinstance(self.get("bleu4"), float) else "no score")
+        folder = (self.get("args") or {}).get("out_dir")
+        return (f"<{self.get('script')} summary: {score}, {self.get('train_seconds') or 0:.1f}s training"
+                f"{f', in {folder}' if folder else ''}; a dict of {len(self)} keys>")
+
+    def _repr_pretty_(self, printer, cycle):  # IPython's display of a cell's value
+        printer.text(repr(self))
+
+
+class Table(str):
+    """The --compare table: printed by the run; as a cell's value it says so instead of echoing it quoted."""
+
+    def __repr__(self):
+        return f"<comparison table of {self.count(chr(10)) - 1} runs, printed above; a str>"
+
+    def _repr_pretty_(self, printer, cycle):
+        printer.text(repr(self))
+
+
 def write_text_atomic(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -935,10 +1068,10 @@ def check_same_data(ckpt, data, data_dir):
 
 
 def peak_memory_mb(device):
-    """The GPU's peak allocation on CUDA; the process's peak resident memory elsewhere."""
+    """The GPU's peak allocation on CUDA (reset when a run starts); the run's peak resident memory elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return _run_memory.peak() if _run_memory is not None else _max_rss_mb()
 
 
 def no_cuda_home_warning(record):
@@ -954,10 +1087,12 @@ def quiet_compile_on_cpu():
 
 
 def progress_bar(total, desc, disable=False):
-    """A tqdm bar that stays quiet when stderr is not a terminal (logs, CI) or when asked to."""
-    from tqdm.auto import tqdm
+    """A tqdm bar on a terminal or in a notebook, quiet when stderr is a log (CI, a file) or when asked to. Short
+    enough for 80 columns (`!python` in a notebook): the rate goes into the postfix the script sets, loss first."""
+    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
-                disable=disable or not sys.stderr.isatty())
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]",
+                disable=disable or not (sys.stderr.isatty() or in_notebook()))
 # ----------------------------------------------------------------------------------------------------
 # Charts with matplotlib when it is installed, drawn on Figure objects: no pyplot, so a notebook's backend and
 # its open figures are left as they were

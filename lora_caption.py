@@ -70,7 +70,7 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 # Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
 
 def build_parser():
-    p = plumbing.make_parser(__doc__)
+    p = plumbing.make_parser(__doc__, SCRIPT)
     a = p.add_argument
     a("--data-dir", help="images (in images/ or beside) and captions.csv (image,caption) + optional splits.json, "
                          "or train.txt, val.txt, test.txt (image;caption), or Flickr8k.token.txt + its image lists")
@@ -670,7 +670,7 @@ def experiment_args(argv):
     """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that differs is
     refused; more --epochs or --max-steps extend the run)."""
     parser = build_parser()
-    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    cli, given = plumbing.parse(parser, argv)
     check_mode_flags(parser, given, cli)
     if not cli.resume:
         if cli.data_dir:
@@ -811,7 +811,7 @@ def read_loss(loss_sum, tokens_read, world_size, step, schedule, bar):
     lr = schedule.get_last_lr()[0]
     if not math.isfinite(loss):
         raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+    bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e}")
     return loss
 
 
@@ -901,7 +901,7 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
                "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
                "model_bytes": sum(f.stat().st_size for f in (out_dir / "model").rglob("*") if f.is_file()),
                "examples": examples}
-    plumbing.write_json(out_dir / "summary.json", summary)
+    summary = plumbing.write_summary(out_dir / "summary.json", summary)
     for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
         before = f"before {ex['before']!r} | " if ex["before"] is not None else ""
         print(f"{ex['image']}: {before}after {ex['after']!r} | reference {ex['references'][0]!r}")

@@ -59,7 +59,7 @@ RECIPES = {
 
 
 def build_parser():
-    p = plumbing.make_parser(__doc__)
+    p = plumbing.make_parser(__doc__, SCRIPT)
     a = p.add_argument
     # data
     a("--data-dir", default="./data",
@@ -498,12 +498,12 @@ def main(argv=None):
                     seen += len(y)
                     bar.update(1)
                     if progress.step % LOG_EVERY == 0:  # a host read: the bar and the non-finite check
-                        check_progress(stats, seen, progress.step, lr, time.perf_counter() - t0, bar)
+                        check_progress(stats, seen, progress.step, lr, bar)
                     if progress.step >= total_steps:
                         break
                 totals = plumbing.all_reduce_sum(stats.clone(), world_size)  # the epoch over all processes
                 seen *= world_size
-                loss, acc = check_progress(totals, seen, progress.step, lr, time.perf_counter() - t0, bar)
+                loss, acc = check_progress(totals, seen, progress.step, lr, bar)
             seconds = time.perf_counter() - t0  # the read-back above waited for the device
             cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
             progress.epoch = epoch
@@ -551,7 +551,7 @@ def experiment_args(argv):
     """(args, checkpoint or None): the command line with its recipe filled in, or on --resume the run's
     own flags (a flag that differs is refused, more --epochs or --max-steps extend the run)."""
     parser = build_parser()
-    cli, given = parser.parse_args(argv), plumbing.given_flags(parser, argv)
+    cli, given = plumbing.parse(parser, argv)
     if cli.show_attention:
         unused = sorted(given - {"show_attention", "data_dir", "no_download", "device", "out_dir"})
         if unused:
@@ -666,13 +666,13 @@ def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data)
 # ----------------------------------------------------------------------------------------------------
 # Progress, logs, summary
 
-def check_progress(stats, seen, step, lr, seconds, bar):
+def check_progress(stats, seen, step, lr, bar):
     loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
     loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
     if not math.isfinite(loss):
         raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
     if not bar.disable:
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{seen / seconds:,.0f}", lr=f"{lr:.2e}")
+        bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f}")  # short: 80 columns (img/s: the epoch line)
     return loss, acc
 
 
@@ -699,7 +699,7 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
         "args": vars(args), "classes": data.classes,
         "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
     }
-    plumbing.write_json(out_dir / "summary.json", summary)
+    summary = plumbing.write_summary(out_dir / "summary.json", summary)
     print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
           f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
