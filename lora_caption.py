@@ -61,7 +61,7 @@ DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
 # Flags that describe the machine (speed flags change no result): on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "eager")
+RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "eager", "host_cache")
 LOG_EVERY = 20  # optimizer steps between reads of the training loss (each read waits for the device)
 CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this share of the free memory
 
@@ -114,6 +114,7 @@ def build_parser():
     a("--no-encoder-cache", action="store_true",
       help="run the frozen encoder at every step instead of caching its output once per image (saves that memory)")
     a("--eager", action="store_true", help="run each step eagerly instead of replaying it as a CUDA graph")
+    a("--host-cache", action="store_true", help="keep the encoder cache in host memory even where it fits the GPU")
     a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
     a("--out-dir", help="where results go (default: a new folder runs/lora_caption/<date-time>)")
     a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
@@ -130,11 +131,14 @@ def check_args(args):
     if bool(args.encoder) != bool(args.decoder) or (args.encoder and args.model):
         raise DataError("--encoder and --decoder compose a captioner together, in place of --model: give both")
     args.lr = args.lr or (3e-4 if args.finetune == "lora" else 5e-5)  # full: the course's rate
+    if args.host_cache and args.no_encoder_cache:
+        raise DataError("--host-cache places the encoder cache, which --no-encoder-cache turns off: drop one")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: the captioner (transformers), what trains in it (peft adapters, or every weight) and what it reads. Edit
-# freely; the speed-ups below (encoder cache, bf16 frozen weights) each fall back to the plain path when they cannot.
+# Model: the captioner (transformers), what trains in it (peft adapters, or every weight) and what it reads: the
+# images' pixels, or the frozen encoder's cached output. Edit freely; the speed-ups (fast_path, below the banner)
+# each fall back to the plain path when they cannot apply.
 
 def make_trainable(model, args, new_modules):
     """LoRA adapters (only they train), or with --finetune full every weight (the encoder's too, unless
@@ -261,46 +265,6 @@ class PixelInputs:
         return {"pixel_values": self.pixels(self.images[image_idx])}
 
 
-def cast_frozen_weights(model, dtype=torch.bfloat16):
-    """Store frozen Linear, Conv1D and Conv2d weights in `dtype`, as autocast casts them anyway: identical results,
-    half the memory. LayerNorms, embeddings (the tied lm_head), adapters stay fp32. Returns the bytes saved."""
-    from transformers.pytorch_utils import Conv1D
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    saved = 0
-    for m in model.modules():
-        params = list(m.parameters(recurse=False))
-        if (isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Conv2d)) and params and id(m.weight) not in embeddings
-                and not any(p.requires_grad or p.dtype != torch.float32 for p in params)):
-            saved += sum(p.numel() for p in params) * (4 - dtype.itemsize)
-            m.to(dtype)
-    return saved
-
-
-def fast_path(args, model, data, pixels, amp_dtype):
-    """bf16 frozen weights and the encoder cache: ({split: inputs}, words for the log); each falls back with a word."""
-    notes = []
-    if amp_dtype == torch.bfloat16:
-        try:
-            notes.append(f"frozen weights in bf16 (-{cast_frozen_weights(model) / 2 ** 20:,.0f} MiB)")
-        except Exception as e:  # modules already cast stay so: identical under autocast either way
-            notes.append(f"frozen weights stay fp32 ({plumbing.error_line(e, 100)})")
-    blocker = "--no-encoder-cache" if args.no_encoder_cache else encoder_cache_blocker(model)
-    if blocker is None:
-        t0 = time.perf_counter()
-        try:
-            inputs = {k: EncoderCache(model, pixels, data[k].images, amp_dtype) for k in ("train", "val")}
-            where = "on the device" if inputs["train"].on_device else "in host memory"
-            notes.append(f"encoder output cached ({sum(len(data[k].names) for k in inputs)} images, "
-                         f"{sum(c.nbytes for c in inputs.values()) / 2 ** 20:,.1f} MiB {where}, "
-                         f"{time.perf_counter() - t0:.1f}s)")
-        except Exception as e:  # out of memory included: the cache is an option
-            blocker = f"the cache failed: {plumbing.error_line(e, 100)}"
-    if blocker is not None:
-        inputs = {k: PixelInputs(pixels, data[k].images, blocker) for k in ("train", "val")}
-        notes.append(f"encoder runs every step ({blocker})")
-    return inputs, notes
-
-
 # ----------------------------------------------------------------------------------------------------
 # Device, precision, optimizer and schedule. A captured step reads the learning rate from a device tensor that
 # CapturedStep fills from the optimizer's group at every replay: change the rate through the schedule.
@@ -387,9 +351,11 @@ class CapturedStep:
     """graph_body recorded once (after warm-up steps whose effects are undone) and replayed: ~3,000 kernels in one
     call, reading the pair indices and the learning rate from static device tensors."""
 
-    def __init__(self, step, optimizer, params, loss_sum, device_tokens, batch_size, warmup=3):
+    staged = None  # StagedRows, where the encoder cache is in host memory
+
+    def __init__(self, step, optimizer, params, loss_sum, device_tokens, batch_size, staged=None, warmup=3):
         device = loss_sum.device
-        self.optimizer = optimizer
+        self.optimizer, self.staged = optimizer, staged
         self.pairs = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
         undo = undo_steps([*params, loss_sum], [optimizer])  # dropout: reseeded at each step
@@ -422,19 +388,23 @@ class CapturedStep:
 
     def __call__(self, pairs, pairs_on_device):
         self.pairs.copy_(pairs_on_device, non_blocking=True)
+        if self.staged is not None:  # the host cache: this batch's rows into the buffer the graph reads
+            self.staged.stage(pairs)
         self.lr.fill_(self.optimizer.param_groups[0]["lr"])
         self.graph.replay()
 
 
 def make_step(args, trained, optimizer, scaler, params, amp_dtype, inputs, tokens, device_tokens, loss_sum, rank):
-    """What trains on a step's pairs: a graph replay, else train_step run eagerly after one line saying why."""
-    step = partial(train_step, trained, optimizer, scaler, params, amp_dtype, args.grad_clip, args.world_size,
-                   inputs, device_tokens, loss_sum)
+    """What trains on a step's pairs: a graph replay, else train_step run eagerly after one line saying why. The
+    graph reads a cache in host memory through StagedRows; the eager step reads the cache itself."""
+    step = partial(train_step, trained, optimizer, scaler, params, amp_dtype, args.grad_clip, args.world_size)
     why = eager_because(args, loss_sum.device, amp_dtype, inputs)
     if why:
         print(f"step: eager ({why})", flush=True)
-    captured = None if why else capture_step(step, optimizer, params, loss_sum, device_tokens, args.batch_size)
-    return captured or eager(step, tokens, args, rank)
+    staged = None if why or inputs.on_device else StagedRows(inputs, tokens["pair_image"], args.batch_size)
+    captured = None if why else capture_step(partial(step, staged or inputs, device_tokens, loss_sum), optimizer,
+                                             params, loss_sum, device_tokens, args.batch_size, staged)
+    return captured or eager(partial(step, inputs, device_tokens, loss_sum), tokens, args, rank)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -744,8 +714,6 @@ def eager_because(args, device, amp_dtype, inputs):
     """Why the step cannot be captured as a CUDA graph (None where it can)."""
     if not hasattr(inputs, "on_device"):
         return inputs.why  # the encoder runs every step
-    if not inputs.on_device:
-        return "the encoder cache is in host memory"
     if args.grad_accum > 1:
         return "--grad-accum > 1"
     if args.world_size > 1:
@@ -757,12 +725,12 @@ def eager_because(args, device, amp_dtype, inputs):
     return "--eager" if args.eager else None
 
 
-def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size):
+def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size, staged=None):
     """A CapturedStep, or None if the capture fails (out of memory included): the run is left as it was, one line
     names the error, and the eager step trains the same model."""
     device, t0 = loss_sum.device, time.perf_counter()
     try:
-        captured = CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size)
+        captured = CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size, staged)
     except Exception as e:  # the fast path must not end the run
         capture_failed(e, device)
         return None
@@ -793,6 +761,77 @@ def cuda_generator_works(device):
         return True
     except RuntimeError:
         return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed: bf16 frozen weights, the encoder cache and its rows for a graph (each tested to change no result)
+
+def fast_path(args, model, data, pixels, amp_dtype):
+    """bf16 frozen weights and the encoder cache: ({split: inputs}, words for the log); each falls back with a word."""
+    notes = []
+    if amp_dtype == torch.bfloat16:
+        try:
+            notes.append(f"frozen weights in bf16 (-{cast_frozen_weights(model) / 2 ** 20:,.0f} MiB)")
+        except Exception as e:  # modules already cast stay so: identical under autocast either way
+            notes.append(f"frozen weights stay fp32 ({plumbing.error_line(e, 100)})")
+    blocker = "--no-encoder-cache" if args.no_encoder_cache else encoder_cache_blocker(model)
+    if blocker is None:
+        t0 = time.perf_counter()
+        try:
+            on_device = False if args.host_cache else None  # None: where it fits
+            inputs = {k: EncoderCache(model, pixels, data[k].images, amp_dtype, on_device=on_device)
+                      for k in ("train", "val")}
+            where = "on the device" if inputs["train"].on_device else "in host memory"
+            notes.append(f"encoder output cached ({sum(len(data[k].names) for k in inputs)} images, "
+                         f"{sum(c.nbytes for c in inputs.values()) / 2 ** 20:,.1f} MiB {where}, "
+                         f"{time.perf_counter() - t0:.1f}s)")
+        except Exception as e:  # out of memory included: the cache is an option
+            blocker = f"the cache failed: {plumbing.error_line(e, 100)}"
+    if blocker is not None:
+        inputs = {k: PixelInputs(pixels, data[k].images, blocker) for k in ("train", "val")}
+        notes.append(f"encoder runs every step ({blocker})")
+    return inputs, notes
+
+
+def cast_frozen_weights(model, dtype=torch.bfloat16):
+    """Store frozen Linear, Conv1D and Conv2d weights in `dtype`, as autocast casts them anyway: identical results,
+    half the memory. LayerNorms, embeddings (the tied lm_head), adapters stay fp32. Returns the bytes saved."""
+    from transformers.pytorch_utils import Conv1D
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    saved = 0
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if (isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Conv2d)) and params and id(m.weight) not in embeddings
+                and not any(p.requires_grad or p.dtype != torch.float32 for p in params)):
+            saved += sum(p.numel() for p in params) * (4 - dtype.itemsize)
+            m.to(dtype)
+    return saved
+
+
+class StagedRows:
+    """The host cache under a CUDA graph: before each replay the batch's rows are gathered into pinned memory and
+    copied into one static device buffer, which the graph reads (as vit_scratch copies its batch). Two pinned
+    buffers take turns, so that a gather never overwrites rows that are still being copied."""
+
+    def __init__(self, cache, pair_image, batch_size):
+        self.cache, self.pair_image, self.turn = cache, pair_image, 0
+        shape, cuda = (batch_size, *cache.states.shape[1:]), cache.device.type == "cuda"
+        self.rows = torch.zeros(shape, dtype=cache.states.dtype, device=cache.device)
+        self.pinned = [torch.empty(shape, dtype=cache.states.dtype, pin_memory=cuda) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+
+    def stage(self, pairs):  # host pair indices -> their images' rows in the device buffer
+        buffer, copied = self.pinned[self.turn], self.copied[self.turn]
+        if copied is not None:
+            copied.synchronize()  # this buffer's previous copy is done
+        torch.index_select(self.cache.states, 0, self.pair_image[pairs], out=buffer)
+        self.rows.copy_(buffer, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        self.turn = 1 - self.turn
+
+    def inputs(self, image_idx, image_idx_on_device):
+        return {"encoder_outputs": (self.rows,)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ clipping at 1.0, the loss computed once and left on the device), eager or replay
     lora+cache                + the frozen encoder's output cached (encoded once; its cost is amortised below)
     lora+cache+bf16           + frozen weights stored in bf16 (CUDA)
     lora+cache+bf16+graph     + the whole step captured as a CUDA graph and replayed (CUDA; the script's default)
+    lora+host+bf16+graph      the same with the cache in host memory (a caption set too large for the GPU, or
+                              --host-cache): each replay's rows staged into the graph's buffer (issue 23, item 5)
 
 Every variant's first step draws the same dropout seed: the first-step losses of lora, +cache and +bf16 are equal
 bit for bit (full fine-tuning's differ: the adapters' dropout draws random numbers,
@@ -67,12 +69,12 @@ def parse_variant(name, args):
     """'lora+cache+bf16+graph@64' -> its switches and batch size."""
     rest, _, batch = name.partition("@")
     kind, *extras = rest.split("+")
-    unknown = set(extras) - {"cache", "bf16", "graph"}
-    if kind not in ("full", "lora") or unknown or (kind == "full" and extras) \
-            or ("graph" in extras and "cache" not in extras):
-        raise SystemExit(f"unknown variant {name!r}: full or lora[+cache][+bf16][+graph] (+graph needs +cache), "
-                         f"then @BATCH if wanted")
-    return {"name": name, "lora": kind == "lora", "cache": "cache" in extras, "bf16": "bf16" in extras,
+    unknown = set(extras) - {"cache", "host", "bf16", "graph"}
+    cache = "cache" in extras or "host" in extras  # host: the cache in host memory
+    if kind not in ("full", "lora") or unknown or (kind == "full" and extras) or ("graph" in extras and not cache):
+        raise SystemExit(f"unknown variant {name!r}: full or lora[+cache|+host][+bf16][+graph] (+graph needs a "
+                         f"cache), then @BATCH if wanted")
+    return {"name": name, "lora": kind == "lora", "cache": cache, "host": "host" in extras, "bf16": "bf16" in extras,
             "graph": "graph" in extras, "batch": int(batch) if batch else args.batch_size}
 
 
@@ -114,7 +116,8 @@ def prepare(v, base, device, amp_dtype):
         for _ in range(2):  # the second pass is timed: a real cache encodes thousands of images, warm
             sync(device)
             t0 = time.perf_counter()
-            inputs = lc.EncoderCache(model, pixels, images, amp_dtype, batch_size=v["batch"])  # one pass, as a step's
+            inputs = lc.EncoderCache(model, pixels, images, amp_dtype, batch_size=v["batch"],  # one pass, as a step's
+                                     on_device=False if v["host"] else None)
             sync(device)
         encode_seconds = time.perf_counter() - t0
     else:
@@ -138,15 +141,16 @@ def measure(v, base, args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_sum, device_tokens = torch.zeros((), device=device), lc.on_device(tokens, device)
     # train_step bound as lora_caption.make_step binds it
-    train_step = functools.partial(lc.train_step, model, optimizer, scaler, params, amp_dtype, 1.0, 1, inputs,
-                                   device_tokens, loss_sum)
+    staged = lc.StagedRows(inputs, tokens["pair_image"], v["batch"]) if v["host"] and v["graph"] else None
+    train_step = functools.partial(lc.train_step, model, optimizer, scaler, params, amp_dtype, 1.0, 1,
+                                   staged or inputs, device_tokens, loss_sum)
     step_args = argparse.Namespace(global_batch=v["batch"], batch_size=v["batch"], world_size=1, grad_clip=1.0)
     pairs = torch.arange(v["batch"])
     pairs_on_device = pairs.to(device)
     warmup = 2
     with lc.adapter_inputs_as_given(model, amp_dtype, lora_dropout=0.05):  # the guide's dropout: casts stay
         if v["graph"]:  # captured as the script captures it (no fallback here: a failure is the variant's row)
-            step = lc.CapturedStep(train_step, optimizer, params, loss_sum, device_tokens, v["batch"])
+            step = lc.CapturedStep(train_step, optimizer, params, loss_sum, device_tokens, v["batch"], staged)
         else:
             step = lc.eager(train_step, tokens, step_args, rank=0)
         for i in range(warmup + args.steps):
@@ -273,6 +277,11 @@ def verdict(results, args):
         out.append(f"adapter {ref['lora']['saved_bytes'] / 2 ** 20:.1f} MiB = 1/"
                    f"{full['saved_bytes'] / ref['lora']['saved_bytes']:.0f} of the full checkpoint "
                    f"({full['saved_bytes'] / 2 ** 20:.1f} MiB; target < 1/20)")
+    on_gpu, host = ref.get("lora+cache+bf16+graph"), ref.get("lora+host+bf16+graph")
+    if on_gpu and host:
+        out.append(f"cache in host memory: {host['step_seconds'] * 1000:,.1f} ms/step = "
+                   f"{host['step_seconds'] / on_gpu['step_seconds']:.2f}x the on-device cache's "
+                   f"{on_gpu['step_seconds'] * 1000:,.1f} ms (target <= 1.3x)")
     if ref.get("lora") and ref.get("lora+cache"):
         a, b = ref["lora"]["first_loss"], ref["lora+cache"]["first_loss"]
         same = "identical" if a == b else "DIFFERENT"

@@ -47,7 +47,7 @@ check gpu_tests 90 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # 1. issue 14 (open): LoRA against full fine-tuning of the full-size ViT-GPT2 (random weights), batch 32; the
 # captured step first, then the other variants, then batch sizes (lora_caption.py's --compile is gone: issue 22)
 check lora_bench 200 python benchmarks/bench_lora_vs_full.py --device cuda --batch-size 32 --steps 20 --deadline 185 \
-    --variants full lora+cache+bf16 lora+cache+bf16+graph lora lora+cache \
+    --variants full lora+cache+bf16 lora+cache+bf16+graph lora+host+bf16+graph lora+host+bf16 lora lora+cache \
     lora+cache+bf16+graph@64 lora+cache+bf16+graph@128
 { echo; echo "## bench_lora_vs_full.py"; sed -n '/^| variant/,$p' "$LOG" | head -30; } >> "$RESULTS"
 # the real LoRA loop on the GPU (encoder cache, bf16 frozen weights) with a tiny random captioner

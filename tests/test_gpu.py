@@ -125,7 +125,7 @@ def test_a_failing_capture_falls_back_to_the_eager_step_with_one_line(capsys, mo
     assert torch.isfinite(stats).all() and stats[0] > 0
 
 
-def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0, finetune="lora"):
+def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0, finetune="lora", host=False):
     """The tiny captioner's LoRA run (or --finetune full --freeze-encoder) as lora_caption.main sets it up on a GPU
     (bf16 frozen weights, the encoder cache on the device, fused AdamW), the step captured or eager; its pairs."""
     model, tokenizer, processor = lora_caption.load_captioner(str(folder), CUDA)
@@ -138,7 +138,8 @@ def lora_run(folder, capture, lr=1e-2, lora_dropout=0.0, finetune="lora"):
     size, resample = lora_caption.processor_geometry(processor)
     split = lora_caption.load_caption_data(TINY_CAPTIONS, size, resample, seed=0, log=lambda *_: None)["train"]
     tokens = lora_caption.pair_tokens(tokenizer, split, 40)
-    cache = lora_caption.EncoderCache(model, lora_caption.Pixels(processor, CUDA), split.images, torch.bfloat16)
+    cache = lora_caption.EncoderCache(model, lora_caption.Pixels(processor, CUDA), split.images, torch.bfloat16,
+                                      on_device=False if host else None)  # host: the graph reads StagedRows
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
     run = dict(model=model, optimizer=optimizer, params=params, loss_sum=torch.zeros((), device=CUDA),
@@ -168,14 +169,15 @@ def lora_losses(run, cache, tokens, args, batches, seeds):
     return losses
 
 
-@pytest.mark.parametrize("dropout, finetune", [(0.0, "lora"), (0.1, "lora"), (0.1, "full")],
-                         ids=["no dropout", "dropout", "full fine-tuning, frozen encoder"])
-def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout, finetune):
+@pytest.mark.parametrize("dropout, finetune, host", [(0.0, "lora", False), (0.1, "lora", False),
+                                                     (0.1, "full", False), (0.1, "lora", True)],
+                         ids=["no dropout", "dropout", "full fine-tuning, frozen encoder", "cache in host memory"])
+def test_lora_graph_replays_train_what_the_eager_steps_train(tmp_path, dropout, finetune, host):
     # with dropout: GPT-2's (attention included) and the adapters', drawn from each step's seed in both
     folder = build_tiny_captioner(tmp_path, dropout=dropout)
     results = []
     for capture in (False, True):
-        run, cache, tokens, args = lora_run(folder, capture, lora_dropout=dropout / 2, finetune=finetune)
+        run, cache, tokens, args = lora_run(folder, capture, lora_dropout=dropout / 2, finetune=finetune, host=host)
         pairs = len(tokens["count"])  # 100: 20 training images x 5 captions
         order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))[:48].view(6, 8)
         losses = lora_losses(run, cache, tokens, args, order, range(6))

@@ -400,7 +400,8 @@ def test_the_step_is_captured_only_where_a_graph_can_replay_it(change):
     args = argparse.Namespace(**{**CAPTURABLE, **{k: v for k, v in change.items() if k in CAPTURABLE}})
     device, amp_dtype = change.get("device", torch.device("cuda")), change.get("amp_dtype", torch.bfloat16)
     inputs = argparse.Namespace(on_device=change.get("cache") != "host")
-    assert (lora_caption.eager_because(args, device, amp_dtype, inputs) is None) == (change == {})
+    # a cache in host memory is captured too since issue 23 (StagedRows feeds the graph: test_lora_issue23.py)
+    assert (lora_caption.eager_because(args, device, amp_dtype, inputs) is None) == (change in ({}, {"cache": "host"}))
 
 
 def failing_capture(error):
