@@ -22,6 +22,7 @@ training; the guide's recipe 66.17%. Outputs in --out-dir: config.json, metrics.
 best.pt, attention.png, curves.png, confusion.png. Needs common.py beside it.
 """
 import argparse
+import copy
 import math
 import time
 from contextlib import nullcontext
@@ -85,12 +86,15 @@ def build_parser():
     a("--lr", type=positive_float, help="peak AdamW learning rate (recipe: 1e-3 / 3e-4)")
     a("--muon-lr", type=positive_float,
       help="peak Muon learning rate, with --optimizer muon (recipe: 0.01; the guide's recipe has no Muon and takes it)")
+    a("--muon-momentum", type=fraction, default=0.95, help="Muon's Nesterov momentum, with --optimizer muon")
     a("--weight-decay", type=non_negative,
       help="AdamW decoupled weight decay, not on norms, biases, CLS, positions (recipe: 0.05 / 0.01)")
     a("--schedule", choices=["step", "epoch"],
       help="cosine decay stepped per iteration (after --warmup) or per epoch as the guide (recipe)")
     a("--warmup", type=fraction,
       help="linear warm-up as a fraction of all steps, with --schedule step (recipe: 0.1 / 0)")
+    a("--lr-shape", choices=["cosine", "linear", "trapezoid"], default="cosine",
+      help="with --schedule step, after the warm-up: cosine or linear to 0, or flat then linear over the last 20%%")
     a("--label-smoothing", type=fraction, help="cross-entropy label smoothing in [0, 1) (recipe: 0.1 / 0)")
     a("--dropout", type=fraction, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
     a("--init-std", type=non_negative,
@@ -99,6 +103,9 @@ def build_parser():
       help="random erasing, a third augmentation: a square of a quarter of the side, with this probability (0 = off)")
     a("--tta", action=argparse.BooleanOptionalAction,
       help="evaluate with flip test-time augmentation, the mean of image and mirror logits (recipe: on / off)")
+    a("--tta-shift", type=positive_int, help="with --tta: also the images shifted by this many pixels (4 ways)")
+    a("--ema", type=fraction, default=0.0,
+      help="evaluate an exponential moving average of the weights, this decay per step (0 = off; e.g. 0.995)")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--max-steps", type=positive_int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling, augmentation and dropout")
@@ -302,7 +309,8 @@ def make_optimizers(model, args, device, capture):
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizers = [torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda", capturable=capture)]
     if muon_params:
-        optimizers.append(Muon([p for p in model.parameters() if id(p) in muon_params], lr=args.muon_lr))
+        optimizers.append(Muon([p for p in model.parameters() if id(p) in muon_params], lr=args.muon_lr,
+                               momentum=args.muon_momentum))
     for opt, peak in zip(optimizers, (args.lr, args.muon_lr)):
         place_learning_rates(opt, peak, device, capture)
     return optimizers
@@ -324,10 +332,15 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 def schedule_factor(args, step, steps_per_epoch, total_steps):
-    """step: warm-up, then cosine per iteration; epoch: the guide's CosineAnnealingLR(T_max=epochs)."""
+    """step: warm-up, then per iteration --lr-shape (cosine, linear, or flat then linear over the last 20%); epoch:
+    the guide's CosineAnnealingLR(T_max=epochs)."""
     if args.schedule == "epoch":
         return 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / args.epochs))
-    return lr_factor(step, int(args.warmup * total_steps), total_steps)
+    warmup_steps = int(args.warmup * total_steps)
+    if args.lr_shape == "cosine" or step < warmup_steps:
+        return lr_factor(step, warmup_steps, total_steps)
+    left = 1 - min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # 1 -> 0 after the warm-up
+    return left if args.lr_shape == "linear" else min(1.0, left / 0.2)
 
 
 def set_learning_rates(optimizers, factor):
@@ -346,9 +359,10 @@ def set_learning_rates(optimizers, factor):
 # The step: edit train_step. The CUDA graph replays it unchanged, so nothing in it may read a value back to the
 # host (no .item(), no print, no Python branch on a tensor); the running statistics stay on the device.
 
-def train_step(model, optimizers, scaler, amp_dtype, label_smoothing, grad_clip, x, y, stats):
-    """Forward, loss, backward, clipping, update, and the running [loss sum, correct] added to `stats`.
-    (Gradients are zeroed outside it: in a graph, backward writes them in place.)"""
+def train_step(model, optimizers, scaler, amp_dtype, label_smoothing, grad_clip, x, y, stats, ema=None):
+    """Forward, loss, backward, clipping, update, and the running [loss sum, correct] added to `stats`; with `ema`
+    ((averaged, trained) weights, decay) the moving average follows the update. (Gradients are zeroed outside it:
+    in a graph, backward writes them in place.)"""
     with autocast(x.device, amp_dtype):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -360,6 +374,8 @@ def train_step(model, optimizers, scaler, amp_dtype, label_smoothing, grad_clip,
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
+    if ema is not None:
+        torch._foreach_lerp_(ema[0], ema[1], 1 - ema[2])  # average += (1 - decay) (weight - average)
     stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
 
 
@@ -375,10 +391,11 @@ class CapturedStep:
     """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
     every batch copied into its input buffers: ~1,000 kernels launched at once instead of one Python call each."""
 
-    def __init__(self, step, x, y, model, optimizers, stats, warmup=3):
+    def __init__(self, step, x, y, model, optimizers, stats, ema=None, warmup=3):
         self.x, self.y = x.clone(), y.clone()
         rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
-        undo = undo_steps([*model.state_dict().values(), stats], optimizers, rng)
+        averaged = list(ema.state_dict().values()) if ema is not None else []
+        undo = undo_steps([*model.state_dict().values(), *averaged, stats], optimizers, rng)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -399,15 +416,17 @@ class CapturedStep:
         self.graph.replay()
 
 
-def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled):
+def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled, ema=None):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
-    else train_step run eagerly; a capture that fails falls back to eager with one line."""
-    step = partial(train_step, model, optimizers, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats)
+    else train_step run eagerly; a capture that fails falls back to eager with one line. `ema`: the averaged model."""
+    averaging = (list(ema.parameters()), list(model.parameters()), args.ema) if ema is not None else None
+    step = partial(train_step, model, optimizers, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats,
+                   ema=averaging)
     if capture:
         try:
             model.train()
             t0 = time.perf_counter()
-            captured = CapturedStep(step, *next(iter(loader)), model, optimizers, stats)
+            captured = CapturedStep(step, *next(iter(loader)), model, optimizers, stats, ema)
             captured.seconds = time.perf_counter() - t0
             print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
             return captured
@@ -422,16 +441,30 @@ def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
+def test_views(x, loader, shift=None):
+    """What test-time augmentation averages over: each image and its mirror, and with `shift` both moved by that
+    many pixels up, down, left and right (the border black, as training's crops pad it)."""
+    views = [x]
+    if shift:
+        B, C, H, W = x.shape
+        black = (-loader.mean / loader.std).view(1, C, 1, 1)  # uint8 0, normalised
+        padded = black.expand(B, C, H + 2 * shift, W + 2 * shift).clone()
+        padded[:, :, shift:shift + H, shift:shift + W] = x
+        views += [padded[:, :, dy:dy + H, dx:dx + W] for dy, dx in ((0, shift), (2 * shift, shift), (shift, 0),
+                                                                    (shift, 2 * shift))]
+    return views + [v.flip(3) for v in views]
+
+
 @torch.no_grad()
-def evaluate(model, loader, amp_dtype, num_classes, tta=False):
-    """(confusion matrix, mean cross-entropy) over the test set; under torchrun the shards' counts are summed."""
+def evaluate(model, loader, amp_dtype, num_classes, tta=False, shift=None):
+    """(confusion matrix, mean cross-entropy) over the test set, with `tta` the mean logits over test_views; under
+    torchrun the shards' counts are summed."""
     model.eval()
     preds, labels, loss_sum = [], [], torch.zeros((), device=loader.device)
     for x, y in loader:
+        views = test_views(x, loader, shift) if tta else [x]
         with autocast(loader.device, amp_dtype):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = sum(model(v).float() for v in views) / len(views)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         preds.append(logits.argmax(1))
         labels.append(y)
@@ -466,16 +499,17 @@ def main(argv=None):
         capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and world_size == 1 and not args.eager
         optimizers = make_optimizers(model, args, device, capture)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None  # --ema: the weights evaluated
         progress = Progress()
         if ckpt:
-            progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes))
+            progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes), ema)
             print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
         start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, capture, train_idx, test_idx,
                   steps_per_epoch)
         compiled = compile_blocks(model, device) if args.compile else []
         trained = plumbing.wrap_distributed(model, device, world_size)
         stats = torch.zeros(2, device=device)  # the epoch's [loss sum, correct], kept on the device
-        step = make_step(trained, optimizers, scaler, amp_dtype, args, stats, train_loader, capture, compiled)
+        step = make_step(trained, optimizers, scaler, amp_dtype, args, stats, train_loader, capture, compiled, ema)
         progress.train_seconds += getattr(step, "seconds", 0.0)  # a capture (and compilation) counts as training
 
         cm = None
@@ -505,7 +539,8 @@ def main(argv=None):
                 seen *= world_size
                 loss, acc = check_progress(totals, seen, progress.step, lr, bar)
             seconds = time.perf_counter() - t0  # the read-back above waited for the device
-            cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
+            cm, test_loss = evaluate(ema or trained, test_loader, amp_dtype, len(data.classes), args.tta,
+                                     args.tta_shift)
             progress.epoch = epoch
             progress.train_seconds += seconds
             progress.images_seen += seen
@@ -513,10 +548,10 @@ def main(argv=None):
                                                 test_loss=test_loss, test_acc=accuracy_from(cm), lr=lr,
                                                 epoch_seconds=seconds, images_per_second=seen / seconds))
             if rank == 0:
-                save_run(args, model, optimizers, scaler, progress, accuracy_from(cm), out_dir, data)
+                save_run(args, model, optimizers, scaler, progress, accuracy_from(cm), out_dir, data, ema)
         if cm is None:  # resumed a finished run: evaluate what it left
-            cm, _ = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
-        summary = write_summary(args, model, progress, data, cm, device, out_dir) if rank == 0 else None
+            cm, _ = evaluate(ema or trained, test_loader, amp_dtype, len(data.classes), args.tta, args.tta_shift)
+        summary = write_summary(args, ema or model, progress, data, cm, device, out_dir) if rank == 0 else None
         if world_size > 1:
             torch.distributed.destroy_process_group()
         return summary
@@ -583,13 +618,17 @@ def experiment_args(argv):
 def check_no_effect(cli, given):
     """A typed flag that would change nothing is refused: the user meant something else."""
     optimizer = cli.optimizer or RECIPES[cli.recipe]["optimizer"]
-    if "muon_lr" in given and optimizer != "muon":
-        raise DataError(f"--muon-lr has no effect with --optimizer {optimizer} (recipe {cli.recipe}); drop it, or add "
-                        f"--optimizer muon")
+    for name in ("muon_lr", "muon_momentum"):
+        if name in given and optimizer != "muon":
+            raise DataError(f"{plumbing.flag(name)} has no effect with --optimizer {optimizer} (recipe {cli.recipe}); "
+                            f"drop it, or add --optimizer muon")
     schedule = cli.schedule or RECIPES[cli.recipe]["schedule"]
-    if "warmup" in given and schedule == "epoch":
-        raise DataError("--warmup has no effect with --schedule epoch (the per-epoch cosine starts at the peak); "
-                        "drop it, or add --schedule step")
+    for name in ("warmup", "lr_shape"):
+        if name in given and schedule == "epoch":
+            raise DataError(f"{plumbing.flag(name)} has no effect with --schedule epoch (the guide's per-epoch "
+                            f"cosine); drop it, or add --schedule step")
+    if "tta_shift" in given and not (cli.tta if cli.tta is not None else RECIPES[cli.recipe]["tta"]):
+        raise DataError(f"--tta-shift has no effect without --tta (recipe {cli.recipe}); drop it, or add --tta")
 
 
 
@@ -634,9 +673,11 @@ def load_data(args, ckpt, log=print):
     return data, train_idx, test_idx
 
 
-def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_classes):
-    """Weights, optimizer states and scaler from a checkpoint; returns its Progress."""
+def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_classes, ema=None):
+    """Weights (and their --ema average), optimizer states and scaler from a checkpoint; returns its Progress."""
     plumbing.load_weights(model, ckpt, args.resume, model_config(args, num_classes))
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     if len(ckpt["optimizers"]) != len(optimizers):
         raise DataError(f"--resume {args.resume}: its optimizer state does not fit --optimizer {args.optimizer}")
     for opt, state, peak in zip(optimizers, ckpt["optimizers"], (args.lr, args.muon_lr)):
@@ -652,14 +693,15 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
     return Progress(**ckpt["state"])
 
 
-def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data):
-    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet)."""
+def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data, ema=None):
+    """last.pt every epoch (best.pt is the same file, linked, when the test accuracy is the best yet); with --ema
+    the average too, which --show-attention draws."""
     is_best = test_acc > progress.best_acc
     progress.best_acc = max(progress.best_acc, test_acc)
     ckpt = {"script": SCRIPT, "version": CHECKPOINT_VERSION, "model_config": model_config(args, len(data.classes)),
             "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
             "scaler": scaler.state_dict(), "state": asdict(progress), "args": vars(args),
-            "data_fingerprint": data.fingerprint}
+            "data_fingerprint": data.fingerprint, "ema": ema.state_dict() if ema is not None else None}
     plumbing.save_checkpoint(ckpt, out_dir / "last.pt", also=out_dir / "best.pt" if is_best else None)
 
 
@@ -794,7 +836,7 @@ def show_attention(args):
     data = load_cifar10(data_dir, download=not args.no_download, image_size=ckpt["model_config"]["image_size"])
     device = plumbing.pick_device(args.device)
     model = VisionTransformer(**ckpt["model_config"]).to(device)
-    plumbing.load_weights(model, ckpt, args.show_attention)
+    plumbing.load_weights(model, {**ckpt, "model": ckpt.get("ema") or ckpt["model"]}, args.show_attention)
     out_dir = Path(args.out_dir or Path(args.show_attention).parent)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def bench_ours(images, labels, args, device, capture, compile_blocks=False):
     torch.manual_seed(0)
     model = vit_scratch.VisionTransformer(dropout=0.0, init_std=0.02).to(device)
     recipe = argparse.Namespace(
-        optimizer=args.optimizer, lr=1e-3, muon_lr=0.01, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0
+        optimizer=args.optimizer, lr=1e-3, muon_lr=0.01, muon_momentum=0.95, weight_decay=0.05, label_smoothing=0.1,
+        grad_clip=1.0, ema=0.0
     )
     optimizers = vit_scratch.make_optimizers(model, recipe, device, capture)
     compiled = list(model.blocks) if compile_blocks else []

@@ -2,6 +2,7 @@
 train.
 Needs a CUDA GPU with bf16: CI (CPU only) skips these; benchmarks/gpu_checks.sh runs them first on a lent GPU."""
 import argparse
+import copy
 import functools
 
 import pytest
@@ -24,27 +25,36 @@ def batches(n=6, size=32):
             for _ in range(n)]
 
 
-def vit_run(capture, data):
-    """Weights and statistics after training on `data`, with the step eager or replayed from a graph."""
+def vit_run(capture, data, ema_decay=0.0):
+    """Weights (and their --ema average) and statistics after training on `data`, with the step eager or replayed
+    from a graph."""
     torch.manual_seed(0)
     model = vit_scratch.VisionTransformer(embed_dim=64, hidden_dim=128, num_heads=4, num_layers=2, dropout=0.0,
                                           init_std=0.02).to(CUDA)
-    args = argparse.Namespace(optimizer="muon", lr=1e-3, muon_lr=0.01, weight_decay=0.05, label_smoothing=0.1,
-                              grad_clip=1.0, schedule="step", warmup=0.2, epochs=1)
+    args = argparse.Namespace(optimizer="muon", lr=1e-3, muon_lr=0.01, muon_momentum=0.95, weight_decay=0.05,
+                              label_smoothing=0.1, grad_clip=1.0, schedule="step", warmup=0.2, epochs=1,
+                              lr_shape="cosine", ema=ema_decay)
     optimizers = vit_scratch.make_optimizers(model, args, CUDA, capture)
     stats, scaler = torch.zeros(2, device=CUDA), torch.amp.GradScaler("cuda", enabled=False)
-    step = vit_scratch.make_step(model, optimizers, scaler, torch.bfloat16, args, stats, data, capture, [])
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+    step = vit_scratch.make_step(model, optimizers, scaler, torch.bfloat16, args, stats, data, capture, [], ema)
     assert isinstance(step, vit_scratch.CapturedStep) == capture
     for i, (x, y) in enumerate(data):
         vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, len(data), len(data)))
         step(x, y)
     torch.cuda.synchronize()
-    return {k: v.float().cpu() for k, v in model.state_dict().items()}, stats.cpu()
+    weights = {k: v.float().cpu() for k, v in model.state_dict().items()}
+    if ema is not None:  # the average is trained by the step too (and undone after the warm-up)
+        weights.update({f"ema.{k}": v.float().cpu() for k, v in ema.state_dict().items()})
+    return weights, stats.cpu()
 
 
-def test_vit_graph_replays_train_what_the_eager_steps_train():
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9], ids=["plain", "--ema 0.9"])
+def test_vit_graph_replays_train_what_the_eager_steps_train(ema_decay):
     data = batches()
-    (eager_weights, eager_stats), (graph_weights, graph_stats) = vit_run(False, data), vit_run(True, data)
+    (eager_weights, eager_stats), (graph_weights, graph_stats) = (vit_run(False, data, ema_decay),
+                                                                  vit_run(True, data, ema_decay))
+    assert any(k.startswith("ema.") for k in eager_weights) == bool(ema_decay)
     for name, value in eager_weights.items():
         torch.testing.assert_close(graph_weights[name], value, atol=1e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(graph_stats, eager_stats, atol=1e-3, rtol=1e-5)  # the warm-up left no trace

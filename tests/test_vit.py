@@ -47,7 +47,8 @@ def test_outputs_equal_the_guides_nn_multiheadattention_model():
 
 
 def optimizer_args(**kw):
-    return argparse.Namespace(**{"optimizer": "adamw", "lr": 1e-3, "muon_lr": 0.01, "weight_decay": 0.05, **kw})
+    return argparse.Namespace(**{"optimizer": "adamw", "lr": 1e-3, "muon_lr": 0.01, "muon_momentum": 0.95,
+                                 "weight_decay": 0.05, **kw})
 
 
 def test_no_weight_decay_on_norms_biases_cls_and_positions():
@@ -110,7 +111,7 @@ def test_per_epoch_schedule_equals_cosine_annealing_lr_stepped_per_epoch():
 def test_device_tensor_learning_rate_follows_lr_factor_exactly():
     model = VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=2)
     optimizers = vit_scratch.make_optimizers(model, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=True)
-    args = argparse.Namespace(schedule="step", warmup=0.1, epochs=3)
+    args = argparse.Namespace(schedule="step", warmup=0.1, epochs=3, lr_shape="cosine")
     tensors = [g["lr"] for opt in optimizers for g in opt.param_groups]
     assert all(torch.is_tensor(t) for t in tensors) and len(tensors) == 3
     for step in range(0, 120, 7):
@@ -131,7 +132,8 @@ def test_train_step_gives_the_previous_loops_weights_on_cpu():
     ours, reference = make(), make()
     reference.load_state_dict(ours.state_dict())
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(6)]
-    args = argparse.Namespace(schedule="step", warmup=0.2, epochs=1, label_smoothing=0.1, grad_clip=1.0)
+    args = argparse.Namespace(schedule="step", warmup=0.2, epochs=1, label_smoothing=0.1, grad_clip=1.0,
+                              lr_shape="cosine")
     optimizers = vit_scratch.make_optimizers(ours, optimizer_args(), torch.device("cpu"), capture=False)
     scaler, stats = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2)
     step = vit_scratch.eager(
