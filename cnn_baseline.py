@@ -568,7 +568,8 @@ def newest_summaries(root):
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             skipped.append(str(path))  # a run still writing, or not ours
             continue
-        key, mtime = (script, summary.get("finetune") or ""), path.stat().st_mtime  # fine-tuned CLIP: a row of its own
+        # fine-tuned CLIP, full or LoRA captioners, composed ones: each a row of its own
+        key, mtime = (script, summary.get("finetune") or "", bool(summary.get("composed_from"))), path.stat().st_mtime
         if key not in newest or mtime > newest[key][0]:
             newest[key] = (mtime, summary, path.parent)
     if skipped:
@@ -595,7 +596,8 @@ def comparison_table(summaries):
     header = "| model | data | params | trainable | epochs | test score | train s | img/s | peak MB | device | run |"
     rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for s in summaries:
-        name = s["script"] + (f" ({s['finetune']})" if s.get("finetune") else "")
+        kind = ", ".join(([s["finetune"]] if s.get("finetune") else []) + ["composed"] * bool(s.get("composed_from")))
+        name = s["script"] + (f" ({kind})" if kind else "")
         rate = s.get("images_per_second") if s.get("images_per_second") is not None else s.get("pairs_per_second")
         unit = " pairs" if s.get("images_per_second") is None and rate is not None else ""
         millions = lambda v: f"{v / 1e6:.2f}M" if cell(v, "g") != "-" else "-"

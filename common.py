@@ -331,6 +331,14 @@ def error_line(error, limit=200):
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+class StopRun(Exception):
+    """The run cannot go on (the message says what to do); `code` is the exit status (a notebook: RunFailed)."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
 class RunFailed(Exception):
     """In a notebook, a run that ends early raises this instead of SystemExit: the cell shows the one line (no
     traceback: IPython calls _render_traceback_) and Run All stops there. `code` is the exit status a shell gets."""
@@ -355,10 +363,16 @@ def parse(parser, argv):
     line, which in a notebook's kernel is the kernel's own (then no flags; under %run, the flags after the name)."""
     if isinstance(argv, str):
         import shlex
-        argv = shlex.split(argv)
-    elif argv is None and in_notebook() and Path(sys.argv[0]).name != parser.prog:
+        argv = shlex.split(argv, posix=os.name != "nt")  # Windows paths keep their backslashes
+    elif argv is None and in_notebook() and kernel_command_line():
         argv = []
     return parser.parse_args(argv), given_flags(parser, argv)
+
+
+def kernel_command_line():
+    """sys.argv is the kernel's own (ipykernel_launcher.py -f .../kernel-*.json, Colab's launcher): not %run's."""
+    launcher = Path(sys.argv[0]).name.endswith("kernel_launcher.py")
+    return launcher or (len(sys.argv) > 2 and sys.argv[1] == "-f" and sys.argv[2].endswith(".json"))
 
 
 @contextmanager
@@ -373,12 +387,17 @@ def one_line_errors(script, memory_hint="--batch-size"):
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
                              created_out_dir=False, lock=None)
     restore = _global_state()
-    _run_memory = RunMemory()
+    memory = _run_memory = RunMemory()
+    if torch.cuda.is_initialized():  # an earlier run in this process (a notebook): this run's peak starts here
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
     try:
         yield report
     except SystemExit as e:
         if not (in_notebook() and e.code in (0, None)):  # --help in a notebook: printed, nothing more
             raise
+    except StopRun as e:
+        _stop(script, str(e), e.code, report)
     except DataError as e:
         _stop(script, str(e), 2, report)
     except KeyboardInterrupt:
@@ -395,7 +414,7 @@ def one_line_errors(script, memory_hint="--batch-size"):
         if report.lock is not None:  # main() may be called again in the same process (a notebook)
             report.lock.close()
             report.lock = None
-        _run_memory.close()
+        memory.close()
         restore()
 
 
@@ -411,23 +430,36 @@ def _stop(script, message, code, report, prefix="error: "):
 
 
 def _global_state():
-    """A function that puts back what a run changes in the process: torch's random generators (CPU, and CUDA's
-    once started), cudnn.benchmark, transformers' progress bars."""
-    cpu, benchmark = torch.get_rng_state(), torch.backends.cudnn.benchmark
+    """A function that puts back what a run changes in the process: torch's random generators (CPU, CUDA's: as
+    they were, or seeded as they would have been if the run started CUDA; MPS's), cudnn.benchmark, the progress
+    bars of transformers and huggingface_hub."""
+    cpu, seed, benchmark = torch.get_rng_state(), torch.initial_seed(), torch.backends.cudnn.benchmark
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    hf_logging = sys.modules.get("transformers.utils.logging")
-    bars = hf_logging.is_progress_bar_enabled() if hf_logging else None
+    mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    bars = [(module, module.is_progress_bar_enabled()) for module in _bar_switches("transformers")]
+    hub = [(module, not module.are_progress_bars_disabled()) for module in _bar_switches("hub")]
 
     def restore():
         torch.set_rng_state(cpu)
         torch.backends.cudnn.benchmark = benchmark
-        if cuda is not None:
-            with suppress(RuntimeError):  # a failed graph capture can leave CUDA's generator unusable
+        with suppress(RuntimeError):  # a failed graph capture can leave CUDA's generator unusable
+            if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
-        logging_now = sys.modules.get("transformers.utils.logging")
-        if logging_now and bars is not False:  # on before the run, or transformers not loaded yet: on
-            logging_now.enable_progress_bar()
+            elif torch.cuda.is_initialized():  # started by the run: as a first use after the user's seed would be
+                torch.cuda.manual_seed_all(seed)
+        if mps is not None:
+            torch.mps.set_rng_state(mps)
+        for module in _bar_switches("transformers"):  # loaded by the run: on, as transformers starts
+            (module.enable_progress_bar if dict(bars).get(module, True) else module.disable_progress_bar)()
+        for module in _bar_switches("hub"):  # after transformers, whose switch turns the hub's on too
+            (module.enable_progress_bars if dict(hub).get(module, True) else module.disable_progress_bars)()
     return restore
+
+
+def _bar_switches(which):
+    """The loaded module that switches transformers' (or huggingface_hub's) progress bars: [] or [module]."""
+    module = sys.modules.get("transformers.utils.logging" if which == "transformers" else "huggingface_hub.utils")
+    return [module] if module is not None else []
 
 
 class RunMemory:
@@ -594,11 +626,7 @@ def pick_device(name, local_rank=0):
         raise DataError("--device cuda, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
-    if name != "cuda":
-        return torch.device(name)
-    device = torch.device("cuda", local_rank)
-    torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb: this run's, not an earlier one's in this process
-    return device
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def init_distributed(device_name):
@@ -765,7 +793,7 @@ def _load_imagefolder_cached(root, image_size, log):
 # Run outputs: written atomically, so an interrupted run never leaves a half-written file behind
 
 # What makes a folder another run's: a config.json alone is a run that stopped before any result, and is reused.
-RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter")
+RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter", "model", "base")
 CHECKPOINT_FILES = ("last.pt", "training_state.pt")  # what --resume takes, by script
 LOCK_FILE = ".lock"  # held (flock) by the one process that writes into a run folder
 
@@ -1068,7 +1096,8 @@ def check_same_data(ckpt, data, data_dir):
 
 
 def peak_memory_mb(device):
-    """The GPU's peak allocation on CUDA (reset when a run starts); the run's peak resident memory elsewhere."""
+    """The GPU's peak allocation on CUDA (reset when a run starts: one_line_errors); the run's peak resident memory
+    elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return _run_memory.peak() if _run_memory is not None else _max_rss_mb()

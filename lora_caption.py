@@ -130,6 +130,9 @@ def check_args(args):
         raise plumbing.DataError("training needs --data-dir (images + captions.csv, train.txt or Flickr8k.token.txt)")
     if bool(args.encoder) != bool(args.decoder) or (args.encoder and args.model):
         raise DataError("--encoder and --decoder compose a captioner together, in place of --model: give both")
+    if args.encoder and args.cross_attention:
+        raise DataError("--cross-attention has no effect with --encoder: a composed captioner's new cross-attention "
+                        "trains in full")
     args.lr = args.lr or (3e-4 if args.finetune == "lora" else 5e-5)  # full: the course's rate
     if args.host_cache and args.no_encoder_cache:
         raise DataError("--host-cache places the encoder cache, which --no-encoder-cache turns off: drop one")
@@ -487,7 +490,7 @@ def main(argv=None):
         device = plumbing.pick_device(args.device, local_rank)
         out_dir = open_run_folder(args, ckpt, report, rank)
         torch.manual_seed(args.seed)
-        model, tokenizer, processor, new_modules = load_model(args, out_dir, device, rank)
+        model, tokenizer, processor, new_modules = load_model(args, out_dir, device, rank, ckpt)
         data, fingerprint, tokens = load_data(args, ckpt, tokenizer, processor)
         per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
         total_steps = min(args.epochs * (len(tokens["pair_image"]) // per_step), args.max_steps or math.inf)
@@ -643,8 +646,10 @@ def experiment_args(argv):
     cli, given = plumbing.parse(parser, argv)
     check_mode_flags(parser, given, cli)
     if not cli.resume:
-        if cli.data_dir:
-            cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        for name in ("data_dir", "model", "encoder", "decoder"):  # local folders: a resume finds them from anywhere
+            value = getattr(cli, name)
+            if value and (name == "data_dir" or Path(value).expanduser().is_dir()):
+                setattr(cli, name, str(Path(value).expanduser().resolve()))
         check_args(cli)
         return cli, None
     ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
@@ -689,7 +694,9 @@ def write_config(args, out_dir, rank):
 
 
 def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+    """(trainable, all) parameters; peft's frozen originals of the modules it trains in full are not counted."""
+    params = [p for name, p in model.named_parameters() if ".original_module." not in name]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def start_run(args, report, out_dir, model, data, tokens, device, amp_dtype, notes):
@@ -748,9 +755,8 @@ def capture_failed(error, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not cuda_generator_works(device):
-        print(f"{SCRIPT}.py: error: CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
-              f"nothing was lost: run the same command again with --eager", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        raise plumbing.StopRun(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
+                               f"nothing was lost: run the same command again with --eager") from None
     print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
 
 
@@ -917,6 +923,10 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
     return Progress(**ckpt["state"])
 
 
+def folder_bytes(folder):
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def write_summary(args, config, progress, data, after, counts, device, out_dir):
     """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
     null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
@@ -931,14 +941,16 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
                "test_acc": None, "train_seconds": progress.train_seconds, "images_per_second": None,
                "pairs_per_second": progress.pairs_seen / max(progress.train_seconds, 1e-9),
                "peak_memory_mb": plumbing.peak_memory_mb(device), "params": counts[1], "trainable_params": counts[0],
-               "args": config, "model": args.model or DEFAULT_MODEL, "bleu4_before": base["scores"].get("bleu4"),
+               "args": config, "model": None if args.encoder else args.model or DEFAULT_MODEL,
+               "bleu4_before": base["scores"].get("bleu4"),
                "cider_before": base["scores"].get("cider"), "bleu4": after[0]["bleu4"], "cider": after[0]["cider"],
                # the course's figure (COURSE_BLEU); a baseline saved before it existed has none
                "bleu_one_ref_per_row_before": base["scores"].get("bleu_one_ref_per_row"),
                "bleu_one_ref_per_row": after[0]["bleu_one_ref_per_row"],
                "finetune": args.finetune, "composed_from": [args.encoder, args.decoder] if args.encoder else None,
-               "adapter_bytes": sum(f.stat().st_size for f in (out_dir / "adapter").rglob("*") if f.is_file()),
-               "model_bytes": sum(f.stat().st_size for f in (out_dir / "model").rglob("*") if f.is_file()),
+               "adapter_bytes": folder_bytes(out_dir / "adapter") if args.finetune == "lora" else None,
+               "model_bytes": folder_bytes(out_dir / "model") if args.finetune == "full" else None,
+               "base_bytes": folder_bytes(out_dir / "base") if args.encoder and args.finetune == "lora" else None,
                "examples": examples}
     summary = plumbing.write_summary(out_dir / "summary.json", summary)
     for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"
@@ -1221,14 +1233,14 @@ def use_decoder_tokens(model, tokenizer):
     return model
 
 
-def load_model(args, out_dir, device, rank):
+def load_model(args, out_dir, device, rank, ckpt):
     """(model, tokenizer, processor, new modules) for training: --model (or the default captioner), or --encoder +
     --decoder composed. A composed captioner trained with LoRA keeps its base in the run's base/ folder (its random
     cross-attention is part of it), written once, so that the adapter, --caption and --merge find it later."""
     if not args.encoder:
         return (*load_captioner(args.model or DEFAULT_MODEL, device), [])
     base = out_dir / "base"
-    if args.finetune == "lora" and (base / "config.json").is_file():  # a resumed run: its own base
+    if ckpt and args.finetune == "lora" and (base / "config.json").is_file():  # resumed: the run's own base
         model, tokenizer, processor = load_captioner(base, device, label=f"the run's base model {base}")
         return model, tokenizer, processor, json.loads((base / "new_modules.json").read_text())
     model, tokenizer, processor, new_modules = compose_captioner(args.encoder, args.decoder)
@@ -1269,7 +1281,7 @@ def compose_captioner(encoder_name, decoder_name):
     model = use_decoder_tokens(VisionEncoderDecoderModel(encoder=encoder, decoder=decoder), tokenizer)
     params = dict(model.named_parameters())
     new = sorted({f"decoder.{k.rsplit('.', 1)[0]}" for k in info["missing_keys"] if f"decoder.{k}" in params})
-    if not any("cross" in name for name in new):
+    if not any("cross" in name for name, _ in decoder.named_modules()):
         raise DataError(f"--decoder {decoder_name}: it gained no cross-attention (a {type(decoder).__name__}); pass "
                         f"a GPT-2-like decoder that takes add_cross_attention")
     new += ["enc_to_dec_proj"] * hasattr(model, "enc_to_dec_proj")
@@ -1619,8 +1631,15 @@ def load_with_adapter(args, device):
     made for another model is refused: peft would load it with none of its weights in place."""
     from peft import PeftConfig, PeftModel
     if not (Path(args.adapter) / "adapter_config.json").is_file():
+        full = full_run_model(args.adapter) or full_run_model(Path(args.adapter).parent)
+        if full:
+            raise DataError(f"--adapter {args.adapter}: a --finetune full run has no adapter; its {full} is a whole "
+                            f"captioner already (--caption ... --model {full})")
         raise DataError(f"--adapter {args.adapter}: no adapter_config.json there (expected a run's adapter/ folder)")
     recorded = PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    beside = Path(args.adapter).parent / "base"  # a composed run's base, where the run folder is now (moved?)
+    if recorded and Path(recorded).name == "base" and not Path(recorded).exists():
+        recorded = str(beside) if (beside / "config.json").is_file() else recorded
     check_recorded_base(args.adapter, recorded)
     base = args.model or recorded or DEFAULT_MODEL
     label = f"--model {base}" if args.model else f"the base model {base} (recorded in --adapter {args.adapter})"
@@ -1634,6 +1653,8 @@ def load_with_adapter(args, device):
         held = sorted(saved_adapter_keys(args.adapter))
         detail = f"e.g. {held[0]}" if held else plumbing.error_line(e)
         raise adapter_misfit(args.adapter, base, recorded, detail) from None
+    for config in model.peft_config.values():  # where the base is now (a moved run's base/): peft reads it
+        config.base_model_name_or_path = str(base)
     check_adapter_keys(model, args.adapter, base, recorded)
     return model.to(device).eval(), tokenizer, processor
 
@@ -1679,6 +1700,16 @@ def adapter_misfit(adapter, base, recorded, detail):
                      f"pass the adapter/ folder of a {SCRIPT}.py run on this model")
 
 
+def full_run_model(path):
+    """The model/ folder of a --finetune full run's folder (None for any other folder)."""
+    path = Path(path)
+    try:
+        finetune = json.loads((path / "config.json").read_text()).get("finetune")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return path / "model" if finetune == "full" and (path / "model" / "config.json").is_file() else None
+
+
 def caption_inputs(given):
     """--caption's arguments as files: a folder stands for the images in it (by suffix, sorted, hidden files
     left out). Paths that are neither a file nor a folder are returned apart, to be named."""
@@ -1713,8 +1744,8 @@ def load_trained(run_or_adapter_or_model, device="cpu", model=None):
     an adapter of another model is refused with the same one-line DataError."""
     device = plumbing.pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
     path = Path(run_or_adapter_or_model).expanduser()
-    if (path / "model" / "config.json").is_file() and model is None:  # a --finetune full run
-        path = run_or_adapter_or_model = path / "model"
+    if model is None and full_run_model(path):  # a --finetune full run: its whole captioner
+        path = run_or_adapter_or_model = full_run_model(path)
     adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
     if adapter is not None:
         loaded = load_with_adapter(SimpleNamespace(adapter=str(adapter), model=model and str(model)), device)
@@ -1762,7 +1793,8 @@ def caption_files(args, device):
         empty = [n for n in args.caption if Path(n).is_dir()]
         why = f"{empty[0]} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})" if empty else skipped[0]
         raise DataError(f"--caption: nothing to caption: {why}")
-    loaded = load_with_adapter(args, device) if args.adapter else load_captioner(args.model, device)
+    model = full_run_model(args.model) if args.model and not args.adapter else None  # a --finetune full run
+    loaded = load_with_adapter(args, device) if args.adapter else load_captioner(model or args.model, device)
     size, resample = processor_geometry(loaded[2])
     read, images = [], []  # a file named twice is captioned twice; each is kept at the model's size only
     for path in files:

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+import common
 import lora_caption
 from conftest import TINY_CAPTIONS, build_tiny_captioner, one_line_error
 
@@ -427,7 +428,7 @@ def test_a_failing_capture_trains_eagerly_and_names_its_cause_in_one_line(error,
 def test_a_capture_that_breaks_the_random_generator_stops_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(lora_caption, "CapturedStep", failing_capture(RuntimeError("capture_end failed")))
     monkeypatch.setattr(lora_caption, "cuda_generator_works", lambda device: False)
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(SystemExit) as stop, common.one_line_errors("lora_caption"):  # main()'s error path
         lora_caption.capture_step(None, None, [], torch.zeros(()), None, 8)
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1 and "run the same command again with --eager" in err

@@ -102,7 +102,7 @@ def test_issue24_2_full_fine_tuning_changes_every_weight_and_compares_with_lora(
     assert same == ["encoder.pooler.dense.bias", "encoder.pooler.dense.weight"]  # the decoder never reads the pooler
     pooler = sum(before[k].numel() for k in same)
     assert summary["trainable_params"] == summary["params"] - pooler and summary["finetune"] == "full"
-    assert summary["model_bytes"] > 0 and summary["adapter_bytes"] == 0
+    assert summary["model_bytes"] > 0 and summary["adapter_bytes"] is None
     assert "step: eager (the encoder trains: --finetune full)" in capsys.readouterr().out
     # what was saved captions as the run did
     images = [TINY_CAPTIONS / "images" / e["image"] for e in summary["examples"]]
@@ -115,7 +115,7 @@ def test_issue24_2_full_fine_tuning_changes_every_weight_and_compares_with_lora(
         (tmp_path / "runs" / run.name / "summary.json").write_text((run / "summary.json").read_text())
     table = cnn_baseline.main(["--compare", str(tmp_path / "runs")]).splitlines()
     full_row = next(r for r in table if r.startswith("| lora_caption (full)"))
-    lora_row = next(r for r in table if r.startswith("| lora_caption (lora)"))
+    lora_row = next(r for r in table if r.startswith("| lora_caption (lora, composed)"))
     assert f"| {summary['trainable_params'] / 1e6:.2f}M |" in full_row
     assert f"| {composed[1]['trainable_params'] / 1e6:.2f}M |" in lora_row
 
@@ -135,6 +135,7 @@ def test_issue24_2_freeze_encoder_keeps_it_and_caches_it(tiny_captioner, tmp_pat
     (["--freeze-encoder"], "--freeze-encoder goes with --finetune full"),
     (["--encoder", "x"], "--encoder and --decoder compose a captioner together"),
     (["--encoder", "x", "--decoder", "y", "--model", "z"], "--encoder and --decoder compose a captioner together"),
+    (["--encoder", "x", "--decoder", "y", "--cross-attention"], "--cross-attention has no effect with --encoder"),
 ])
 def test_issue24_1_2_flags_that_cannot_apply_are_refused_in_one_line(flags, words, tmp_path, capsys):
     assert words in one_line_error(capsys, lambda: train(*flags, out=tmp_path / "run"))
@@ -175,3 +176,56 @@ def test_issue24_2_full_fine_tuning_with_a_frozen_encoder_the_graphs_body_is_the
     assert_equal_bitwise(a, b)
     assert sum(k.startswith("decoder.") for k in a) == sum(1 for n, _ in model.named_parameters()
                                                            if n.startswith("decoder."))
+
+
+def test_overwriting_a_composed_run_with_a_full_one_leaves_nothing_of_the_first(parts, tiny_captioner, tmp_path):
+    out = tmp_path / "run"
+    train("--encoder", parts / "encoder", "--decoder", parts / "decoder", "--max-steps", "2", out=out)
+    assert (out / "base").is_dir() and (out / "adapter").is_dir()
+    summary = train("--model", tiny_captioner, "--finetune", "full", "--max-steps", "2", "--overwrite", out=out)
+    assert not (out / "base").exists() and not (out / "adapter").exists() and summary["composed_from"] is None
+    captioner = lora_caption.load_trained(out)  # the full run's model/, not a stale adapter
+    assert type(captioner.model).__name__ == "VisionEncoderDecoderModel"
+    images = [TINY_CAPTIONS / "images" / e["image"] for e in summary["examples"]]
+    assert lora_caption.caption_images(captioner, images) == [e["after"] for e in summary["examples"]]
+    # and a composed run over it composes anew (no base/ of an earlier run is taken for its own)
+    train("--encoder", parts / "encoder", "--decoder", parts / "decoder", "--max-steps", "2", "--overwrite", out=out)
+    assert not (out / "model").exists() and (out / "base" / "new_modules.json").is_file()
+
+
+def test_a_moved_composed_run_still_captions_and_a_resume_finds_its_parts_from_anywhere(parts, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(parts)  # parts typed as relative folders: the run records them resolved
+    summary = train("--encoder", "encoder", "--decoder", "decoder", "--max-steps", "2", out=tmp_path / "run")
+    assert summary["args"]["encoder"] == str(parts / "encoder")
+    (tmp_path / "run").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    images = [TINY_CAPTIONS / "images" / e["image"] for e in summary["examples"]]
+    captions = lora_caption.caption_images(lora_caption.load_trained(tmp_path / "moved"), images)
+    assert captions == [e["after"] for e in summary["examples"]]
+    printed = lora_caption.main(["--caption", str(images[0]), "--adapter", "moved/adapter", "--device", "cpu"])
+    assert printed == {str(images[0]): captions[0]}
+    # a composed full run resumed from another folder finds its encoder and decoder
+    monkeypatch.chdir(parts)
+    real = lora_caption.after_step
+
+    def stop_after_step_2(args, progress, *rest):
+        real(args, progress, *rest)
+        if progress.step == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(lora_caption, "after_step", stop_after_step_2)
+    with pytest.raises(SystemExit):
+        train("--encoder", "encoder", "--decoder", "decoder", "--finetune", "full", "--max-steps", "4",
+              "--save-every", "2", out=tmp_path / "full")
+    monkeypatch.setattr(lora_caption, "after_step", real)
+    monkeypatch.chdir(tmp_path)
+    assert lora_caption.main(["--resume", str(tmp_path / "full"), "--device", "cpu"])["steps"] == 4
+
+
+def test_the_kernels_command_line_is_told_from_run_s(monkeypatch):
+    import common
+    for argv, kernel in ((["/x/ipykernel_launcher.py", "-f", "/r/kernel-1.json"], True),
+                         (["/usr/local/bin/colab_kernel_launcher.py", "-f", "/r/k.json"], True),
+                         (["vit_scratch (1).py", "--epochs", "3"], False), (["vit_scratch.py"], False)):
+        monkeypatch.setattr("sys.argv", argv)
+        assert common.kernel_command_line() == kernel, argv
