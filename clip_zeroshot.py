@@ -332,17 +332,22 @@ class CapturedStep:
     def __init__(self, step, x, y, model, optimizer, stats, warmup=3):
         self.x, self.y = x.clone(), y.clone()
         undo = undo_steps([*model.state_dict().values(), stats], [optimizer], torch.cuda)  # LoRA dropout's RNG too
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            undo()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 step(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        undo()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step(self.x, self.y)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+        except BaseException:  # the eager fallback starts from the weights as they were, not the warm-up's
+            torch.cuda.synchronize()
+            undo()
+            raise
 
     def __call__(self, x, y):
         self.x.copy_(x)

@@ -238,18 +238,23 @@ class CapturedStep:
         self.x, self.y = x.clone(), y.clone()  # clone keeps channels_last
         rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
         undo = undo_steps([*model.state_dict().values(), stats], [optimizer], rng)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                eager(step, optimizer)(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        undo()
-        optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step(self.x, self.y)
-        torch.cuda.synchronize()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    eager(step, optimizer)(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            undo()
+            optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                step(self.x, self.y)
+            torch.cuda.synchronize()
+        except BaseException:  # the eager fallback starts from the weights as they were, not the warm-up's
+            torch.cuda.synchronize()
+            undo()
+            raise
 
     def __call__(self, x, y):
         self.x.copy_(x)

@@ -363,7 +363,8 @@ def parse(parser, argv):
     line, which in a notebook's kernel is the kernel's own (then no flags; under %run, the flags after the name)."""
     if isinstance(argv, str):
         import shlex
-        argv = shlex.split(argv, posix=os.name != "nt")  # Windows paths keep their backslashes
+        argv = shlex.split(argv, posix=os.name != "nt")  # Windows paths keep their backslashes, and their quotes:
+        argv = [a[1:-1] if len(a) > 1 and a[0] == a[-1] and a[0] in "'\"" else a for a in argv]  # taken off
     elif argv is None and in_notebook() and kernel_command_line():
         argv = []
     return parser.parse_args(argv), given_flags(parser, argv)
@@ -436,23 +437,29 @@ def _global_state():
     cpu, seed, benchmark = torch.get_rng_state(), torch.initial_seed(), torch.backends.cudnn.benchmark
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
-    bars = [(module, module.is_progress_bar_enabled()) for module in _bar_switches("transformers")]
-    hub = [(module, not module.are_progress_bars_disabled()) for module in _bar_switches("hub")]
+    bars = {module: module.is_progress_bar_enabled() for module in _bar_switches("transformers")}
+    hub = {module: not module.are_progress_bars_disabled() for module in _bar_switches("hub")}
 
-    def restore():
+    def restore():  # each part on its own: a failure here must not hide the run's own ending
         torch.set_rng_state(cpu)
         torch.backends.cudnn.benchmark = benchmark
-        with suppress(RuntimeError):  # a failed graph capture can leave CUDA's generator unusable
+        with suppress(Exception):  # a failed graph capture can leave CUDA's generator unusable
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
             elif torch.cuda.is_initialized():  # started by the run: as a first use after the user's seed would be
                 torch.cuda.manual_seed_all(seed)
-        if mps is not None:
-            torch.mps.set_rng_state(mps)
-        for module in _bar_switches("transformers"):  # loaded by the run: on, as transformers starts
-            (module.enable_progress_bar if dict(bars).get(module, True) else module.disable_progress_bar)()
-        for module in _bar_switches("hub"):  # after transformers, whose switch turns the hub's on too
-            (module.enable_progress_bars if dict(hub).get(module, True) else module.disable_progress_bars)()
+        with suppress(Exception):
+            if mps is not None:
+                torch.mps.set_rng_state(mps)
+        with suppress(Exception):
+            hub_on = [not module.are_progress_bars_disabled() for module in _bar_switches("hub")]
+            for module in _bar_switches("transformers"):  # loaded by the run: as transformers starts (as the hub's)
+                on = bars.get(module, hub_on[0] if hub_on else True)
+                (module.enable_progress_bar if on else module.disable_progress_bar)()
+            for module in _bar_switches("hub"):  # after transformers, whose switch sets the hub's too
+                on = hub.get(module, hub_on[0])
+                if on != (not module.are_progress_bars_disabled()):  # a switch also resets per-group settings
+                    (module.enable_progress_bars if on else module.disable_progress_bars)()
     return restore
 
 
@@ -571,7 +578,7 @@ def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
     for name in runtime:
         setattr(args, name, getattr(cli, name))
     for name in sorted(given - set(runtime) - {"resume", "out_dir", "data_dir"}):
-        new, old = getattr(cli, name), saved.get(name)
+        new, old = getattr(cli, name), getattr(args, name)  # a flag newer than the checkpoint: its default
         if new == old:
             continue
         if name not in extendable:
@@ -793,7 +800,7 @@ def _load_imagefolder_cached(root, image_size, log):
 # Run outputs: written atomically, so an interrupted run never leaves a half-written file behind
 
 # What makes a folder another run's: a config.json alone is a run that stopped before any result, and is reused.
-RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter", "model", "base")
+RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter")
 CHECKPOINT_FILES = ("last.pt", "training_state.pt")  # what --resume takes, by script
 LOCK_FILE = ".lock"  # held (flock) by the one process that writes into a run folder
 
@@ -823,7 +830,8 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
         hint = "pass another --out-dir" if given else "pass --out-dir"
         raise DataError(f"{where}: cannot write there ({e.strerror or e}); {hint}") from None
     hold_lock(lock, path, report)
-    previous = [name for name in RESULT_FILES if (path / name).exists()] if not resuming else []
+    names = RESULT_FILES + (("model", "base") if report.script == "lora_caption" else ())  # its model folders
+    previous = [name for name in names if (path / name).exists()] if not resuming else []
     if previous and not overwrite:
         owner = run_owner(path)
         if owner not in (None, report.script):

@@ -352,7 +352,8 @@ def graph_body(step, device_tokens, pairs):
 
 class CapturedStep:
     """graph_body recorded once (after warm-up steps whose effects are undone) and replayed: ~3,000 kernels in one
-    call, reading the pair indices and the learning rate from static device tensors."""
+    call, reading the pair indices and the learning rate from static device tensors (and, with the cache in host
+    memory, the encoder states from StagedRows' buffer)."""
 
     staged = None  # StagedRows, where the encoder cache is in host memory
 

@@ -94,7 +94,7 @@ def build_parser():
     a("--warmup", type=fraction,
       help="linear warm-up as a fraction of all steps, with --schedule step (recipe: 0.1 / 0)")
     a("--lr-shape", choices=["cosine", "linear", "trapezoid"], default="cosine",
-      help="with --schedule step, after the warm-up: cosine or linear to 0, or flat then linear over the last 20%%")
+      help="with --schedule step, after the warm-up: cosine or linear to 0, or flat then linear over its last 20%%")
     a("--label-smoothing", type=fraction, help="cross-entropy label smoothing in [0, 1) (recipe: 0.1 / 0)")
     a("--dropout", type=fraction, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
     a("--init-std", type=non_negative,
@@ -127,6 +127,8 @@ def check_args(args):
     """The rules that involve two flags (each flag's own range is checked by its type=)."""
     if args.image_size % args.patch_size:
         raise DataError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
+    if args.tta_shift and args.tta_shift > args.image_size // 4:
+        raise DataError(f"--tta-shift {args.tta_shift} is more than a quarter of --image-size {args.image_size}")
     if args.embed_dim % args.num_heads:
         raise DataError(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
     if args.schedule == "epoch" and args.warmup:
@@ -396,19 +398,24 @@ class CapturedStep:
         rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
         averaged = list(ema.state_dict().values()) if ema is not None else []
         undo = undo_steps([*model.state_dict().values(), *averaged, stats], optimizers, rng)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                eager(step, optimizers)(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        undo()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step(self.x, self.y)
-        torch.cuda.synchronize()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    eager(step, optimizers)(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            undo()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                step(self.x, self.y)
+            torch.cuda.synchronize()
+        except BaseException:  # the eager fallback starts from the weights as they were, not the warm-up's
+            torch.cuda.synchronize()
+            undo()
+            raise
 
     def __call__(self, x, y):
         self.x.copy_(x)
@@ -551,7 +558,7 @@ def main(argv=None):
                 save_run(args, model, optimizers, scaler, progress, accuracy_from(cm), out_dir, data, ema)
         if cm is None:  # resumed a finished run: evaluate what it left
             cm, _ = evaluate(ema or trained, test_loader, amp_dtype, len(data.classes), args.tta, args.tta_shift)
-        summary = write_summary(args, ema or model, progress, data, cm, device, out_dir) if rank == 0 else None
+        summary = write_summary(args, model, progress, data, cm, device, out_dir, ema) if rank == 0 else None
         if world_size > 1:
             torch.distributed.destroy_process_group()
         return summary
@@ -677,7 +684,10 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
     """Weights (and their --ema average), optimizer states and scaler from a checkpoint; returns its Progress."""
     plumbing.load_weights(model, ckpt, args.resume, model_config(args, num_classes))
     if ema is not None:
-        ema.load_state_dict(ckpt["ema"])
+        try:
+            ema.load_state_dict(ckpt["ema"])
+        except (KeyError, TypeError, RuntimeError):
+            raise DataError(f"--resume {args.resume}: its --ema average is missing or does not fit the model") from None
     if len(ckpt["optimizers"]) != len(optimizers):
         raise DataError(f"--resume {args.resume}: its optimizer state does not fit --optimizer {args.optimizer}")
     for opt, state, peak in zip(optimizers, ckpt["optimizers"], (args.lr, args.muon_lr)):
@@ -726,7 +736,8 @@ def log_epoch(args, out_dir, rank, row):
           f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
 
 
-def write_summary(args, model, progress, data, cm, device, out_dir):
+def write_summary(args, model, progress, data, cm, device, out_dir, ema=None):
+    """summary.json, the result lines, then the pictures (of the --ema average where there is one: what was scored)."""
     summary = {
         "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "recipe": args.recipe,
         "train_images": args.limit_train or len(data.train_y), "test_images": int(cm.sum()),
@@ -747,7 +758,7 @@ def write_summary(args, model, progress, data, cm, device, out_dir):
     shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
     print("per class: " + ", ".join(shown), flush=True)
     if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
-        save_pictures(out_dir, model, data, cm)
+        save_pictures(out_dir, ema or model, data, cm)
     return summary
 
 

@@ -60,7 +60,8 @@ ISSUE23_VIT = [("vit_scratch", "fast (default)", ""),
                ("vit_scratch", "EMA 0.99", "--ema 0.99"),
                ("vit_scratch", "EMA 0.995", "--ema 0.995"),
                ("vit_scratch", "linear decay", "--lr-shape linear"),
-               ("vit_scratch", "trapezoid (flat, last 20% linear)", "--lr-shape trapezoid"),
+               ("vit_scratch", "trapezoid (flat, then linear over the last 20% after warm-up)",
+                "--lr-shape trapezoid"),
                ("vit_scratch", "TTA: flip + shifts by 2", "--tta-shift 2"),
                ("vit_scratch", "TTA: flip + shifts by 4", "--tta-shift 4")]
 SCRIPTS = {"vit_scratch": vit_scratch, "cnn_baseline": cnn_baseline}

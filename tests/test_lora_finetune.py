@@ -229,3 +229,15 @@ def test_the_kernels_command_line_is_told_from_run_s(monkeypatch):
                          (["vit_scratch (1).py", "--epochs", "3"], False), (["vit_scratch.py"], False)):
         monkeypatch.setattr("sys.argv", argv)
         assert common.kernel_command_line() == kernel, argv
+
+
+def test_model_and_base_folders_mark_a_captioner_run_only(tiny_cifar, tmp_path):
+    """A CIFAR script's --out-dir may hold a model/ or base/ folder of the user's: not a run of its own kind."""
+    import vit_scratch
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    (out / "base").mkdir()
+    vit_scratch.main(["--data-dir", str(tiny_cifar), "--device", "cpu", "--epochs", "1", "--embed-dim", "16",
+                      "--hidden-dim", "32", "--num-heads", "2", "--num-layers", "1", "--batch-size", "50",
+                      "--no-plots", "--out-dir", str(out)])
+    assert (out / "model").is_dir() and (out / "base").is_dir() and (out / "last.pt").is_file()

@@ -98,6 +98,7 @@ def run(tiny_cifar, out, *flags):
 
 def test_an_ema_run_evaluates_saves_and_resumes_its_average(tiny_cifar, tmp_path, monkeypatch):
     summary = run(tiny_cifar, tmp_path / "full", "--epochs", "2", "--ema", "0.8", "--tta-shift", "2")
+    assert summary["trainable_params"] == summary["params"] > 0  # the model's count, not the frozen average's
     last = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     assert last["ema"].keys() == last["model"].keys()
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
@@ -129,6 +130,25 @@ def test_an_ema_run_evaluates_saves_and_resumes_its_average(tiny_cifar, tmp_path
     (["--no-tta", "--tta-shift", "2"], "--tta-shift has no effect without --tta"),
     (["--recipe", "guide", "--tta-shift", "2"], "--tta-shift has no effect without --tta (recipe guide)"),
     (["--ema", "1"], "--ema must be in [0, 1), got 1.0"),
+    (["--tta-shift", "9"], "--tta-shift 9 is more than a quarter of --image-size 32"),
 ])
 def test_the_new_flags_refuse_what_would_change_nothing(flags, words, tmp_path, capsys):
     assert words in one_line_error(capsys, lambda: vit_scratch.main([*flags, "--out-dir", str(tmp_path / "r")]))
+
+
+def test_a_checkpoint_from_before_these_flags_resumes_with_them_typed_at_their_defaults(tiny_cifar, tmp_path):
+    run(tiny_cifar, tmp_path / "old", "--epochs", "1")
+    path = tmp_path / "old" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for name in ("muon_momentum", "lr_shape", "ema", "tta_shift"):  # as written before they existed
+        del ckpt["args"][name]
+    torch.save(ckpt, path)
+    summary = vit_scratch.main(["--resume", str(tmp_path / "old"), "--epochs", "2", "--device", "cpu", "--lr-shape",
+                                "cosine", "--ema", "0", "--muon-momentum", "0.95"])
+    assert summary["epochs"] == 2 and summary["args"]["lr_shape"] == "cosine"
+
+
+def test_a_string_of_flags_is_split_as_a_shell_splits_it(tmp_path):
+    args, given = common.parse(vit_scratch.build_parser(), f'--epochs 3 --out-dir "{tmp_path}/a b" --seed=4')
+    assert (args.epochs, args.out_dir, args.seed) == (3, f"{tmp_path}/a b", 4) and given == {"epochs", "out_dir",
+                                                                                             "seed"}
