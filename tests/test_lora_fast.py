@@ -294,20 +294,27 @@ def graph_body(run, pairs):
     lora_caption.graph_body(run["step"], run["device_tokens"], pairs)
 
 
-def test_the_step_a_cuda_graph_records_is_the_eager_step_bit_for_bit(tiny_captioner):
-    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
-    cache = lora_caption.EncoderCache(model, pixels, split.images, None)
-    eager, body = step_run(model, tokens, cache), step_run(copy.deepcopy(model), tokens, cache)
-    eager_step = lora_caption.eager(eager["step"], tokens, STEP_ARGS, rank=0)  # what main() calls without a graph
+def eager_and_body(model, tokens, inputs, body_inputs=None, steps=3, before_body=lambda pairs: None):
+    """`model` trained by the eager step (what main() calls without a graph) and a copy by the graph's body run
+    eagerly (fed `body_inputs`, default `inputs`), on the same batches of 8 pairs and dropout seeds: both states."""
+    eager, body = step_run(model, tokens, inputs), step_run(copy.deepcopy(model), tokens, body_inputs or inputs)
+    eager_step = lora_caption.eager(eager["step"], tokens, STEP_ARGS, rank=0)
     order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(0))
-    for step, pairs in enumerate(order[:24].view(3, 8)):
+    for step, pairs in enumerate(order[:8 * steps].view(steps, 8)):
         torch.manual_seed(step)  # as main() seeds dropout before each step
         eager_step(pairs, pairs)
         eager["schedule"].step()
+        before_body(pairs)
         torch.manual_seed(step)
         graph_body(body, pairs)
         body["schedule"].step()
-    a, b = trained_state(eager), trained_state(body)
+    return trained_state(eager), trained_state(body)
+
+
+def test_the_step_a_cuda_graph_records_is_the_eager_step_bit_for_bit(tiny_captioner):
+    model, pixels, split, tokens = captioner_with_adapters(tiny_captioner)
+    cache = lora_caption.EncoderCache(model, pixels, split.images, None)
+    a, b = eager_and_body(model, tokens, cache)
     assert_equal_bitwise(a, b)
     assert a["loss_sum"] > 0 and not torch.equal(a["opt0.exp_avg"], torch.zeros_like(a["opt0.exp_avg"]))
 

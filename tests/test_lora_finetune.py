@@ -152,9 +152,7 @@ def test_issue24_2_full_fine_tuning_with_a_frozen_encoder_the_graphs_body_is_the
         tiny_captioner):
     """--finetune full --freeze-encoder is captured on a GPU (test_gpu.py): the body the graph records, run
     eagerly on the CPU, trains exactly what the eager step trains, every decoder weight and AdamW's state."""
-    import copy
-
-    from test_lora_fast import STEP_ARGS, assert_equal_bitwise, graph_body, step_run, trained_state
+    from test_lora_fast import assert_equal_bitwise, eager_and_body
     model, tokenizer, processor = lora_caption.load_captioner(str(tiny_captioner), torch.device("cpu"))
     model = lora_caption.make_trainable(model, argparse.Namespace(finetune="full", freeze_encoder=True), [])
     size, resample = lora_caption.processor_geometry(processor)
@@ -162,17 +160,7 @@ def test_issue24_2_full_fine_tuning_with_a_frozen_encoder_the_graphs_body_is_the
     tokens = lora_caption.pair_tokens(tokenizer, split, 40)
     cache = lora_caption.EncoderCache(model, lora_caption.Pixels(processor, torch.device("cpu")), split.images, None)
     assert lora_caption.encoder_cache_blocker(model) is None
-    eager, body = step_run(model, tokens, cache), step_run(copy.deepcopy(model), tokens, cache)
-    eager_step = lora_caption.eager(eager["step"], tokens, STEP_ARGS, rank=0)
-    order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(0))
-    for step, pairs in enumerate(order[:24].view(3, 8)):
-        torch.manual_seed(step)
-        eager_step(pairs, pairs)
-        eager["schedule"].step()
-        torch.manual_seed(step)
-        graph_body(body, pairs)
-        body["schedule"].step()
-    a, b = trained_state(eager), trained_state(body)
+    a, b = eager_and_body(model, tokens, cache)
     assert_equal_bitwise(a, b)
     assert sum(k.startswith("decoder.") for k in a) == sum(1 for n, _ in model.named_parameters()
                                                            if n.startswith("decoder."))

@@ -2,14 +2,11 @@
 the GPU, or --host-cache) the step stays captured: the batch's rows are staged into a static device buffer before
 each replay (StagedRows). On the CPU: the body the graph records, fed by StagedRows, is the eager step bit for bit;
 the GPU parity test is in test_gpu.py."""
-import copy
-
 import torch
 
 import lora_caption
 from conftest import TINY_CAPTIONS, one_line_error
-from test_lora_fast import STEP_ARGS, assert_equal_bitwise, captioner_with_adapters, graph_body, step_run, \
-    trained_state
+from test_lora_fast import assert_equal_bitwise, captioner_with_adapters, eager_and_body
 
 
 def test_issue23_5_the_staged_host_cache_feeds_the_graphs_body_what_the_eager_step_reads(tiny_captioner):
@@ -17,19 +14,11 @@ def test_issue23_5_the_staged_host_cache_feeds_the_graphs_body_what_the_eager_st
     cache = lora_caption.EncoderCache(model, pixels, split.images, None, on_device=False)
     assert cache.states.device.type == "cpu" and not cache.on_device
     staged = lora_caption.StagedRows(cache, tokens["pair_image"], batch_size=8)
-    eager, body = step_run(model, tokens, cache), step_run(copy.deepcopy(model), tokens, staged)
-    eager_step = lora_caption.eager(eager["step"], tokens, STEP_ARGS, rank=0)  # reads the host cache itself
-    order = torch.randperm(len(tokens["pair_image"]), generator=torch.Generator().manual_seed(0))
-    for step, pairs in enumerate(order[:32].view(4, 8)):
-        torch.manual_seed(step)
-        eager_step(pairs, pairs)
-        eager["schedule"].step()
-        staged.stage(pairs)  # what CapturedStep does before each replay
-        torch.manual_seed(step)
-        graph_body(body, pairs)
-        body["schedule"].step()
+
+    def stage(pairs):  # what CapturedStep does before each replay
+        staged.stage(pairs)
         assert torch.equal(staged.rows, cache.states[tokens["pair_image"][pairs]])
-    a, b = trained_state(eager), trained_state(body)
+    a, b = eager_and_body(model, tokens, cache, staged, steps=4, before_body=stage)  # eager: reads the cache itself
     assert_equal_bitwise(a, b)
     assert a["loss_sum"] > 0 and staged.turn == 0  # the two pinned buffers took turns
 
