@@ -816,7 +816,7 @@ def write_finetune_summary(args, model, device, progress, data, preds, test_y, t
         steps=progress.step, best_test_acc=progress.best_acc, zero_shot_acc=progress.zero_shot_acc,
         train_seconds=progress.train_seconds, params=total, trainable_params=trainable, templates=templates, wise=wise,
         images_per_second=progress.images_seen / max(progress.train_seconds, 1e-9),
-        adapter_bytes=sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()) if adapter.is_dir() else None)
+        adapter_bytes=plumbing.folder_bytes(adapter) if adapter.is_dir() else None)
     start = "random-head start" if args.backbone else "zero-shot start"
     print(f"test accuracy {summary['test_acc']:.2%} ({start} {progress.zero_shot_acc:.2%}, best "
           f"{progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s training | "

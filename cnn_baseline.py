@@ -315,7 +315,7 @@ def main(argv=None):
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
         device = plumbing.pick_device(args.device, local_rank)
         check_sync_bn(args, world_size, device, resuming=ckpt is not None)
-        out_dir = open_run_folder(args, ckpt, report, rank)
+        out_dir = plumbing.open_run_folder(args, ckpt, report, rank)
         data, train_idx, test_idx = load_data(args, ckpt)
 
         torch.manual_seed(args.seed)
@@ -362,20 +362,20 @@ def main(argv=None):
                     seen += len(y)
                     bar.update(1)
                     if progress.step % LOG_EVERY == 0:  # a host read: the bar and the non-finite check
-                        check_progress(stats, seen, progress.step, lr, bar)
+                        plumbing.check_progress(stats, seen, progress.step, lr, bar)
                     if progress.step >= total_steps:
                         break
                 totals = plumbing.all_reduce_sum(stats.clone(), world_size)  # the epoch over all processes
                 seen *= world_size
-                loss, acc = check_progress(totals, seen, progress.step, lr, bar)
+                loss, acc = plumbing.check_progress(totals, seen, progress.step, lr, bar)
             seconds = time.perf_counter() - t0  # the read-back above waited for the device
             cm, test_loss = evaluate(trained, test_loader, amp_dtype, len(data.classes), args.tta)
             progress.epoch = epoch
             progress.train_seconds += seconds
             progress.images_seen += seen
-            log_epoch(args, out_dir, rank, dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc,
-                                                test_loss=test_loss, test_acc=accuracy_from(cm), lr=lr,
-                                                epoch_seconds=seconds, images_per_second=seen / seconds))
+            row = dict(epoch=epoch, step=progress.step, train_loss=loss, train_acc=acc, test_loss=test_loss,
+                       test_acc=accuracy_from(cm), lr=lr, epoch_seconds=seconds, images_per_second=seen / seconds)
+            plumbing.log_epoch(args, out_dir, rank, row)
             if rank == 0:
                 save_run(args, model, optimizer, scaler, progress, accuracy_from(cm), out_dir, data)
         if cm is None:  # resumed a finished run: evaluate what it left
@@ -429,13 +429,6 @@ def check_sync_bn(args, world_size, device, resuming):
                         "processes); drop it, or start with torchrun")
     if args.sync_bn and world_size > 1 and device.type != "cuda":
         raise DataError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only); drop it on CPU")
-
-
-def open_run_folder(args, ckpt, report, rank):
-    """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
-    if rank == 0:
-        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-    return Path(args.out_dir or ".")
 
 
 def start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, capture, train_idx, test_idx,
@@ -496,25 +489,7 @@ def save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Progress, logs, summary
-
-def check_progress(stats, seen, step, lr, bar):
-    loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
-    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
-    if not math.isfinite(loss):
-        raise plumbing.NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
-    if not bar.disable:
-        bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f}")  # short: 80 columns (img/s: the epoch line)
-    return loss, acc
-
-
-def log_epoch(args, out_dir, rank, row):
-    if rank == 0:
-        plumbing.append_jsonl(out_dir / "metrics.jsonl", row)
-    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
-          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
-          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
-
+# The summary: summary.json, the result lines, the pictures
 
 def write_summary(args, model, progress, data, cm, device, out_dir):
     summary = {

@@ -816,6 +816,13 @@ def new_run_dir(script):
             return path
 
 
+def open_run_folder(args, ckpt, report, rank):
+    """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
+    if rank == 0:
+        args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+    return Path(args.out_dir or ".")
+
+
 def prepare_out_dir(path, report, overwrite=False, resuming=False):
     """The run's output folder (new under runs/ for None), proven writable and locked for this process before any
     work (a second run into the same folder is refused while this one lives); one holding another run's results is
@@ -1022,6 +1029,11 @@ def write_text_atomic(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def folder_bytes(path):
+    """The bytes of every file under a folder (a saved adapter or model)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def read_jsonl(path):
     """The rows of a .jsonl file; a line cut short (a full disk, a kill mid-write) is left out."""
     path = Path(path)
@@ -1133,6 +1145,27 @@ def progress_bar(total, desc, disable=False):
 # ----------------------------------------------------------------------------------------------------
 # Charts with matplotlib when it is installed, drawn on Figure objects: no pyplot, so a notebook's backend and
 # its open figures are left as they were
+
+
+def check_progress(stats, seen, step, lr, bar):
+    """(mean loss, accuracy) from the running [loss sum, correct] of `seen` images (a read of the device), shown on
+    the bar; a non-finite loss stops the run here, naming the step and learning rate."""
+    loss_sum, correct = stats.tolist() if torch.is_tensor(stats) else stats
+    loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the training loss became {loss} by step {step} (lr {lr:.2e})")
+    if not bar.disable:
+        bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f}")  # short: 80 columns (img/s: the epoch line)
+    return loss, acc
+
+
+def log_epoch(args, out_dir, rank, row):
+    """A CIFAR classifier's epoch: its metrics.jsonl row (main process) and its line."""
+    if rank == 0:
+        append_jsonl(out_dir / "metrics.jsonl", row)
+    print(f"epoch {row['epoch']:>3}/{args.epochs} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | "
+          f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} | lr {row['lr']:.2e} | "
+          f"{row['images_per_second']:,.0f} img/s | {row['epoch_seconds']:.1f}s", flush=True)
 
 def has_matplotlib():
     try:

@@ -489,7 +489,7 @@ def main(argv=None):
         rank, world_size, local_rank = plumbing.init_distributed(args.device)
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
         device = plumbing.pick_device(args.device, local_rank)
-        out_dir = open_run_folder(args, ckpt, report, rank)
+        out_dir = plumbing.open_run_folder(args, ckpt, report, rank)
         torch.manual_seed(args.seed)
         model, tokenizer, processor, new_modules = load_model(args, out_dir, device, rank, ckpt)
         data, fingerprint, tokens = load_data(args, ckpt, tokenizer, processor)
@@ -660,13 +660,6 @@ def experiment_args(argv):
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     check_args(args)
     return args, ckpt
-
-
-def open_run_folder(args, ckpt, report, rank):
-    """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
-    if rank == 0:
-        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
-    return Path(args.out_dir or ".")
 
 
 def load_data(args, ckpt, tokenizer, processor):
@@ -924,10 +917,6 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
     return Progress(**ckpt["state"])
 
 
-def folder_bytes(folder):
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-
-
 def write_summary(args, config, progress, data, after, counts, device, out_dir):
     """summary.json. pairs_per_second counts (image, caption) pairs; images_per_second, the common field, is
     null here: the encoder sees each image once (cached), so an image rate would say nothing about a step."""
@@ -949,9 +938,10 @@ def write_summary(args, config, progress, data, after, counts, device, out_dir):
                "bleu_one_ref_per_row_before": base["scores"].get("bleu_one_ref_per_row"),
                "bleu_one_ref_per_row": after[0]["bleu_one_ref_per_row"],
                "finetune": args.finetune, "composed_from": [args.encoder, args.decoder] if args.encoder else None,
-               "adapter_bytes": folder_bytes(out_dir / "adapter") if args.finetune == "lora" else None,
-               "model_bytes": folder_bytes(out_dir / "model") if args.finetune == "full" else None,
-               "base_bytes": folder_bytes(out_dir / "base") if args.encoder and args.finetune == "lora" else None,
+               "adapter_bytes": plumbing.folder_bytes(out_dir / "adapter") if args.finetune == "lora" else None,
+               "model_bytes": plumbing.folder_bytes(out_dir / "model") if args.finetune == "full" else None,
+               "base_bytes": (plumbing.folder_bytes(out_dir / "base") if args.encoder and args.finetune == "lora"
+                              else None),
                "examples": examples}
     summary = plumbing.write_summary(out_dir / "summary.json", summary)
     for ex in examples:  # without a baseline (--no-baseline, or a resumed run's) there is no "before"

@@ -49,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import error_line  # noqa: E402
+from common import error_line, folder_bytes  # noqa: E402
 
 CPU_VARIANTS = ["full", "lora", "lora+cache"]
 CUDA_VARIANTS = ["full", "lora", "lora+cache", "lora+cache+bf16", "lora+cache+bf16+graph"]
@@ -81,10 +81,6 @@ def parse_variant(name, args):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def folder_bytes(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def batch_of(size, device):
