@@ -437,8 +437,7 @@ def _global_state():
     cpu, seed, benchmark = torch.get_rng_state(), torch.initial_seed(), torch.backends.cudnn.benchmark
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
-    bars = {module: module.is_progress_bar_enabled() for module in _bar_switches("transformers")}
-    hub = {module: not module.are_progress_bars_disabled() for module in _bar_switches("hub")}
+    transformers_bars, hub_bars = _bars_on()
 
     def restore():  # each part on its own: a failure here must not hide the run's own ending
         torch.set_rng_state(cpu)
@@ -452,21 +451,25 @@ def _global_state():
             if mps is not None:
                 torch.mps.set_rng_state(mps)
         with suppress(Exception):
-            hub_on = [not module.are_progress_bars_disabled() for module in _bar_switches("hub")]
-            for module in _bar_switches("transformers"):  # loaded by the run: as transformers starts (as the hub's)
-                on = bars.get(module, hub_on[0] if hub_on else True)
-                (module.enable_progress_bar if on else module.disable_progress_bar)()
-            for module in _bar_switches("hub"):  # after transformers, whose switch sets the hub's too
-                on = hub.get(module, hub_on[0])
-                if on != (not module.are_progress_bars_disabled()):  # a switch also resets per-group settings
-                    (module.enable_progress_bars if on else module.disable_progress_bars)()
+            transformers_logging, hub = sys.modules.get(TRANSFORMERS_LOGGING), sys.modules.get(HUB_UTILS)
+            hub_now = _bars_on()[1] is not False  # the run's ending state; on if the hub is not loaded
+            if transformers_logging is not None:  # loaded by the run: as transformers starts, with the hub's setting
+                on = transformers_bars if transformers_bars is not None else hub_now
+                (transformers_logging.enable_progress_bar if on else transformers_logging.disable_progress_bar)()
+            on = hub_bars if hub_bars is not None else hub_now
+            if hub is not None and on != _bars_on()[1]:  # after transformers, whose switch sets the hub's too;
+                (hub.enable_progress_bars if on else hub.disable_progress_bars)()  # each also resets group settings
     return restore
 
 
-def _bar_switches(which):
-    """The loaded module that switches transformers' (or huggingface_hub's) progress bars: [] or [module]."""
-    module = sys.modules.get("transformers.utils.logging" if which == "transformers" else "huggingface_hub.utils")
-    return [module] if module is not None else []
+TRANSFORMERS_LOGGING, HUB_UTILS = "transformers.utils.logging", "huggingface_hub.utils"
+
+
+def _bars_on():
+    """(transformers' progress bars on, huggingface_hub's on), None for a library not loaded yet."""
+    transformers_logging, hub = sys.modules.get(TRANSFORMERS_LOGGING), sys.modules.get(HUB_UTILS)
+    return (transformers_logging.is_progress_bar_enabled() if transformers_logging is not None else None,
+            not hub.are_progress_bars_disabled() if hub is not None else None)
 
 
 class RunMemory:
@@ -474,8 +477,9 @@ class RunMemory:
     highest of samples every 20 ms (a notebook that ran a larger run before: the process's peak is that run's)."""
 
     def __init__(self):
-        self.start_peak, self.sampled, self.done = _max_rss_mb(), _rss_mb() or 0.0, threading.Event()
-        if _rss_mb() is not None:
+        now = _rss_mb()  # None where /proc is missing: the process's peak only
+        self.start_peak, self.sampled, self.done = _max_rss_mb(), now or 0.0, threading.Event()
+        if now is not None:
             threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):

@@ -1735,8 +1735,9 @@ def load_trained(run_or_adapter_or_model, device="cpu", model=None):
     an adapter of another model is refused with the same one-line DataError."""
     device = plumbing.pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
     path = Path(run_or_adapter_or_model).expanduser()
-    if model is None and full_run_model(path):  # a --finetune full run: its whole captioner
-        path = run_or_adapter_or_model = full_run_model(path)
+    full = full_run_model(path) if model is None else None
+    if full:  # a --finetune full run: its whole captioner
+        path = run_or_adapter_or_model = full
     adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
     if adapter is not None:
         loaded = load_with_adapter(SimpleNamespace(adapter=str(adapter), model=model and str(model)), device)
