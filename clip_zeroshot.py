@@ -46,8 +46,7 @@ from common import positive_int  # argparse type: a flag's range (the float rang
 
 SCRIPT = "clip_zeroshot"
 CHECKPOINT_VERSION = 1
-# Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "eager", "no_download", "no_progress", "no_plots", "overwrite")
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_download")  # on --resume: from the command line
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -78,8 +77,7 @@ def build_parser():
     a = p.add_argument
     a("--model", default="openai/clip-vit-base-patch32",
       help="hub id or local folder (save_pretrained) of a CLIPModel with its tokenizer and image processor")
-    a("--data-dir", default="./data",
-      help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
+    a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10")
     a("--prompts", help="'single' (a photo of a {}.), 'ensemble' (OpenAI's 18 templates) or a UTF-8 file of "
                         "templates (default: single; ensemble with --finetune)")
@@ -95,34 +93,23 @@ def build_parser():
     a("--lr", type=finite_positive, help="fine-tuning: peak AdamW learning rate (default 1e-5 full, 1e-3 lora)")
     a("--weight-decay", type=finite_non_negative,
       help="fine-tuning: AdamW decoupled weight decay, not on biases and norms (default 0.1 full, 0.01 lora)")
-    a("--warmup", type=fraction, default=0.1,
-      help="fine-tuning: linear warm-up as a fraction of all steps, then cosine")
-    a("--grad-clip", type=finite_non_negative, default=1.0,
-      help="fine-tuning: clip the gradient norm to this (0 = off)")
+    a("--warmup", type=fraction, default=0.1, help="fine-tuning: linear warm-up, a fraction of all steps; then cosine")
+    a("--grad-clip", type=finite_non_negative, default=1.0, help="fine-tuning: clip the gradient norm (0 = off)")
     a("--max-steps", type=positive_int, help="fine-tuning: stop after this many optimizer steps (smoke runs)")
     a("--wise", type=mix, help="fine-tuning: also report WiSE-FT, the weights (1 - a) x zero-shot + a x fine-tuned")
     a("--rank", type=positive_int, default=16, help="--finetune lora: LoRA rank r")
-    a("--alpha", type=finite_positive, default=32,
-      help="--finetune lora: LoRA alpha (the update is scaled by alpha / r)")
-    a("--lora-dropout", type=fraction, default=0.05,
-      help="--finetune lora: dropout on the LoRA branch input, in [0, 1)")
+    a("--alpha", type=finite_positive, default=32, help="--finetune lora: LoRA alpha (updates scaled by alpha / r)")
+    a("--lora-dropout", type=fraction, default=0.05, help="--finetune lora: dropout on the LoRA branch input")
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
-    a("--resume", help="continue fine-tuning from a last.pt; its flags are kept (--epochs and --max-steps may grow)")
     a("--backbone", metavar="VIT",
       help="--finetune an ImageNet ViT (a ViTModel checkpoint: hub id or folder, e.g. "
            "google/vit-base-patch16-224-in21k) instead of CLIP's tower: a linear head on its CLS output, trained "
            "from a random start")
     a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
                         "model is the one the folder records unless --model is given")
-    # machine
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--eager", action="store_true", help="--finetune on CUDA: run each step eagerly, not as a captured CUDA graph")
-    a("--seed", type=generator_seed, default=0,
-      help="seeds subsets, the probe's held-out split, shuffling, augmentation, LoRA")
-    a("--out-dir", default=None, help="where results go (default: a new folder runs/clip_zeroshot/<date-time>)")
-    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
-    a("--no-plots", action="store_true", help="no pictures (confusion.png, curves.png)")
+    a("--seed", type=generator_seed, default=0, help="seeds subsets, the probe's split, shuffling, augmentation, LoRA")
+    plumbing.add_run_flags(p, SCRIPT, "confusion.png, curves.png", resume="a fine-tuning run's folder or last.pt",
+                           eager_when="--finetune on CUDA")
     return p
 
 
@@ -355,24 +342,6 @@ class CapturedStep:
         self.graph.replay()
 
 
-def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture):
-    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
-    else train_step run eagerly; a capture that fails falls back to eager with one line."""
-    step = partial(train_step, model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, stats=stats)
-    if capture:
-        try:
-            model.train()
-            t0 = time.perf_counter()
-            captured = CapturedStep(step, *first_batch, model, optimizer, stats)
-            captured.seconds = time.perf_counter() - t0
-            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
-            return captured
-        except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly", flush=True)
-            torch.cuda.synchronize()
-    return step
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation: edit freely. evaluate returns predictions in test-set order and accuracies are counted in integers
 # (28 of 50 is 0.56 exactly): the summaries rely on both.
@@ -551,6 +520,27 @@ def main(argv=None):
 FINETUNE_FLAGS = ("epochs", "lr", "weight_decay", "warmup", "grad_clip", "max_steps", "wise")
 LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
 PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
+
+# ----------------------------------------------------------------------------------------------------
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly
+
+def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture):
+    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
+    else train_step run eagerly; a capture that fails falls back to eager with one line."""
+    step = partial(train_step, model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, stats=stats)
+    if capture:
+        try:
+            model.train()
+            t0 = time.perf_counter()
+            captured = CapturedStep(step, *first_batch, model, optimizer, stats)
+            captured.seconds = time.perf_counter() - t0
+            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+            return captured
+        except Exception as e:  # the fast path must not end the run
+            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly", flush=True)
+            torch.cuda.synchronize()
+    return step
+
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the machine, the data, checkpoints and the per-epoch log

@@ -40,8 +40,7 @@ from common import fraction, non_negative, positive_float, positive_int  # argpa
 
 SCRIPT = "cnn_baseline"
 CHECKPOINT_VERSION = 2
-# Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "eager", "no_download", "no_progress", "no_plots", "overwrite")
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_download")  # on --resume: from the command line
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -52,8 +51,7 @@ def build_parser():
     p = plumbing.make_parser(__doc__, SCRIPT)
     a = p.add_argument
     # data
-    a("--data-dir", default="./data",
-      help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
+    a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10; fail if --data-dir has none")
     a("--limit-train", type=positive_int, help="use a class-stratified subset of N training images")
     a("--limit-test", type=positive_int, help="use a class-stratified subset of N test images")
@@ -62,29 +60,18 @@ def build_parser():
       help="stem width, then one width per stage (each stage halves the resolution)")
     # optimisation
     a("--epochs", type=positive_int, default=10, help="passes over the training set")
-    a("--batch-size", type=positive_int, default=128,
-      help="images per step and process (under torchrun the global batch is this x processes)")
+    a("--batch-size", type=positive_int, default=128, help="images per step and process (under torchrun: x processes)")
     a("--lr", type=positive_float, default=3e-3, help="peak AdamW learning rate")
-    a("--weight-decay", type=non_negative, default=0.05,
-      help="AdamW decoupled weight decay (not on BatchNorm weights and biases)")
+    a("--weight-decay", type=non_negative, default=0.05, help="AdamW decoupled weight decay, not on norms and biases")
     a("--warmup", type=fraction, default=0.1, help="linear warm-up as a fraction of all steps; cosine decay to 0 after")
     a("--label-smoothing", type=fraction, default=0.1, help="cross-entropy label smoothing in [0, 1)")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over the global batch")
-    a("--tta", action=argparse.BooleanOptionalAction, default=True,
-      help="evaluate with flip test-time augmentation (mean of image and mirror logits)")
+    a("--tta", action=argparse.BooleanOptionalAction, default=True, help="evaluate on mean image + mirror logits")
     a("--max-steps", type=positive_int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling and augmentation")
-    # machine
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--eager", action="store_true", help="CUDA: run each step eagerly instead of replaying a captured CUDA graph")
-    a("--out-dir", help="where results go (default: a new folder runs/cnn_baseline/<date-time>)")
-    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", help="continue from a run folder or its last.pt; its flags are kept (--epochs, --max-steps may grow)")
-    a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
-    a("--no-plots", action="store_true", help="no pictures (curves.png, confusion.png)")
-    a("--compare", metavar="DIR",
-      help="print a table of the newest summary.json of each script under DIR (or of one summary.json), then exit")
+    plumbing.add_run_flags(p, SCRIPT, "curves.png, confusion.png")
+    a("--compare", metavar="DIR", help="print a table of each script's newest summary.json under DIR (or of one), exit")
     return p
 
 
@@ -143,10 +130,6 @@ class ResidualCNN(nn.Module):
 def channels_last(device):
     """NHWC on CUDA, where cuDNN's convolutions are fastest in it; the default layout elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def model_config(args, num_classes):
-    return {"widths": list(args.widths), "num_classes": num_classes}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,25 +245,6 @@ class CapturedStep:
         self.graph.replay()
 
 
-def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, capture):
-    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
-    else train_step run eagerly; a capture that fails falls back to eager with one line."""
-    step = partial(train_step, model, optimizer, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats)
-    if capture:
-        try:
-            model.train()
-            x, y = next(iter(loader))
-            t0 = time.perf_counter()
-            captured = CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats)
-            captured.seconds = time.perf_counter() - t0
-            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
-            return captured
-        except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
-            torch.cuda.synchronize()
-    return eager(step, optimizer)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -386,8 +350,29 @@ def main(argv=None):
         return summary
 
 
-
 # ===== Run plumbing: nothing below changes what is trained =====
+
+# ----------------------------------------------------------------------------------------------------
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly
+
+def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, capture):
+    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
+    else train_step run eagerly; a capture that fails falls back to eager with one line."""
+    step = partial(train_step, model, optimizer, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats)
+    if capture:
+        try:
+            model.train()
+            x, y = next(iter(loader))
+            t0 = time.perf_counter()
+            captured = CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats)
+            captured.seconds = time.perf_counter() - t0
+            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+            return captured
+        except Exception as e:  # the fast path must not end the run
+            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
+            torch.cuda.synchronize()
+    return eager(step, optimizer)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the run folder, data checks, the machine
@@ -461,6 +446,10 @@ def load_data(args, ckpt, log=print):
         raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} "
                         f"training images")
     return data, train_idx, test_idx
+
+
+def model_config(args, num_classes):
+    return {"widths": list(args.widths), "num_classes": num_classes}
 
 
 def restore_run(ckpt, args, model, optimizer, scaler, device, capture, num_classes):

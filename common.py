@@ -510,27 +510,62 @@ _run_memory = None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows a flag's default once, and only where it says something (not None, not a switch's False)."""
+    """Shows a flag's default once, and only where it says something (not None, not a switch's False); a flag that a
+    recipe sets shows each recipe's value instead."""
+
+    def __init__(self, prog, recipes=None):
+        super().__init__(prog)
+        self.recipes = recipes or {}
 
     def _get_help_string(self, action):
         text = action.help or ""
+        if action.default is None and self.recipes and all(action.dest in r for r in self.recipes.values()):
+            values = ", ".join(f"{name}: {_shown(r[action.dest])}" for name, r in self.recipes.items())
+            return f"{text} (recipe {values})"
         hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         if "default" in text or hidden or not action.option_strings:  # 0 and 0.0 are shown: they say something
             return text
         return f"{text} (default: %(default)s)"
 
 
-def make_parser(doc, script):
-    """A parser described by the docstring's first paragraph, its commands as epilog, errors as DataError."""
+def _shown(value):
+    """A recipe's value as --help shows it: - for none, on / off for a switch, 1e-3 as 0.001."""
+    if value is None or isinstance(value, bool):
+        return {None: "-", True: "on", False: "off"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def make_parser(doc, script, recipes=None):
+    """A parser described by the docstring's first paragraph, its commands as epilog, errors as DataError; with
+    `recipes` ({name: {flag: value}}) --help shows each recipe's value of the flags they set."""
     examples = [line for line in doc.splitlines() if line.split()[:1] in (["python"], ["torchrun"])]
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=doc.split("\n\n")[0],
-                                     formatter_class=HelpFormatter,
+                                     formatter_class=functools.partial(HelpFormatter, recipes=recipes),
                                      epilog="examples:\n" + "\n".join(examples) if examples else None)
 
     def error(message):  # "argument --lr: must be positive, got 0" -> "--lr must be positive, got 0"
         raise DataError(re.sub(r"^argument (-[\w-]+)(?:/[\w/-]+)?: (must .*)", r"\1 \2", message))
     parser.error = error
     return parser
+
+
+# The flags that describe the machine and the run folder, not the experiment: on --resume they come from the command
+# line, not the checkpoint (a script adds its own machine flags to these).
+RUN_FLAGS = ("device", "eager", "no_progress", "no_plots", "overwrite")
+
+
+def add_run_flags(parser, script, pictures, resume="a run folder or its last.pt", eager_when="CUDA"):
+    """Every script's machine and run-folder flags, after its experiment's (`resume=None`: it declares its own)."""
+    a = parser.add_argument
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
+    a("--eager", action="store_true",
+      help=f"{eager_when}: run each step eagerly instead of replaying a captured CUDA graph")
+    a("--out-dir", help=f"where results go (default: a new folder runs/{script}/<date-time>)")
+    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
+    if resume:
+        a("--resume", help=f"continue from {resume}; its flags are kept (--epochs and --max-steps may grow)")
+    a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
+    a("--no-plots", action="store_true", help=f"no pictures ({pictures})")
 
 
 # argparse types: each flag's range is checked where the flag is declared (type=positive_int, ...)

@@ -60,8 +60,7 @@ SCRIPT = "lora_caption"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DECODER_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the guide's choice
 CROSS_ATTENTION_TARGETS = ["crossattention.c_attn", "crossattention.q_attn", "crossattention.c_proj"]
-# Flags that describe the machine (speed flags change no result): on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "no_progress", "no_plots", "overwrite", "no_encoder_cache", "eager", "host_cache")
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_encoder_cache", "host_cache")  # on --resume: from the command line
 LOG_EVERY = 20  # optimizer steps between reads of the training loss (each read waits for the device)
 CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this share of the free memory
 
@@ -110,17 +109,11 @@ def build_parser():
     a("--merge", action="store_true", help="merge --adapter into its base and save a standalone model to --out-dir")
     a("--adapter", help="an adapter folder written by a training run (for --caption / --merge)")
     # machine and speed (none of these changes the results)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
     a("--no-encoder-cache", action="store_true",
       help="run the frozen encoder at every step instead of caching its output once per image (saves that memory)")
-    a("--eager", action="store_true", help="run each step eagerly instead of replaying it as a CUDA graph")
     a("--host-cache", action="store_true", help="keep the encoder cache in host memory even where it fits the GPU")
     a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
-    a("--out-dir", help="where results go (default: a new folder runs/lora_caption/<date-time>)")
-    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", help="continue from a training_state.pt; its flags are kept (--epochs and --max-steps may grow)")
-    a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
-    a("--no-plots", action="store_true", help="no pictures (curves.png, captions.html)")
+    plumbing.add_run_flags(p, SCRIPT, "curves.png, captions.html", resume="a run folder or its training_state.pt")
     return p
 
 

@@ -41,8 +41,7 @@ from common import fraction, non_negative, positive_float, positive_int  # argpa
 
 SCRIPT = "vit_scratch"
 CHECKPOINT_VERSION = 2
-# Flags that describe the machine, not the experiment: on --resume they come from the command line.
-RUNTIME_FLAGS = ("device", "eager", "compile", "no_download", "no_progress", "no_plots", "overwrite")
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "compile", "no_download")  # on --resume: from the command line
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -60,11 +59,10 @@ RECIPES = {
 
 
 def build_parser():
-    p = plumbing.make_parser(__doc__, SCRIPT)
+    p = plumbing.make_parser(__doc__, SCRIPT, RECIPES)  # --help shows each recipe's value of a flag it sets
     a = p.add_argument
     # data
-    a("--data-dir", default="./data",
-      help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's CIFAR-10 folder")
+    a("--data-dir", default="./data", help="ImageFolder tree (train/<class>/*, test/<class>/*) or torchvision's folder")
     a("--no-download", action="store_true", help="never try to download CIFAR-10; fail if --data-dir has none")
     a("--limit-train", type=positive_int, help="use a class-stratified subset of N training images")
     a("--limit-test", type=positive_int, help="use a class-stratified subset of N test images")
@@ -75,51 +73,32 @@ def build_parser():
     a("--hidden-dim", type=positive_int, default=512, help="MLP hidden width")
     a("--num-heads", type=positive_int, default=8, help="attention heads")
     a("--num-layers", type=positive_int, default=6, help="transformer blocks")
-    # recipe: each default below comes from --recipe
-    a("--recipe", default="fast", choices=sorted(RECIPES),
-      help="fast: measured best; guide: the study guide's settings")
+    # recipe: a flag left out takes its --recipe's value
+    a("--recipe", default="fast", choices=sorted(RECIPES), help="fast: measured best; guide: the study guide's")
     a("--epochs", type=positive_int, default=10, help="passes over the training set")
-    a("--batch-size", type=positive_int,
-      help="images per step and process; under torchrun the global batch is this x processes (recipe: 256 / 128)")
-    a("--optimizer", choices=["muon", "adamw"],
-      help="muon: Muon on the blocks' 2-D weights, AdamW on the rest; adamw: AdamW on all (recipe)")
-    a("--lr", type=positive_float, help="peak AdamW learning rate (recipe: 1e-3 / 3e-4)")
-    a("--muon-lr", type=positive_float,
-      help="peak Muon learning rate, with --optimizer muon (recipe: 0.01; the guide's recipe has no Muon and takes it)")
+    a("--batch-size", type=positive_int, help="images per step and process (under torchrun: x processes)")
+    a("--optimizer", choices=["muon", "adamw"], help="muon: Muon on the blocks' 2-D weights, AdamW on the rest")
+    a("--lr", type=positive_float, help="peak AdamW learning rate")
+    a("--muon-lr", type=positive_float, help="peak Muon learning rate, with --optimizer muon (where -: fast's)")
     a("--muon-momentum", type=fraction, default=0.95, help="Muon's Nesterov momentum, with --optimizer muon")
-    a("--weight-decay", type=non_negative,
-      help="AdamW decoupled weight decay, not on norms, biases, CLS, positions (recipe: 0.05 / 0.01)")
-    a("--schedule", choices=["step", "epoch"],
-      help="cosine decay stepped per iteration (after --warmup) or per epoch as the guide (recipe)")
-    a("--warmup", type=fraction,
-      help="linear warm-up as a fraction of all steps, with --schedule step (recipe: 0.1 / 0)")
+    a("--weight-decay", type=non_negative, help="AdamW decoupled weight decay, not on norms, biases, CLS, positions")
+    a("--schedule", choices=["step", "epoch"], help="cosine decay per iteration (after --warmup) or per epoch")
+    a("--warmup", type=fraction, help="linear warm-up as a fraction of all steps, with --schedule step")
     a("--lr-shape", choices=["cosine", "linear", "trapezoid"], default="cosine",
       help="with --schedule step, after the warm-up: cosine or linear to 0, or flat then linear over its last 20%%")
-    a("--label-smoothing", type=fraction, help="cross-entropy label smoothing in [0, 1) (recipe: 0.1 / 0)")
-    a("--dropout", type=fraction, help="dropout after the embedding and inside each MLP, in [0, 1) (recipe: 0 / 0.1)")
-    a("--init-std", type=non_negative,
-      help="standard deviation of the CLS token and positions at initialisation (recipe: 0.02 / the guide's 1)")
-    a("--erase", type=fraction, default=0.0,
-      help="random erasing, a third augmentation: a square of a quarter of the side, with this probability (0 = off)")
-    a("--tta", action=argparse.BooleanOptionalAction,
-      help="evaluate with flip test-time augmentation, the mean of image and mirror logits (recipe: on / off)")
+    a("--label-smoothing", type=fraction, help="cross-entropy label smoothing")
+    a("--dropout", type=fraction, help="dropout after the embedding and inside each MLP")
+    a("--init-std", type=non_negative, help="standard deviation of the CLS token and positions at initialisation")
+    a("--erase", type=fraction, default=0.0, help="random erasing of a quarter-side square, this probability")
+    a("--tta", action=argparse.BooleanOptionalAction, help="evaluate on the mean logits of image and mirror")
     a("--tta-shift", type=positive_int, help="with --tta: also the images shifted by this many pixels (4 ways)")
-    a("--ema", type=fraction, default=0.0,
-      help="evaluate an exponential moving average of the weights, this decay per step (0 = off; e.g. 0.995)")
+    a("--ema", type=fraction, default=0.0, help="evaluate a moving average of the weights, this decay a step (0 = off)")
     a("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm to this (0 = off)")
     a("--max-steps", type=positive_int, help="stop after this many optimizer steps (smoke runs)")
     a("--seed", type=int, default=0, help="seeds initialisation, subsets, shuffling, augmentation and dropout")
-    # machine
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto picks cuda, then mps, then cpu")
-    a("--eager", action="store_true", help="CUDA: run each step eagerly instead of replaying a captured CUDA graph")
     a("--compile", action="store_true", help="torch.compile each transformer block (the first steps compile)")
-    a("--out-dir", help="where results go (default: a new folder runs/vit_scratch/<date-time>)")
-    a("--overwrite", action="store_true", help="replace the results of another run in --out-dir")
-    a("--resume", help="continue from a run folder or its last.pt; its flags are kept (--epochs, --max-steps may grow)")
-    a("--no-progress", action="store_true", help="no tqdm bars (they are off anyway when stderr is not a terminal)")
-    a("--no-plots", action="store_true", help="no pictures (attention.png, curves.png, confusion.png)")
-    a("--show-attention", metavar="CHECKPOINT",
-      help="only draw attention.png for a saved checkpoint (into --out-dir, default beside it)")
+    plumbing.add_run_flags(p, SCRIPT, "attention.png, curves.png, confusion.png")
+    a("--show-attention", metavar="CHECKPOINT", help="only draw attention.png for a checkpoint (default: beside it)")
     return p
 
 
@@ -136,16 +115,11 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: the guide's ViT. Edit freely; checkpoints record MODEL_FLAGS, Muon takes every 2-D weight in the blocks,
-# and the pictures read the model only through VisionTransformer.attention_maps.
-
-def attention_probs(q, k):
-    """The plain math: softmax(Q K^T / sqrt(d)). (B, h, T, d) x 2 -> (B, h, T, T)."""
-    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
-
+# Model: the guide's ViT. Edit freely: Muon takes every 2-D weight in the blocks, the pictures read the model only
+# through VisionTransformer.attention_maps, and checkpoints record the flags in MODEL_FLAGS (below the banner).
 
 class Attention(nn.Module):
-    """Multi-head self-attention with the same weights layout as nn.MultiheadAttention (q, k, v stacked)."""
+    """Multi-head self-attention, q, k and v from one stacked projection (nn.MultiheadAttention's weight layout)."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -154,24 +128,17 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.fused = True  # False: the readable math path, kept for tests
 
-    def qkv(self, x):
+    def forward(self, x, probs_only=False):
         B, T, D = x.shape
-        qkv = self.to_qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)
-        return qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
-
-    def probs(self, x):
-        """The attention weights (B, h, T, T), which the fused kernel never materialises: for pictures."""
-        q, k, _ = self.qkv(x)
-        return attention_probs(q, k)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x)
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v)  # the same softmax(QK^T/sqrt(d)) V, one kernel
+        q, k, v = self.to_qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B,h,T,d)
+        if self.fused and not probs_only:
+            out = F.scaled_dot_product_attention(q, k, v)  # softmax(Q K^T / sqrt(d)) V in one kernel
         else:
-            out = attention_probs(q, k) @ v
-        return self.to_out(out.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+            probs = torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]), dim=-1)  # (B, h, T, T)
+            if probs_only:  # the weights the fused kernel never materialises: for pictures
+                return probs
+            out = probs @ v
+        return self.to_out(out.transpose(1, 2).reshape(B, T, D))
 
 
 class Block(nn.Module):
@@ -218,20 +185,12 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x):
-        """Per layer, the attention weights (B, h, T, T) for images x, recomputed with the plain softmax (the fused
-        kernel that training uses never returns them): what the pictures show."""
+        """Per layer, the attention weights (B, h, T, T) for images x: what the pictures show."""
         tokens, maps = self.embed(x), []
         for block in self.blocks:
-            maps.append(block.attn.probs(block.norm1(tokens)))
+            maps.append(block.attn(block.norm1(tokens), probs_only=True))
             tokens = block(tokens)
         return maps
-
-
-MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads", "num_layers", "dropout")
-
-
-def model_config(args, num_classes):
-    return {**{k: getattr(args, k) for k in MODEL_FLAGS}, "num_classes": num_classes}
 
 
 def hidden_matrices(model):
@@ -423,28 +382,6 @@ class CapturedStep:
         self.graph.replay()
 
 
-def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled, ema=None):
-    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
-    else train_step run eagerly; a capture that fails falls back to eager with one line. `ema`: the averaged model."""
-    averaging = (list(ema.parameters()), list(model.parameters()), args.ema) if ema is not None else None
-    step = partial(train_step, model, optimizers, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats,
-                   ema=averaging)
-    if capture:
-        try:
-            model.train()
-            t0 = time.perf_counter()
-            captured = CapturedStep(step, *next(iter(loader)), model, optimizers, stats, ema)
-            captured.seconds = time.perf_counter() - t0
-            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
-            return captured
-        except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
-            torch.cuda.synchronize()
-            for module in compiled:  # back to the plain modules too
-                del module.forward
-    return eager(step, optimizers)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -564,8 +501,41 @@ def main(argv=None):
         return summary
 
 
-
 # ===== Run plumbing: nothing below changes what is trained =====
+
+# ----------------------------------------------------------------------------------------------------
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; --compile
+
+def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled, ema=None):
+    """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
+    else train_step run eagerly; a capture that fails falls back to eager with one line. `ema`: the averaged model."""
+    averaging = (list(ema.parameters()), list(model.parameters()), args.ema) if ema is not None else None
+    step = partial(train_step, model, optimizers, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats,
+                   ema=averaging)
+    if capture:
+        try:
+            model.train()
+            t0 = time.perf_counter()
+            captured = CapturedStep(step, *next(iter(loader)), model, optimizers, stats, ema)
+            captured.seconds = time.perf_counter() - t0
+            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+            return captured
+        except Exception as e:  # the fast path must not end the run
+            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
+            torch.cuda.synchronize()
+            for module in compiled:  # back to the plain modules too
+                del module.forward
+    return eager(step, optimizers)
+
+
+def compile_blocks(model, device):
+    """--compile: regional compilation, one block's code compiled once and reused by every block."""
+    if device.type != "cuda":
+        plumbing.quiet_compile_on_cpu()
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward)
+    return list(model.blocks)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the run folder, data checks, the machine
@@ -578,15 +548,6 @@ class Progress:
     best_acc: float = -1.0
     train_seconds: float = 0.0
     images_seen: int = 0
-
-
-def compile_blocks(model, device):
-    """--compile: regional compilation, one block's code compiled once and reused by every block."""
-    if device.type != "cuda":
-        plumbing.quiet_compile_on_cpu()
-    for block in model.blocks:
-        block.forward = torch.compile(block.forward)
-    return list(model.blocks)
 
 
 def experiment_args(argv):
@@ -671,6 +632,13 @@ def load_data(args, ckpt, log=print):
         raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} "
                         f"training images")
     return data, train_idx, test_idx
+
+
+MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads", "num_layers", "dropout")
+
+
+def model_config(args, num_classes):
+    return {**{k: getattr(args, k) for k in MODEL_FLAGS}, "num_classes": num_classes}
 
 
 def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_classes, ema=None):

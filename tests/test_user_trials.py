@@ -263,6 +263,20 @@ def test_help_shows_each_default_once_and_the_example_commands(name):
     assert "(default: 10)" in out and "examples:" in out and f"python {name}.py --epochs 1 --limit-train 5000" in out
 
 
+def test_help_shows_the_value_each_recipe_gives_a_flag():
+    parser = vit_scratch.build_parser()
+    formatter = parser._get_formatter()
+    words = {"-": None, "on": True, "off": False}
+    for name in vit_scratch.RECIPES["fast"]:
+        action = next(a for a in parser._actions if a.dest == name)
+        shown = re.search(r"\(recipe fast: (\S+), guide: (\S+)\)$", formatter._get_help_string(action)).groups()
+        for recipe, text in zip(("fast", "guide"), shown):
+            value = vit_scratch.RECIPES[recipe][name]
+            assert (words[text] if text in words else type(value)(text)) == value, (name, recipe, text)
+    assert "(default" not in formatter._get_help_string(parser._option_string_actions["--lr"])
+    assert "(recipe fast: 256, guide: 128)" in " ".join(parser.format_help().split())
+
+
 # 20. failed runs leave no empty folder; summaries hold exact fractions -------------------------------------
 
 
