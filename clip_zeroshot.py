@@ -567,6 +567,12 @@ def experiment_args(argv):
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
+        for name in ("model", "backbone", "adapter", "prompts"):  # local paths too (the hub ids and keywords stay)
+            value = getattr(cli, name)
+            if value and value not in ("single", "ensemble") and Path(value).expanduser().exists():
+                setattr(cli, name, str(Path(value).expanduser().resolve()))
+        if cli.adapter:
+            check_adapter_run(cli.adapter)
         if cli.backbone and "targets" not in given:  # a ViTModel names its attention projections otherwise
             cli.targets = VIT_LORA_TARGETS
         if cli.adapter and "model" not in given:
@@ -832,6 +838,19 @@ def read_adapter_config(adapter_dir):
     except (OSError, ValueError):
         raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass the adapter/ folder of a "
                         f"--finetune lora run") from None
+
+
+def check_adapter_run(adapter_dir):
+    """--adapter evaluates LoRA on CLIP's tower; the adapter of a --backbone run (its run's config.json says so)
+    sits on an ImageNet ViT with a head trained from scratch, which its run's last.pt holds whole."""
+    run = Path(adapter_dir).expanduser().parent
+    try:
+        backbone = json.loads((run / "config.json").read_text()).get("backbone")
+    except (OSError, ValueError, AttributeError):
+        return  # an adapter folder on its own: the checks of its files decide
+    if backbone:
+        raise DataError(f"--adapter {adapter_dir}: the adapter of a --backbone run (LoRA on {backbone}), and --adapter "
+                        f"takes LoRA runs of CLIP's tower; --resume {run} evaluates that run's classifier")
 
 
 def adapter_base_model(adapter_dir):

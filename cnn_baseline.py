@@ -537,8 +537,7 @@ def newest_summaries(root):
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             skipped.append(str(path))  # a run still writing, or not ours
             continue
-        # fine-tuned CLIP, full or LoRA captioners, composed ones: each a row of its own
-        key, mtime = (script, summary.get("finetune") or "", bool(summary.get("composed_from"))), path.stat().st_mtime
+        key, mtime = (script, row_kind(summary)), path.stat().st_mtime
         if key not in newest or mtime > newest[key][0]:
             newest[key] = (mtime, summary, path.parent)
     if skipped:
@@ -546,6 +545,15 @@ def newest_summaries(root):
     if not newest:
         raise DataError(f"--compare {root}: no summary.json found under it")
     return [{**newest[k][1], "run": str(newest[k][2])} for k in sorted(newest)]
+
+
+def row_kind(summary):
+    """What makes a run a row of its own beside its script: the fine-tuning mode (full, lora), an ImageNet ViT in
+    place of CLIP's tower (backbone), a captioner composed from two models (composed)."""
+    args = summary.get("args") if isinstance(summary.get("args"), dict) else {}
+    kinds = [summary["finetune"]] if summary.get("finetune") else []
+    kinds += ["backbone"] * bool(args.get("backbone")) + ["composed"] * bool(summary.get("composed_from"))
+    return ", ".join(kinds)
 
 
 def comparison_table(summaries):
@@ -565,7 +573,7 @@ def comparison_table(summaries):
     header = "| model | data | params | trainable | epochs | test score | train s | img/s | peak MB | device | run |"
     rows = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for s in summaries:
-        kind = ", ".join(([s["finetune"]] if s.get("finetune") else []) + ["composed"] * bool(s.get("composed_from")))
+        kind = row_kind(s)
         name = s["script"] + (f" ({kind})" if kind else "")
         rate = s.get("images_per_second") if s.get("images_per_second") is not None else s.get("pairs_per_second")
         unit = " pairs" if s.get("images_per_second") is None and rate is not None else ""

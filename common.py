@@ -731,6 +731,8 @@ def _download_cifar10(root, batches, download, resumed_from):
     if resumed_from:
         raise DataError(f"--resume {resumed_from}: the run's data folder {root} no longer holds CIFAR-10 (moved or "
                         f"deleted?); pass --data-dir with the folder that holds it now")
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root}: a file, not a folder; {missing.split(': ', 1)[1]}")
     if not download:
         raise DataError(missing)
     from torchvision.datasets import CIFAR10

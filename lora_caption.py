@@ -129,6 +129,8 @@ def check_args(args):
     args.lr = args.lr or (3e-4 if args.finetune == "lora" else 5e-5)  # full: the course's rate
     if args.host_cache and args.no_encoder_cache:
         raise DataError("--host-cache places the encoder cache, which --no-encoder-cache turns off: drop one")
+    if args.max_length < 2:
+        raise DataError("--max-length 1 keeps only the end-of-caption token: nothing to learn; pass at least 2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,6 +487,7 @@ def main(argv=None):
         out_dir = plumbing.open_run_folder(args, ckpt, report, rank)
         torch.manual_seed(args.seed)
         model, tokenizer, processor, new_modules = load_model(args, out_dir, device, rank, ckpt)
+        check_positions(model, {"--max-length": args.max_length, "--max-new-tokens": args.max_new_tokens})
         data, fingerprint, tokens = load_data(args, ckpt, tokenizer, processor)
         per_step = args.global_batch * args.grad_accum  # pairs per optimizer step, all processes together
         total_steps = min(args.epochs * (len(tokens["pair_image"]) // per_step), args.max_steps or math.inf)
@@ -1309,6 +1312,17 @@ def check_is_captioner(config, label):
                         f"with its tokenizer and image processor (e.g. {DEFAULT_MODEL}), or a --merge output")
 
 
+def check_positions(model, lengths):
+    """`lengths` ({name: tokens}) against the decoder's positions: a longer caption fails deep inside its embedding
+    lookup (an IndexError), so it is refused here, before any work. Generating n new tokens reads n positions."""
+    config = model.config.decoder
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    for name, value in lengths.items():
+        if positions and value > positions:
+            raise DataError(f"{name} {value} is longer than the decoder's {positions} positions; pass at most "
+                            f"{positions}")
+
+
 def processor_geometry(processor):
     from torchvision.transforms.v2 import InterpolationMode
     size = processor.size
@@ -1508,7 +1522,8 @@ def load_caption_data(data_dir, image_size, resample, seed, log=print):
     empty test split is said before any work: captions are then not scored."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"--data-dir {root}: no such folder")
+        raise DataError(f"--data-dir {root}: {'a file, not a folder' if root.exists() else 'no such folder'} (pass the "
+                        f"folder that holds the images and the captions file)")
     table = read_caption_layout(root, log)
     report(table.problems, "caption row(s)", log)
     by_image = {}
@@ -1749,6 +1764,7 @@ def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size
     are read as in training (EXIF rotation applied, any mode to 8-bit RGB) and resized to the model's input size."""
     single = isinstance(images, (str, Path)) or hasattr(images, "getexif") or torch.is_tensor(images)
     images = [images] if single else list(images)
+    check_positions(captioner.model, {"max_new_tokens": max_new_tokens})
     if not images:
         return []
     size, resample = processor_geometry(captioner.processor)
@@ -1780,6 +1796,7 @@ def caption_files(args, device):
         raise DataError(f"--caption: nothing to caption: {why}")
     model = full_run_model(args.model) if args.model and not args.adapter else None  # a --finetune full run
     loaded = load_with_adapter(args, device) if args.adapter else load_captioner(model or args.model, device)
+    check_positions(loaded[0], {"--max-new-tokens": args.max_new_tokens})
     size, resample = processor_geometry(loaded[2])
     read, images = [], []  # a file named twice is captioned twice; each is kept at the model's size only
     for path in files:

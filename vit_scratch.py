@@ -799,7 +799,7 @@ def show_attention(args):
     device = plumbing.pick_device(args.device)
     model = VisionTransformer(**ckpt["model_config"]).to(device)
     plumbing.load_weights(model, {**ckpt, "model": ckpt.get("ema") or ckpt["model"]}, args.show_attention)
-    out_dir = Path(args.out_dir or Path(args.show_attention).parent)
+    out_dir = Path(args.out_dir or plumbing.checkpoint_arg(args.show_attention, "--show-attention").parent)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

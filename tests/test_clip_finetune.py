@@ -462,6 +462,16 @@ def test_backbone_lora_adapts_the_vits_attention_and_trains_the_head(tiny_vit, t
     assert summary["epochs"] == 3 and summary["model"] == str(tiny_vit)  # resumes through the same loop
 
 
+def test_adapter_of_a_backbone_run_is_refused_in_one_line_naming_the_way_to_evaluate_it(tiny_vit, tiny_cifar,
+                                                                                      tmp_path, capsys):
+    backbone_run(tiny_vit, tiny_cifar, tmp_path / "run", "--finetune", "lora", "--rank", "2", "--max-steps", "1")
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "run" / "adapter"),
+                                                             "--data-dir", str(tiny_cifar), "--device", "cpu"]))
+    assert "the adapter of a --backbone run" in err and f"--resume {tmp_path / 'run'}" in err
+    summary = clip_zeroshot.main(["--resume", str(tmp_path / "run"), "--no-progress"])  # what the line says works
+    assert summary["steps"] == 1 and summary["test_acc"] is not None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "2"], "--backbone has no effect without --finetune"),
     (["--finetune", "full", "--wise", "0.5"], "--wise has no effect with --backbone"),

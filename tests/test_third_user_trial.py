@@ -1,0 +1,110 @@
+"""A third new-user trial (a helper trying every script on the CPU): one test per defect it reproduced. Captions
+longer than the decoder's positions, CLIP's local paths saved as typed, --adapter on a --backbone run, --compare
+folding a --backbone run into CLIP's row, --show-attention given a run folder, and a file given as --data-dir."""
+import json
+import os
+
+import pytest
+import torch
+
+import clip_zeroshot
+import cnn_baseline
+import lora_caption
+import vit_scratch
+from conftest import TINY_CAPTIONS, one_line_error
+
+CPU = torch.device("cpu")
+
+
+# captions longer than the decoder's positions: one line before any work, not an IndexError from its embedding -----
+
+def test_caption_lengths_beyond_the_decoders_positions_are_one_line(tiny_captioner, tmp_path, capsys):
+    model, _, _ = lora_caption.load_captioner(str(tiny_captioner), CPU)
+    positions = model.config.decoder.n_positions
+    lora_caption.check_positions(model, {"--max-length": positions, "--max-new-tokens": positions})  # the limit fits
+    with pytest.raises(lora_caption.DataError, match=f"--max-length {positions + 1} is longer than the decoder's "
+                                                     f"{positions} positions"):
+        lora_caption.check_positions(model, {"--max-length": positions + 1})
+    train = ["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu", "--max-steps", "2",
+             "--no-baseline", "--no-plots"]
+    for flag in ("--max-length", "--max-new-tokens"):
+        out = tmp_path / flag.strip("-")
+        err = one_line_error(capsys, lambda flag=flag, out=out: lora_caption.main(
+            [*train, flag, str(positions + 1), "--out-dir", str(out)]))
+        assert f"{flag} {positions + 1} is longer than the decoder's {positions} positions" in err
+        assert not out.exists()  # refused before the run folder kept anything
+    err = one_line_error(capsys, lambda: lora_caption.main([*train, "--max-length", "1", "--out-dir", str(tmp_path)]))
+    assert "--max-length 1 keeps only the end-of-caption token" in err
+    image = sorted((TINY_CAPTIONS / "images").iterdir())[0]
+    captioner = lora_caption.load_trained(tiny_captioner)
+    with pytest.raises(lora_caption.DataError, match=f"max_new_tokens {positions + 1} is longer"):
+        lora_caption.caption_images(captioner, image, max_new_tokens=positions + 1)
+    err = one_line_error(capsys, lambda: lora_caption.main(["--caption", str(image), "--model", str(tiny_captioner),
+                                                            "--max-new-tokens", str(positions + 1)]))
+    assert f"--max-new-tokens {positions + 1} is longer" in err
+
+
+# a file where a data folder belongs: said as such (vit tried a download into it; lora said "no such folder") -------
+
+def test_a_file_given_as_data_dir_is_called_a_file(tiny_captioner, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    err = one_line_error(capsys, lambda: vit_scratch.main(["--data-dir", str(afile), "--device", "cpu",
+                                                           "--out-dir", str(tmp_path / "vit")]))
+    assert f"--data-dir {afile}: a file, not a folder" in err and "download failed" not in err
+    err = one_line_error(capsys, lambda: lora_caption.main(["--model", str(tiny_captioner), "--data-dir", str(afile),
+                                                            "--device", "cpu", "--out-dir", str(tmp_path / "lora")]))
+    assert f"--data-dir {afile}: a file, not a folder" in err
+
+
+# --show-attention given a run folder draws into that folder, as given its best.pt --------------------------------
+
+def test_show_attention_given_a_run_folder_draws_into_it(tiny_cifar, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    vit_scratch.main(["--data-dir", str(tiny_cifar), "--device", "cpu", "--max-steps", "1", "--embed-dim", "16",
+                      "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--batch-size", "64", "--no-plots",
+                      "--no-progress", "--out-dir", str(runs / "vit")])
+    monkeypatch.chdir(tmp_path)
+    path = vit_scratch.main(["--show-attention", "runs/vit", "--data-dir", str(tiny_cifar), "--device", "cpu"])
+    assert path is not None and path.resolve() == (runs / "vit" / "attention.png").resolve() and path.exists()
+    assert not (runs / "attention.png").exists()
+
+
+# --compare: a --backbone run is a row of its own, not CLIP's LoRA row ----------------------------------------------
+
+def test_compare_gives_a_backbone_run_a_row_of_its_own(tmp_path, capsys):
+    def summary(name, mtime, **fields):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps({"script": "clip_zeroshot", "params": 1000, "test_acc": 0.5,
+                                                         "finetune": "lora", **fields}))
+        os.utime(folder / "summary.json", (mtime, mtime))
+    summary("clip-lora", 1_000, args={"backbone": None})
+    summary("vit-lora", 2_000, args={"backbone": "google/vit-base-patch16-224-in21k"})  # newer
+    summary("old-summary", 500)  # written before summaries held their args: CLIP's tower, as before
+    rows = cnn_baseline.main(["--compare", str(tmp_path)]).splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| clip_zeroshot (lora)", "| clip_zeroshot (lora, backbone)"]
+    assert rows[0].endswith(f"{tmp_path / 'clip-lora'} |") and rows[1].endswith(f"{tmp_path / 'vit-lora'} |")
+
+
+# CLIP's local --model (and --prompts file) saved as absolute paths: a resume and --adapter work from any folder -----
+
+def test_clip_saves_local_paths_whole_so_a_resume_works_from_another_folder(tiny_clip, tiny_cifar, tmp_path,
+                                                                            monkeypatch):
+    templates = tmp_path / "prompts.txt"
+    templates.write_text("a photo of a {}.\n")
+    monkeypatch.chdir(tiny_clip.parent)
+    flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--finetune", "lora", "--rank", "2", "--batch-size",
+             "32", "--max-steps", "2", "--no-plots", "--no-progress"]
+    clip_zeroshot.main(["--model", f"./{tiny_clip.name}", "--prompts", os.path.relpath(templates), *flags,
+                        "--out-dir", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == str(tiny_clip.resolve()) and config["prompts"] == str(templates.resolve())
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_clip.resolve())
+    monkeypatch.chdir(tmp_path)
+    summary = clip_zeroshot.main(["--resume", "run", "--max-steps", "3", "--no-progress"])
+    assert summary["steps"] == 3
+    summary = clip_zeroshot.main(["--adapter", "run/adapter", "--data-dir", str(tiny_cifar), "--device", "cpu",
+                                  "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "evaluated")])
+    assert summary["adapter"] == str((tmp_path / "run" / "adapter").resolve())
