@@ -566,6 +566,8 @@ def experiment_args(argv):
         for name, value in MODE_DEFAULTS[cli.finetune].items():
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
+        if cli.adapter and "data_dir" not in given:  # the data its run trained on, as its config.json says
+            cli.data_dir = adapter_run_config(cli.adapter).get("data_dir") or cli.data_dir
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         for name in ("model", "backbone", "adapter", "prompts"):  # local paths too (the hub ids and keywords stay)
             value = getattr(cli, name)
@@ -844,13 +846,19 @@ def check_adapter_run(adapter_dir):
     """--adapter evaluates LoRA on CLIP's tower; the adapter of a --backbone run (its run's config.json says so)
     sits on an ImageNet ViT with a head trained from scratch, which its run's last.pt holds whole."""
     run = Path(adapter_dir).expanduser().parent
-    try:
-        backbone = json.loads((run / "config.json").read_text()).get("backbone")
-    except (OSError, ValueError, AttributeError):
-        return  # an adapter folder on its own: the checks of its files decide
+    backbone = adapter_run_config(adapter_dir).get("backbone")  # none for an adapter folder on its own
     if backbone:
         raise DataError(f"--adapter {adapter_dir}: the adapter of a --backbone run (LoRA on {backbone}), and --adapter "
                         f"takes LoRA runs of CLIP's tower; --resume {run} evaluates that run's classifier")
+
+
+def adapter_run_config(adapter_dir):
+    """The config.json of the run an adapter/ folder sits in ({} for a folder on its own)."""
+    try:
+        config = json.loads((Path(adapter_dir).expanduser().parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) and config.get("script") in (None, SCRIPT) else {}
 
 
 def adapter_base_model(adapter_dir):
@@ -902,7 +910,12 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
         _, _, processor = load_clip_parts("openai/clip-vit-base-patch32")
         logits = model(TensorPreprocess(processor, "cpu")(uint8_images))  # (B, 3, H, W) -> (B, 10)"""
     from peft import PeftModel
+    device = plumbing.api_device(device)
+    adapter_dir = Path(adapter_dir).expanduser()
+    if (adapter_dir / "adapter" / "adapter_config.json").is_file():  # a run's folder: its adapter/
+        adapter_dir = adapter_dir / "adapter"
     config, _, _ = load_clip_parts(model_name)
+    check_adapter_fits(adapter_dir, config, num_classes)  # another model's adapter, another head: one line
     model = load_clip_model(model_name, device)
     base = ImageClassifier(model.vision_model, model.visual_projection,
                            torch.zeros(num_classes, config.projection_dim, device=device))
@@ -1045,6 +1058,7 @@ def loading(name, option="--model", kind="CLIP"):
 def check_model_path(name, option="--model"):
     """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no
     backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
+    name = str(name)  # a pathlib.Path from the Python API too
     path = Path(name).expanduser()
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
     if looks_like_path and not path.is_dir():

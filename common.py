@@ -404,6 +404,8 @@ def one_line_errors(script, memory_hint="--batch-size"):
     except KeyboardInterrupt:
         resume = report.resume and Path(report.resume).exists()
         hint = f"\nresume with: python {script}.py --resume {report.resume}" if resume else ""
+        if resume and in_notebook():  # one line in the cell, and the way a cell resumes
+            hint = f"; resume with {script}.main([\"--resume\", {str(report.resume)!r}])"
         _stop(script, f"interrupted; {report.saved()}{hint}", 130, report, prefix="")
     except torch.OutOfMemoryError:
         _stop(script, f"out of GPU memory; try a smaller {memory_hint}; {report.saved()}", 1, report)
@@ -673,6 +675,26 @@ def pick_device(name, local_rank=0):
     if name == "mps" and not torch.backends.mps.is_available():
         raise DataError("--device mps, but this PyTorch has no MPS backend (use --device cpu or auto)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def api_device(device):
+    """The device= of a Python API (load_trained, load_adapter): "auto", "cpu", "cuda", "cuda:1", "mps" or a
+    torch.device; one PyTorch cannot use here is one DataError, as --device is."""
+    if str(device) == "auto":
+        return pick_device("auto")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DataError(f"device={device!r}: not a device; pass 'auto', 'cpu', 'cuda', 'cuda:1', 'mps' or a "
+                        f"torch.device") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DataError(f"device={str(device)!r}: PyTorch sees {gpus} CUDA GPU(s) here; pass 'cpu' or 'auto'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"device={str(device)!r}: this PyTorch has no MPS backend; pass 'cpu' or 'auto'")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DataError(f"device={str(device)!r}: the scripts run on cpu, cuda or mps")
+    return device
 
 
 def init_distributed(device_name):
@@ -1183,6 +1205,8 @@ def progress_bar(total, desc, disable=False):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
                 bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]",
                 disable=disable or not (sys.stderr.isatty() or in_notebook()))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Charts with matplotlib when it is installed, drawn on Figure objects: no pyplot, so a notebook's backend and
 # its open figures are left as they were

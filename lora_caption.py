@@ -1741,7 +1741,7 @@ def load_trained(run_or_adapter_or_model, device="cpu", model=None):
     the base model it records, or on `model`), or a merged model (a --merge folder, or any VisionEncoderDecoderModel
     folder or hub id). `device`: "cpu", "cuda", "mps", "auto", "cuda:1" or a torch.device. Loads as --caption does:
     an adapter of another model is refused with the same one-line DataError."""
-    device = plumbing.pick_device(device) if device in ("auto", "cpu", "cuda", "mps") else torch.device(device)
+    device = plumbing.api_device(device)
     path = Path(run_or_adapter_or_model).expanduser()
     full = full_run_model(path) if model is None else None
     if full:  # a --finetune full run: its whole captioner
@@ -1759,11 +1759,17 @@ def load_trained(run_or_adapter_or_model, device="cpu", model=None):
 
 
 def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size=32):
-    """Captions (a list of strings, in order) for image files (paths), PIL images or uint8 [3, H, W] tensors, by a
-    load_trained captioner: greedy by default, as --caption; `num_beams` and `max_new_tokens` as the flags. Images
-    are read as in training (EXIF rotation applied, any mode to 8-bit RGB) and resized to the model's input size."""
-    single = isinstance(images, (str, Path)) or hasattr(images, "getexif") or torch.is_tensor(images)
-    images = [images] if single else list(images)
+    """Captions (a list of strings, in order) for image files (paths), PIL images, numpy arrays (H, W[, 3]) or
+    tensors ([3, H, W] uint8, or float in [0, 1]; a [B, 3, H, W] batch), by a load_trained captioner: greedy by
+    default, as --caption; `num_beams` and `max_new_tokens` as the flags. Images are read as in training (EXIF
+    rotation applied, any mode to 8-bit RGB) and resized to the model's input size. A bad argument or an image that
+    cannot be read is one DataError naming it."""
+    batch = torch.is_tensor(images) and images.ndim == 4 or isinstance(images, np.ndarray) and images.ndim == 4
+    single = isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getexif") or torch.is_tensor(images)
+    images = list(images) if batch or not single else [images]
+    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"caption_images: {name}={value!r}; pass a whole number, at least 1")
     check_positions(captioner.model, {"max_new_tokens": max_new_tokens})
     if not images:
         return []
@@ -1775,12 +1781,39 @@ def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size
 
 
 def image_tensor(image, size, resample):
-    """A path (read by common.open_rgb), a PIL image (converted as open_rgb converts) or a uint8 [3, H, W] tensor
-    as uint8 [3, H, W] at the model's input size (a tensor of that size is returned as it is)."""
+    """A path (read by common.open_rgb), a PIL image (converted as open_rgb converts), a numpy array or a tensor
+    (see caption_images) as uint8 [3, H, W] at the model's input size; anything else is one DataError."""
+    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
+    if isinstance(image, np.ndarray):
+        try:
+            image = Image.fromarray(image)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"caption_images: a numpy array of shape {image.shape} and {image.dtype} is no image "
+                            f"({e}); pass uint8 (H, W) or (H, W, 3)") from None
     if torch.is_tensor(image):
-        return TF.resize(image, list(size), interpolation=resample, antialias=True)
-    x = torch.from_numpy(np.array(open_rgb(image))).permute(2, 0, 1)  # a path or an open PIL image
+        x = image.detach().cpu()
+        shape = "x".join(map(str, x.shape))
+        if x.ndim != 3 or x.shape[0] not in (1, 3):
+            hint = ("; it looks like [H, W, C]: pass x.permute(2, 0, 1)" if x.ndim == 3 and x.shape[-1] in (1, 3) else
+                    "; for RGBA pass x[:3]" if x.ndim == 3 and x.shape[0] == 4 else "")
+            raise DataError(f"caption_images: a tensor image must be [3, H, W] (or [1, H, W]), got [{shape}]{hint}")
+        if x.is_floating_point():
+            if x.numel() and not (0 <= x.min() and x.max() <= 1):  # normalised pixels would caption as noise
+                raise DataError(f"caption_images: a float tensor image must hold values in [0, 1], got "
+                                f"{x.min():.3g}..{x.max():.3g}; pass uint8, or float in [0, 1]")
+            x = x.mul(255).round().to(torch.uint8)
+        elif x.dtype != torch.uint8:
+            raise DataError(f"caption_images: a tensor image must be uint8 or float in [0, 1], got {x.dtype}")
+        return TF.resize(x.expand(3, -1, -1), list(size), interpolation=resample, antialias=True)
+    if isinstance(image, (str, Path)) and not Path(image).expanduser().is_file():
+        missing = "a folder, not an image file" if Path(image).expanduser().is_dir() else "no such file"
+        raise DataError(f"caption_images: {image}: {missing}")
+    try:
+        x = torch.from_numpy(np.array(open_rgb(image))).permute(2, 0, 1)  # a path or an open PIL image
+    except Exception as e:  # PIL raises many kinds for a broken or foreign file
+        raise DataError(f"caption_images: {image if isinstance(image, (str, Path)) else type(image).__name__}: "
+                        f"cannot read it as an image ({type(e).__name__})") from e
     return TF.resize(x, list(size), interpolation=resample, antialias=True)
 
 
@@ -1803,8 +1836,8 @@ def caption_files(args, device):
         try:
             images.append(image_tensor(path, size, resample))
             read.append(path)
-        except Exception as e:  # PIL raises many kinds for a broken or foreign file
-            skipped.append(f"{path} (cannot read it as an image: {type(e).__name__})")
+        except DataError as e:  # PIL's own error (many kinds for a broken or foreign file) is its cause
+            skipped.append(f"{path} (cannot read it as an image: {type(e.__cause__ or e).__name__})")
     if not images:
         raise DataError(f"--caption: none of the {len(files) + len(missing)} file(s) could be read as an image, "
                         f"e.g. {skipped[0]}")

@@ -1,10 +1,14 @@
 """The study guide's ViT as written there (nn.MultiheadAttention, sequence-first), kept as the reference
 that vit_scratch.py is measured and tested against: same parameters, same outputs, different speed."""
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from common import CIFAR_MEAN, CIFAR_STD, img_to_patch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py, wherever this is run from
+from common import CIFAR_MEAN, CIFAR_STD, img_to_patch  # noqa: E402
 
 
 def train_transform(padding=4):
@@ -74,3 +78,8 @@ def guide_state_dict(vit_state):
             name = name.replace(old, new)
         out[name] = tensor
     return out
+
+
+if __name__ == "__main__":
+    sys.exit("guide_vit.py holds the study guide's model for bench_vit_step.py and the tests, and runs nothing "
+             "itself: python benchmarks/bench_vit_step.py --help")

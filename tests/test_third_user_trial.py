@@ -1,6 +1,8 @@
-"""A third new-user trial (a helper trying every script on the CPU): one test per defect it reproduced. Captions
-longer than the decoder's positions, CLIP's local paths saved as typed, --adapter on a --backbone run, --compare
-folding a --backbone run into CLIP's row, --show-attention given a run folder, and a file given as --data-dir."""
+"""Two new-user trials (helpers trying every script, then the Python APIs, notebooks and the README's commands, on
+the CPU): one test per defect they reproduced. Captions longer than the decoder's positions, CLIP's local paths
+saved as typed, --adapter on a --backbone run, --compare folding a --backbone run into CLIP's row, --show-attention
+given a run folder, a file given as --data-dir; load_adapter and caption_images given a Path, a run folder, floats,
+batches or arrays (or what they cannot use), an interrupt in a notebook, the guide's model file run alone."""
 import json
 import os
 
@@ -108,3 +110,82 @@ def test_clip_saves_local_paths_whole_so_a_resume_works_from_another_folder(tiny
     summary = clip_zeroshot.main(["--adapter", "run/adapter", "--data-dir", str(tiny_cifar), "--device", "cpu",
                                   "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "evaluated")])
     assert summary["adapter"] == str((tmp_path / "run" / "adapter").resolve())
+
+
+# A fourth trial (the Python APIs, notebooks, torchrun, the README's commands) ---------------------------------------
+
+def test_load_adapter_takes_paths_a_run_folder_and_refuses_what_does_not_fit_in_one_line(tiny_clip, tiny_cifar,
+                                                                                         tiny_captioner, tmp_path):
+    run = tmp_path / "run"
+    clip_zeroshot.main(["--model", str(tiny_clip), "--data-dir", str(tiny_cifar), "--device", "cpu", "--finetune",
+                        "lora", "--rank", "2", "--batch-size", "32", "--max-steps", "1", "--no-plots", "--no-progress",
+                        "--out-dir", str(run)])
+    model = clip_zeroshot.load_adapter(tiny_clip, run, num_classes=10)  # a Path base, the run's folder
+    _, _, processor = clip_zeroshot.load_clip_parts(tiny_clip)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = clip_zeroshot.load_adapter(str(tiny_clip), str(run / "adapter"), 10)(
+        clip_zeroshot.TensorPreprocess(processor, CPU)(images))
+    assert torch.equal(model(clip_zeroshot.TensorPreprocess(processor, CPU)(images)), expected)
+    captioner_adapter = tmp_path / "captioner"
+    lora_caption.main(["--model", str(tiny_captioner), "--data-dir", str(TINY_CAPTIONS), "--device", "cpu",
+                       "--batch-size", "10", "--max-steps", "1", "--eval-images", "2", "--no-baseline", "--no-plots",
+                       "--out-dir", str(captioner_adapter)])
+    for call, message in [
+        (lambda: clip_zeroshot.load_adapter(tiny_clip, run, num_classes=5), "not the 5 x 16 head"),
+        (lambda: clip_zeroshot.load_adapter(tiny_clip, captioner_adapter / "adapter", 10), "does not fit CLIP's"),
+        (lambda: clip_zeroshot.load_adapter(tiny_clip, run, 10, device="cuda:99"), "device='cuda:99': PyTorch sees"),
+        (lambda: clip_zeroshot.load_adapter(tiny_clip, run, 10, device="tpu"), "device='tpu': not a device"),
+    ]:
+        with pytest.raises(clip_zeroshot.DataError, match=message):
+            call()
+    # --adapter alone reads the data its run trained on (the README's command has no --data-dir)
+    summary = clip_zeroshot.main(["--adapter", str(run / "adapter"), "--device", "cpu", "--no-plots", "--no-progress",
+                                  "--out-dir", str(tmp_path / "evaluated")])
+    assert str(tiny_cifar.resolve()) in summary["dataset"]
+
+
+def test_caption_images_takes_floats_batches_and_arrays_and_refuses_the_rest_in_one_line(tiny_captioner, tmp_path):
+    import numpy as np
+    from PIL import Image
+    captioner = lora_caption.load_trained(tiny_captioner, device="auto")
+    image = sorted((TINY_CAPTIONS / "images").iterdir())[0]
+    x = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1)  # uint8 [3, H, W]
+    expected = lora_caption.caption_images(captioner, x, max_new_tokens=5)
+    assert lora_caption.caption_images(captioner, x.float() / 255, max_new_tokens=5) == expected
+    assert lora_caption.caption_images(captioner, torch.stack([x, x]), max_new_tokens=5) == expected * 2
+    assert lora_caption.caption_images(captioner, x.permute(1, 2, 0).numpy(), max_new_tokens=5) == expected
+    (tmp_path / "notes.txt").write_text("not an image")
+    for bad, message in [(x.permute(1, 2, 0), r"it looks like \[H, W, C\]"), (torch.cat([x, x[:1]]), "RGBA"),
+                         ((x.float() - 128) / 64, r"values in \[0, 1\]"), (x.long(), "torch.int64"),
+                         (tmp_path / "gone.jpg", "no such file"), (tmp_path, "a folder, not an image file"),
+                         (tmp_path / "notes.txt", r"cannot read it as an image \(UnidentifiedImageError\)")]:
+        with pytest.raises(lora_caption.DataError, match=message):
+            lora_caption.caption_images(captioner, bad)
+    for name in ("num_beams", "max_new_tokens", "batch_size"):
+        with pytest.raises(lora_caption.DataError, match=f"{name}=0; pass a whole number"):
+            lora_caption.caption_images(captioner, x, **{name: 0})
+    with pytest.raises(lora_caption.DataError, match="device='tpu': not a device"):
+        lora_caption.load_trained(tiny_captioner, device="tpu")
+
+
+def test_an_interrupt_in_a_notebook_is_one_line_with_the_cells_way_to_resume(tmp_path, monkeypatch):
+    import common
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"saved")
+    monkeypatch.setattr(common, "in_notebook", lambda: True)
+    with pytest.raises(common.RunFailed) as stop:
+        with common.one_line_errors("vit_scratch") as report:
+            report.resume = last
+            report.saved = lambda: f"the last checkpoint is {last} (epoch 2)"
+            raise KeyboardInterrupt
+    assert stop.value.code == 130 and "\n" not in str(stop.value)
+    assert str(stop.value).endswith(f'resume with vit_scratch.main(["--resume", {str(last)!r}])')
+
+
+def test_the_guides_model_file_run_alone_says_what_it_is_in_one_line():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guide_vit.py"), "--help"], capture_output=True,
+                          text=True, timeout=120, cwd="/")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "bench_vit_step.py --help" in done.stderr
