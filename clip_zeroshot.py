@@ -529,16 +529,11 @@ def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, firs
     else train_step run eagerly; a capture that fails falls back to eager with one line."""
     step = partial(train_step, model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, stats=stats)
     if capture:
-        try:
-            model.train()
-            t0 = time.perf_counter()
-            captured = CapturedStep(step, *first_batch, model, optimizer, stats)
-            captured.seconds = time.perf_counter() - t0
-            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+        model.train()
+        captured = plumbing.capture_or_none(lambda: CapturedStep(step, *first_batch, model, optimizer, stats),
+                                            stats.device)
+        if captured is not None:
             return captured
-        except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly", flush=True)
-            torch.cuda.synchronize()
     return step
 
 

@@ -360,17 +360,12 @@ def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, 
     else train_step run eagerly; a capture that fails falls back to eager with one line."""
     step = partial(train_step, model, optimizer, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats)
     if capture:
-        try:
-            model.train()
-            x, y = next(iter(loader))
-            t0 = time.perf_counter()
-            captured = CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats)
-            captured.seconds = time.perf_counter() - t0
-            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+        model.train()
+        x, y = next(iter(loader))
+        captured = plumbing.capture_or_none(
+            lambda: CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats), stats.device)
+        if captured is not None:
             return captured
-        except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
-            torch.cuda.synchronize()
     return eager(step, optimizer)
 
 

@@ -30,7 +30,6 @@ encoder's output is cached, frozen weights are bf16, and the step is a CUDA grap
 """
 import argparse
 import csv
-import gc
 import hashlib
 import io
 import json
@@ -724,39 +723,9 @@ def eager_because(args, device, amp_dtype, inputs):
 
 def capture_step(step, optimizer, params, loss_sum, device_tokens, batch_size, staged=None):
     """A CapturedStep, or None if the capture fails (out of memory included): the run is left as it was, one line
-    names the error, and the eager step trains the same model."""
-    device, t0 = loss_sum.device, time.perf_counter()
-    try:
-        captured = CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size, staged)
-    except Exception as e:  # the fast path must not end the run
-        capture_failed(e, device)
-        return None
-    print(f"captured the training step as a CUDA graph in {time.perf_counter() - t0:.1f}s", flush=True)
-    return captured
-
-
-def capture_failed(error, device):
-    """One line naming what broke a capture (torch's follow-up "during capture" error names its cause); stops the
-    run if the capture left CUDA's random generator unusable."""
-    while error.__context__ is not None and "during capture" in str(error):
-        error = error.__context__
-    why = plumbing.error_line(error)
-    gc.collect()  # the half-built graph and its memory pool
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if not cuda_generator_works(device):
-        raise plumbing.StopRun(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; "
-                               f"nothing was lost: run the same command again with --eager") from None
-    print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
-
-
-def cuda_generator_works(device):
-    """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
-    try:
-        torch.rand(1, device=device)
-        return True
-    except RuntimeError:
-        return False
+    names the error, and the eager step trains the same model (common.capture_or_none)."""
+    return plumbing.capture_or_none(
+        lambda: CapturedStep(step, optimizer, params, loss_sum, device_tokens, batch_size, staged), loss_sum.device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -513,18 +513,13 @@ def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture
     step = partial(train_step, model, optimizers, scaler, amp_dtype, args.label_smoothing, args.grad_clip, stats=stats,
                    ema=averaging)
     if capture:
-        try:
-            model.train()
-            t0 = time.perf_counter()
-            captured = CapturedStep(step, *next(iter(loader)), model, optimizers, stats, ema)
-            captured.seconds = time.perf_counter() - t0
-            print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+        model.train()
+        captured = plumbing.capture_or_none(
+            lambda: CapturedStep(step, *next(iter(loader)), model, optimizers, stats, ema), stats.device)
+        if captured is not None:
             return captured
-        except Exception as e:  # the fast path must not end the run
-            print(f"CUDA graph capture failed ({plumbing.error_line(e)}); training eagerly")
-            torch.cuda.synchronize()
-            for module in compiled:  # back to the plain modules too
-                del module.forward
+        for module in compiled:  # a failed capture: back to the plain modules too
+            del module.forward
     return eager(step, optimizers)
 
 

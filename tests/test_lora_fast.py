@@ -434,7 +434,7 @@ def test_a_failing_capture_trains_eagerly_and_names_its_cause_in_one_line(error,
 
 def test_a_capture_that_breaks_the_random_generator_stops_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(lora_caption, "CapturedStep", failing_capture(RuntimeError("capture_end failed")))
-    monkeypatch.setattr(lora_caption, "cuda_generator_works", lambda device: False)
+    monkeypatch.setattr(common, "cuda_generator_works", lambda device: False)
     with pytest.raises(SystemExit) as stop, common.one_line_errors("lora_caption"):  # main()'s error path
         lora_caption.capture_step(None, None, [], torch.zeros(()), None, 8)
     err = capsys.readouterr().err

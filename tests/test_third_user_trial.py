@@ -189,3 +189,75 @@ def test_the_guides_model_file_run_alone_says_what_it_is_in_one_line():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "guide_vit.py"), "--help"], capture_output=True,
                           text=True, timeout=120, cwd="/")
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "bench_vit_step.py --help" in done.stderr
+
+
+# One capture fallback for every script (common.capture_or_none, the captioner's): it names the cause hidden behind
+# torch's follow-up "during capture" error, and stops in one line where the capture broke CUDA's random generator --
+
+class FailingCapture:
+    def __init__(self, *args, **kwargs):
+        try:
+            raise ValueError("cannot read a value back while a stream is captured")
+        except ValueError:
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904 (as torch)
+
+
+def vit_setup():
+    import argparse
+    torch.manual_seed(0)
+    model = vit_scratch.VisionTransformer(embed_dim=16, hidden_dim=16, num_heads=2, num_layers=1, dropout=0.0)
+    args = argparse.Namespace(optimizer="muon", lr=1e-3, muon_lr=0.01, muon_momentum=0.95, weight_decay=0.05,
+                              label_smoothing=0.1, grad_clip=1.0, ema=0.0)
+    optimizers = vit_scratch.make_optimizers(model, args, CPU, capture=False)
+    stats = torch.zeros(2)
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    make = lambda capture: vit_scratch.make_step(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), None,
+                                                 args, stats, [batch], capture, [], None)
+    return model, make, batch
+
+
+def cnn_setup():
+    import argparse
+    torch.manual_seed(0)
+    model = cnn_baseline.ResidualCNN(widths=[4, 8], num_classes=10)
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.05, label_smoothing=0.1, grad_clip=1.0)
+    optimizer = cnn_baseline.make_optimizer(model, args, CPU, capture=False)
+    stats = torch.zeros(2)
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    make = lambda capture: cnn_baseline.make_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None,
+                                                  args, stats, [batch], torch.contiguous_format, capture)
+    return model, make, batch
+
+
+def clip_setup():
+    import argparse
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 10)
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    optimizer = clip_zeroshot.make_optimizer(model, args, CPU, capture=False)
+    stats = torch.zeros(2)
+    batch = (torch.randn(4, 12), torch.randint(0, 10, (4,)))
+    make = lambda capture: clip_zeroshot.make_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                                   lambda x: x, None, args, stats, batch, capture)
+    return model, make, batch
+
+
+@pytest.mark.parametrize("script, setup", [(vit_scratch, vit_setup), (cnn_baseline, cnn_setup),
+                                           (clip_zeroshot, clip_setup)], ids=["vit", "cnn", "clip"])
+def test_a_failed_capture_names_its_cause_and_trains_exactly_as_the_eager_step(script, setup, monkeypatch, capsys):
+    model, make, batch = setup()
+    expected_model, expected_make, _ = setup()
+    expected_make(False)(*batch)  # the plain eager step, from the same start
+    monkeypatch.setattr(script, "CapturedStep", FailingCapture)
+    step = make(True)
+    assert capsys.readouterr().out == ("CUDA graph capture failed (ValueError: cannot read a value back while a "
+                                       "stream is captured); training eagerly\n")
+    step(*batch)
+    for got, expected in zip(model.state_dict().values(), expected_model.state_dict().values()):
+        assert torch.equal(got, expected)
+    import common
+    monkeypatch.setattr(common, "cuda_generator_works", lambda device: False)
+    with pytest.raises(SystemExit) as stop, common.one_line_errors(script.__name__):
+        make(True)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "run the same command again with --eager" in err
