@@ -557,17 +557,18 @@ def experiment_args(argv):
     parser = build_parser()
     cli, given = plumbing.parse(parser, argv)
     args, ckpt = cli, None
+    for name in ("model", "backbone", "adapter", "prompts"):  # local paths resolved (hub ids and keywords stay): a
+        value = getattr(cli, name)  # resume finds them from anywhere, and compares them as the run recorded them
+        if value and value not in ("single", "ensemble") and Path(value).expanduser().exists():
+            setattr(cli, name, str(Path(value).expanduser().resolve()))
     if not cli.resume:
         for name, value in MODE_DEFAULTS[cli.finetune].items():
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
-        if cli.adapter and "data_dir" not in given:  # the data its run trained on, as its config.json says
-            cli.data_dir = adapter_run_config(cli.adapter).get("data_dir") or cli.data_dir
+        recorded = adapter_run_config(cli.adapter).get("data_dir") if cli.adapter else None
+        if recorded and "data_dir" not in given and Path(recorded).is_dir():  # the data its run trained on
+            cli.data_dir = recorded
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
-        for name in ("model", "backbone", "adapter", "prompts"):  # local paths too (the hub ids and keywords stay)
-            value = getattr(cli, name)
-            if value and value not in ("single", "ensemble") and Path(value).expanduser().exists():
-                setattr(cli, name, str(Path(value).expanduser().resolve()))
         if cli.adapter:
             check_adapter_run(cli.adapter)
         if cli.backbone and "targets" not in given:  # a ViTModel names its attention projections otherwise
@@ -853,7 +854,8 @@ def adapter_run_config(adapter_dir):
         config = json.loads((Path(adapter_dir).expanduser().parent / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) and config.get("script") in (None, SCRIPT) else {}
+    ours = isinstance(config, dict) and {"prompts", "linear_probe", "finetune"} <= config.keys()  # not another script's
+    return config if ours else {}
 
 
 def adapter_base_model(adapter_dir):

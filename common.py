@@ -354,8 +354,7 @@ def capture_or_none(build, device):
             error = error.__context__
         why = error_line(error)
         gc.collect()  # the half-built graph and its memory pool
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if device.type == "cuda":  # (each script's CapturedStep has waited for the device and undone its warm-up)
             torch.cuda.empty_cache()
         if not cuda_generator_works(device):
             raise StopRun(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; nothing "

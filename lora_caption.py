@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import random
 import re
 import sys
@@ -641,11 +642,12 @@ def experiment_args(argv):
     parser = build_parser()
     cli, given = plumbing.parse(parser, argv)
     check_mode_flags(parser, given, cli)
+    for name in ("model", "encoder", "decoder"):  # local folders: a resume finds them from anywhere, and compares
+        value = getattr(cli, name)  # them as the run recorded them
+        if value and Path(value).expanduser().is_dir():
+            setattr(cli, name, str(Path(value).expanduser().resolve()))
     if not cli.resume:
-        for name in ("data_dir", "model", "encoder", "decoder"):  # local folders: a resume finds them from anywhere
-            value = getattr(cli, name)
-            if value and (name == "data_dir" or Path(value).expanduser().is_dir()):
-                setattr(cli, name, str(Path(value).expanduser().resolve()))
+        cli.data_dir = cli.data_dir and str(Path(cli.data_dir).expanduser().resolve())
         check_args(cli)
         return cli, None
     ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
@@ -1737,7 +1739,7 @@ def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size
     single = isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getexif") or torch.is_tensor(images)
     images = list(images) if batch or not single else [images]
     for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy's ints too
             raise DataError(f"caption_images: {name}={value!r}; pass a whole number, at least 1")
     check_positions(captioner.model, {"max_new_tokens": max_new_tokens})
     if not images:
@@ -1752,28 +1754,27 @@ def caption_images(captioner, images, num_beams=1, max_new_tokens=30, batch_size
 def image_tensor(image, size, resample):
     """A path (read by common.open_rgb), a PIL image (converted as open_rgb converts), a numpy array or a tensor
     (see caption_images) as uint8 [3, H, W] at the model's input size; anything else is one DataError."""
-    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
-    if isinstance(image, np.ndarray):
-        try:
-            image = Image.fromarray(image)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"caption_images: a numpy array of shape {image.shape} and {image.dtype} is no image "
-                            f"({e}); pass uint8 (H, W) or (H, W, 3)") from None
+    if isinstance(image, np.ndarray):  # (H, W) or (H, W, C): as a tensor [C, H, W], checked as one
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        image = x.permute(2, 0, 1) if x.ndim == 3 else x
     if torch.is_tensor(image):
         x = image.detach().cpu()
+        x = x[None] if x.ndim == 2 else x  # grayscale
         shape = "x".join(map(str, x.shape))
         if x.ndim != 3 or x.shape[0] not in (1, 3):
             hint = ("; it looks like [H, W, C]: pass x.permute(2, 0, 1)" if x.ndim == 3 and x.shape[-1] in (1, 3) else
                     "; for RGBA pass x[:3]" if x.ndim == 3 and x.shape[0] == 4 else "")
-            raise DataError(f"caption_images: a tensor image must be [3, H, W] (or [1, H, W]), got [{shape}]{hint}")
+            raise DataError(f"caption_images: an image must be [3, H, W] or [H, W] (a numpy array (H, W, 3) or "
+                            f"(H, W)), got [{shape}]{hint}")
         if x.is_floating_point():
-            if x.numel() and not (0 <= x.min() and x.max() <= 1):  # normalised pixels would caption as noise
-                raise DataError(f"caption_images: a float tensor image must hold values in [0, 1], got "
+            # a resize may overshoot [0, 1] a little; normalised pixels (about -2..2.6) would caption as noise
+            if x.numel() and not (-0.05 <= x.min() and x.max() <= 1.05):
+                raise DataError(f"caption_images: a float image must hold values in [0, 1], got "
                                 f"{x.min():.3g}..{x.max():.3g}; pass uint8, or float in [0, 1]")
-            x = x.mul(255).round().to(torch.uint8)
+            x = x.clamp(0, 1).mul(255).round().to(torch.uint8)
         elif x.dtype != torch.uint8:
-            raise DataError(f"caption_images: a tensor image must be uint8 or float in [0, 1], got {x.dtype}")
+            raise DataError(f"caption_images: an image must be uint8 or float in [0, 1], got {x.dtype}")
         return TF.resize(x.expand(3, -1, -1), list(size), interpolation=resample, antialias=True)
     if isinstance(image, (str, Path)) and not Path(image).expanduser().is_file():
         missing = "a folder, not an image file" if Path(image).expanduser().is_dir() else "no such file"

@@ -137,6 +137,7 @@ def test_vit_without_matplotlib_skips_all_three_pictures_with_one_line(tiny_cifa
         [sys.executable, "-c", code, str(ROOT / "vit_scratch.py"), "--data-dir", str(tiny_cifar), "--out-dir", str(out),
          "--device", "cpu", "--epochs", "1", "--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4",
          "--num-layers", "1", "--batch-size", "64"],
+        cwd=ROOT,  # python -c finds common.py in its working folder, whatever folder the suite was started from
         capture_output=True,
         text=True,
         timeout=300,

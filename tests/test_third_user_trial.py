@@ -5,6 +5,7 @@ given a run folder, a file given as --data-dir; load_adapter and caption_images 
 batches or arrays (or what they cannot use), an interrupt in a notebook, the guide's model file run alone."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,8 +106,8 @@ def test_clip_saves_local_paths_whole_so_a_resume_works_from_another_folder(tiny
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tiny_clip.resolve())
     monkeypatch.chdir(tmp_path)
-    summary = clip_zeroshot.main(["--resume", "run", "--max-steps", "3", "--no-progress"])
-    assert summary["steps"] == 3
+    summary = clip_zeroshot.main(["--resume", "run", "--max-steps", "3", "--no-progress", "--prompts", "prompts.txt"])
+    assert summary["steps"] == 3  # the same file typed again, relative to another folder, is the same flag
     summary = clip_zeroshot.main(["--adapter", "run/adapter", "--data-dir", str(tiny_cifar), "--device", "cpu",
                                   "--no-plots", "--no-progress", "--out-dir", str(tmp_path / "evaluated")])
     assert summary["adapter"] == str((tmp_path / "run" / "adapter").resolve())
@@ -138,10 +139,16 @@ def test_load_adapter_takes_paths_a_run_folder_and_refuses_what_does_not_fit_in_
     ]:
         with pytest.raises(clip_zeroshot.DataError, match=message):
             call()
-    # --adapter alone reads the data its run trained on (the README's command has no --data-dir)
+    # --adapter alone reads the data its run trained on (the README's command has no --data-dir), where it still
+    # is, and only a CLIP run's: not the captions of a captioner's run, nor a folder that has moved
     summary = clip_zeroshot.main(["--adapter", str(run / "adapter"), "--device", "cpu", "--no-plots", "--no-progress",
                                   "--out-dir", str(tmp_path / "evaluated")])
     assert str(tiny_cifar.resolve()) in summary["dataset"]
+    default = str(Path("./data").resolve())
+    assert clip_zeroshot.experiment_args(["--adapter", str(captioner_adapter / "adapter")])[0].data_dir == default
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "moved")}))
+    assert clip_zeroshot.experiment_args(["--adapter", str(run / "adapter")])[0].data_dir == default
 
 
 def test_caption_images_takes_floats_batches_and_arrays_and_refuses_the_rest_in_one_line(tiny_captioner, tmp_path):
@@ -154,9 +161,16 @@ def test_caption_images_takes_floats_batches_and_arrays_and_refuses_the_rest_in_
     assert lora_caption.caption_images(captioner, x.float() / 255, max_new_tokens=5) == expected
     assert lora_caption.caption_images(captioner, torch.stack([x, x]), max_new_tokens=5) == expected * 2
     assert lora_caption.caption_images(captioner, x.permute(1, 2, 0).numpy(), max_new_tokens=5) == expected
+    gray = x[0]
+    assert lora_caption.caption_images(captioner, [gray, gray.numpy(), gray.numpy() / 255.0],
+                                       max_new_tokens=np.int64(5)) == lora_caption.caption_images(
+        captioner, gray[None].expand(3, -1, -1), max_new_tokens=5) * 3  # grayscale, as a float array too
+    overshoot = (x.float() / 255 * 1.04 - 0.02)  # a resize's ringing, a little outside [0, 1]
+    assert len(lora_caption.caption_images(captioner, overshoot, max_new_tokens=5)) == 1
     (tmp_path / "notes.txt").write_text("not an image")
     for bad, message in [(x.permute(1, 2, 0), r"it looks like \[H, W, C\]"), (torch.cat([x, x[:1]]), "RGBA"),
                          ((x.float() - 128) / 64, r"values in \[0, 1\]"), (x.long(), "torch.int64"),
+                         (x[0].numpy().astype(np.int32), "torch.int32"),
                          (tmp_path / "gone.jpg", "no such file"), (tmp_path, "a folder, not an image file"),
                          (tmp_path / "notes.txt", r"cannot read it as an image \(UnidentifiedImageError\)")]:
         with pytest.raises(lora_caption.DataError, match=message):
@@ -261,3 +275,16 @@ def test_a_failed_capture_names_its_cause_and_trains_exactly_as_the_eager_step(s
         make(True)
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1 and "run the same command again with --eager" in err
+
+
+def test_a_captioner_resumes_with_its_local_model_typed_again_from_another_folder(tiny_captioner, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tiny_captioner.parent)
+    flags = ["--data-dir", str(TINY_CAPTIONS), "--device", "cpu", "--batch-size", "10", "--eval-images", "2",
+             "--no-baseline", "--no-plots"]
+    lora_caption.main(["--model", f"./{tiny_captioner.name}", *flags, "--max-steps", "2", "--out-dir",
+                       str(tmp_path / "run")])
+    monkeypatch.chdir(tiny_captioner.parent.parent)
+    typed = f"{tiny_captioner.parent.name}/{tiny_captioner.name}"  # the same folder, typed from elsewhere
+    summary = lora_caption.main(["--resume", str(tmp_path / "run"), "--model", typed, "--max-steps", "3"])
+    assert summary["steps"] == 3
