@@ -541,13 +541,8 @@ def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, firs
 # Flags on resume, the machine, the data, checkpoints and the per-epoch log
 
 @dataclass
-class Progress:
-    """What a checkpoint records of the run besides weights and flags."""
-    epoch: int = 0
-    step: int = 0
-    best_acc: float = -1.0
-    train_seconds: float = 0.0
-    images_seen: int = 0
+class Progress(plumbing.Progress):
+    """common's Progress, and the zero-shot accuracy the run started from (its epoch-0 row)."""
     zero_shot_acc: float = 0.0
 
 
@@ -565,12 +560,13 @@ def experiment_args(argv):
         for name, value in MODE_DEFAULTS[cli.finetune].items():
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
-        recorded = adapter_run_config(cli.adapter).get("data_dir") if cli.adapter else None
+        adapter_run = adapter_run_config(cli.adapter) if cli.adapter else {}
+        recorded = adapter_run.get("data_dir")
         if recorded and "data_dir" not in given and Path(recorded).is_dir():  # the data its run trained on
             cli.data_dir = recorded
         cli.data_dir = str(Path(cli.data_dir).expanduser().resolve())  # so that a resume finds it from anywhere
         if cli.adapter:
-            check_adapter_run(cli.adapter)
+            check_adapter_run(cli.adapter, adapter_run)
         if cli.backbone and "targets" not in given:  # a ViTModel names its attention projections otherwise
             cli.targets = VIT_LORA_TARGETS
         if cli.adapter and "model" not in given:
@@ -838,11 +834,11 @@ def read_adapter_config(adapter_dir):
                         f"--finetune lora run") from None
 
 
-def check_adapter_run(adapter_dir):
+def check_adapter_run(adapter_dir, adapter_run):
     """--adapter evaluates LoRA on CLIP's tower; the adapter of a --backbone run (its run's config.json says so)
     sits on an ImageNet ViT with a head trained from scratch, which its run's last.pt holds whole."""
     run = Path(adapter_dir).expanduser().parent
-    backbone = adapter_run_config(adapter_dir).get("backbone")  # none for an adapter folder on its own
+    backbone = adapter_run.get("backbone")  # none for an adapter folder on its own
     if backbone:
         raise DataError(f"--adapter {adapter_dir}: the adapter of a --backbone run (LoRA on {backbone}), and --adapter "
                         f"takes LoRA runs of CLIP's tower; --resume {run} evaluates that run's classifier")
@@ -921,14 +917,13 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
 
 def evaluate_adapter(args, data, test_idx, config, processor, device, report):
     """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
-    check_adapter_fits(args.adapter, config, len(data.classes))
-    plumbing.write_json(Path(args.out_dir) / "config.json", run_config(args, [], data.classes))
     report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
-    try:
+    try:  # load_adapter checks the adapter against CLIP's tower and the classes before any weights load
         model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
     except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
         raise DataError(f"--adapter {args.adapter}: does not fit --model {args.model} "
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
+    plumbing.write_json(Path(args.out_dir) / "config.json", run_config(args, [], data.classes))
     print(f"{SCRIPT}: adapter {args.adapter} on {args.model} | {device} | {len(test_idx):,} test images | "
           f"out {args.out_dir}")
     test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)

@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -296,7 +296,7 @@ def main(argv=None):
         capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and world_size == 1 and not args.eager
         optimizer = make_optimizer(model, args, device, capture)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        progress = Progress()
+        progress = plumbing.Progress()
         if ckpt:
             progress = restore_run(ckpt, args, model, optimizer, scaler, device, capture, len(data.classes))
             print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
@@ -392,16 +392,6 @@ def experiment_args(argv):
     return args, ckpt
 
 
-@dataclass
-class Progress:
-    """What a checkpoint records of the run besides weights and flags."""
-    epoch: int = 0
-    step: int = 0
-    best_acc: float = -1.0
-    train_seconds: float = 0.0
-    images_seen: int = 0
-
-
 def check_sync_bn(args, world_size, device, resuming):
     """--sync-bn needs torchrun's processes (a resume may continue a torchrun run alone) on CUDA GPUs."""
     if args.sync_bn and world_size == 1 and not resuming:
@@ -458,7 +448,7 @@ def restore_run(ckpt, args, model, optimizer, scaler, device, capture, num_class
         s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     scaler.load_state_dict(ckpt["scaler"])
     plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
-    return Progress(**ckpt["state"])
+    return plumbing.Progress(**ckpt["state"])
 
 
 def save_run(args, model, optimizer, scaler, progress, test_acc, out_dir, data):

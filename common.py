@@ -688,6 +688,16 @@ def as_typed(parser, name, value):
     return f"{flag(name)} {value}"
 
 
+@dataclass
+class Progress:
+    """What a classifier's checkpoint records of its run besides weights and flags (vit, cnn; clip adds a field)."""
+    epoch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+
 def resuming_line(path, progress, steps_per_epoch, total_steps):
     """What a run resumed from a per-epoch checkpoint prints first. Batches of an epoch that --max-steps cut
     short are not trained on resume (the next epoch starts): the line says how many."""

@@ -26,7 +26,7 @@ import copy
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -444,7 +444,7 @@ def main(argv=None):
         optimizers = make_optimizers(model, args, device, capture)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None  # --ema: the weights evaluated
-        progress = Progress()
+        progress = plumbing.Progress()
         if ckpt:
             progress = restore_run(ckpt, args, model, optimizers, scaler, device, capture, len(data.classes), ema)
             print(plumbing.resuming_line(args.resume, progress, steps_per_epoch, total_steps))
@@ -534,16 +534,6 @@ def compile_blocks(model, device):
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the run folder, data checks, the machine
-
-@dataclass
-class Progress:
-    """What a checkpoint records of the run besides weights and flags."""
-    epoch: int = 0
-    step: int = 0
-    best_acc: float = -1.0
-    train_seconds: float = 0.0
-    images_seen: int = 0
-
 
 def experiment_args(argv):
     """(args, checkpoint or None): the command line with its recipe filled in, or on --resume the run's
@@ -656,7 +646,7 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
                 s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
     scaler.load_state_dict(ckpt["scaler"])
     plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
-    return Progress(**ckpt["state"])
+    return plumbing.Progress(**ckpt["state"])
 
 
 def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data, ema=None):
