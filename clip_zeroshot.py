@@ -40,13 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, charts
-from common import (DataError, accuracy_from, apply_crop_flip, confusion_matrix, crop_flip_params,  # part 1
-                    derived_seed, load_cifar10, per_class_accuracy, stratified_subset, undo_steps)
+from common import (CapturedStep, DataError, accuracy_from, apply_crop_flip, confusion_matrix,  # part 1
+                    crop_flip_params, derived_seed, load_cifar10, per_class_accuracy, stratified_subset)
 from common import positive_int  # argparse type: a flag's range (the float ranges below keep this script's words)
 
 SCRIPT = "clip_zeroshot"
-CHECKPOINT_VERSION = 1
-RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_download")  # on --resume: from the command line
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -254,21 +252,13 @@ def make_optimizer(model, args, device, capture=False):
     return optimizer
 
 
-def place_learning_rate(optimizer, peak, device, capture):
-    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
-    for group in optimizer.param_groups:
-        group["peak_lr"] = peak
-        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
-
-
 def set_learning_rate(optimizer, factor):
     """Peak x factor into every group, a device tensor in place (graph-safe); returns the rate, for the log."""
     for group in optimizer.param_groups:
-        rate = group["peak_lr"] * factor
         if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(rate)
+            group["lr"].fill_(group["peak_lr"] * factor)
         else:
-            group["lr"] = rate
+            group["lr"] = group["peak_lr"] * factor
     return optimizer.param_groups[0]["peak_lr"] * factor
 
 
@@ -281,8 +271,9 @@ def lr_factor(step, warmup_steps, total_steps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The step: edit train_step. On one CUDA GPU with bf16 the CUDA graph replays it unchanged, so nothing in it may read
-# a value back to the host (no .item(), no print, no Python branch on a tensor); the statistics stay on the device.
+# The step: edit train_step. On one CUDA GPU with bf16 common.CapturedStep records it once as a CUDA graph and replays
+# it unchanged, so nothing in it may read a value back to the host (no .item(), no print, no Python branch on a
+# tensor); the statistics stay on the device.
 
 def augmented_batches(images, labels, batch_size, seed, epoch):
     """Shuffled uint8 batches, each image cropped (zero padding 4) and flipped at 32 px before preprocessing; the
@@ -310,36 +301,6 @@ def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y,
     scaler.step(optimizer)
     scaler.update()
     stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
-
-
-class CapturedStep:
-    """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
-    every batch copied into its input buffers: the tower's hundreds of kernels launched at once."""
-
-    def __init__(self, step, x, y, model, optimizer, stats, warmup=3):
-        self.x, self.y = x.clone(), y.clone()
-        undo = undo_steps([*model.state_dict().values(), stats], [optimizer], torch.cuda)  # LoRA dropout's RNG too
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    step(self.x, self.y)
-            torch.cuda.current_stream().wait_stream(side)
-            undo()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                step(self.x, self.y)
-            torch.cuda.synchronize()
-        except BaseException:  # the eager fallback starts from the weights as they were, not the warm-up's
-            torch.cuda.synchronize()
-            undo()
-            raise
-
-    def __call__(self, x, y):
-        self.x.copy_(x)
-        self.y.copy_(y)
-        self.graph.replay()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,7 +483,7 @@ LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
 PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
 
 # ----------------------------------------------------------------------------------------------------
-# How the step runs: replayed as a CUDA graph where capture applies, else eagerly
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the learning rate's place
 
 def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
@@ -530,15 +491,26 @@ def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, firs
     step = partial(train_step, model, optimizer, scaler, preprocess, amp_dtype, args.grad_clip, stats=stats)
     if capture:
         model.train()
-        captured = plumbing.capture_or_none(lambda: CapturedStep(step, *first_batch, model, optimizer, stats),
-                                            stats.device)
+        state = [*model.state_dict().values(), stats]  # (and CUDA's generator: LoRA's dropout draws from it)
+        captured = plumbing.capture_or_none(lambda: CapturedStep(step, first_batch, state, [optimizer]), stats.device)
         if captured is not None:
             return captured
     return step
 
 
+def place_learning_rate(optimizer, peak, device, capture):
+    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
+    for group in optimizer.param_groups:
+        group["peak_lr"] = peak
+        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the machine, the data, checkpoints and the per-epoch log
+
+CHECKPOINT_VERSION = 1
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_download")  # on --resume: from the command line
+
 
 @dataclass
 class Progress(plumbing.Progress):

@@ -34,13 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
-from common import (DataError, TensorLoader, accuracy_from, confusion_matrix, load_cifar10,  # part 1
-                    per_class_accuracy, stratified_subset, undo_steps)
+from common import (CapturedStep, DataError, TensorLoader, accuracy_from, confusion_matrix, load_cifar10,  # part 1
+                    per_class_accuracy, stratified_subset)
 from common import fraction, non_negative, positive_float, positive_int  # argparse types: a flag's range
 
 SCRIPT = "cnn_baseline"
-CHECKPOINT_VERSION = 2
-RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_download")  # on --resume: from the command line
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -89,12 +87,8 @@ def check_args(args):
 BN_MOMENTUM = 0.6  # running stats follow the last few batches: short runs evaluate with current statistics
 
 
-def batch_norm(c):
-    return nn.BatchNorm2d(c, momentum=BN_MOMENTUM)
-
-
 def conv_bn(c_in, c_out):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), batch_norm(c_out))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, momentum=BN_MOMENTUM))
 
 
 class ConvStage(nn.Module):
@@ -104,7 +98,7 @@ class ConvStage(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = batch_norm(c_out)
+        self.norm1 = nn.BatchNorm2d(c_out, momentum=BN_MOMENTUM)
         self.conv2 = conv_bn(c_out, c_out)
         self.act = nn.GELU()
 
@@ -125,11 +119,6 @@ class ResidualCNN(nn.Module):
     def forward(self, x):
         x = self.stages(self.stem(x))
         return self.head(self.pool(x).flatten(1))
-
-
-def channels_last(device):
-    """NHWC on CUDA, where cuDNN's convolutions are fastest in it; the default layout elsewhere."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,13 +150,6 @@ def make_optimizer(model, args, device, capture):
     return optimizer
 
 
-def place_learning_rate(optimizer, peak, device, capture):
-    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
-    for group in optimizer.param_groups:
-        group["peak_lr"] = peak
-        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
-
-
 def lr_factor(step, warmup_steps, total_steps):
     """Linear warm-up to 1, then cosine to 0 at total_steps."""
     if step < warmup_steps:
@@ -179,21 +161,23 @@ def lr_factor(step, warmup_steps, total_steps):
 def set_learning_rate(optimizer, factor):
     """Peak x factor into every group, a device tensor in place (graph-safe); returns the rate, for the log."""
     for group in optimizer.param_groups:
-        lr = group["peak_lr"] * factor
         if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(group["peak_lr"] * factor)
         else:
-            group["lr"] = lr
+            group["lr"] = group["peak_lr"] * factor
     return optimizer.param_groups[0]["peak_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------------
-# The step: edit train_step. The CUDA graph replays it unchanged, so nothing in it may read a value back to the
-# host (no .item(), no print, no Python branch on a tensor); the running statistics stay on the device.
+# The step: edit train_step. On one CUDA GPU common.CapturedStep records it once as a CUDA graph and replays it
+# unchanged, so nothing in it may read a value back to the host (no .item(), no print, no Python branch on a tensor);
+# the running statistics stay on the device.
 
 def train_step(model, optimizer, scaler, amp_dtype, label_smoothing, grad_clip, x, y, stats):
     """Forward, loss, backward, clipping, update (BatchNorm's running statistics included), and the running
-    [loss sum, correct] added to `stats`. (Gradients are zeroed outside it: in a graph, backward writes in place.)"""
+    [loss sum, correct] added to `stats`. Gradients are set to None first: in a graph, backward then writes them in
+    the graph's own memory."""
+    optimizer.zero_grad(set_to_none=True)
     with autocast(x.device, amp_dtype):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -204,45 +188,6 @@ def train_step(model, optimizer, scaler, amp_dtype, label_smoothing, grad_clip, 
     scaler.step(optimizer)
     scaler.update()
     stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
-
-
-def eager(step, optimizer):
-    def run(x, y):
-        optimizer.zero_grad(set_to_none=True)
-        step(x, y)
-    return run
-
-
-class CapturedStep:
-    """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
-    every batch copied into its input buffers."""
-
-    def __init__(self, step, x, y, model, optimizer, stats, warmup=3):
-        self.x, self.y = x.clone(), y.clone()  # clone keeps channels_last
-        rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
-        undo = undo_steps([*model.state_dict().values(), stats], [optimizer], rng)
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    eager(step, optimizer)(self.x, self.y)
-            torch.cuda.current_stream().wait_stream(side)
-            undo()
-            optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                step(self.x, self.y)
-            torch.cuda.synchronize()
-        except BaseException:  # the eager fallback starts from the weights as they were, not the warm-up's
-            torch.cuda.synchronize()
-            undo()
-            raise
-
-    def __call__(self, x, y):
-        self.x.copy_(x)
-        self.y.copy_(y)
-        self.graph.replay()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,7 +298,8 @@ def main(argv=None):
 # ===== Run plumbing: nothing below changes what is trained =====
 
 # ----------------------------------------------------------------------------------------------------
-# How the step runs: replayed as a CUDA graph where capture applies, else eagerly
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the memory layout, the learning
+# rate's place
 
 def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, capture):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
@@ -362,15 +308,32 @@ def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, 
     if capture:
         model.train()
         x, y = next(iter(loader))
-        captured = plumbing.capture_or_none(
-            lambda: CapturedStep(step, x.contiguous(memory_format=layout), y, model, optimizer, stats), stats.device)
+        captured = plumbing.capture_or_none(lambda: CapturedStep(step, (x.contiguous(memory_format=layout), y),
+                                                                 [*model.state_dict().values(), stats], [optimizer]),
+                                            stats.device)
         if captured is not None:
             return captured
-    return eager(step, optimizer)
+    return step
+
+
+def channels_last(device):
+    """NHWC on CUDA, where cuDNN's convolutions are fastest in it; the default layout elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def place_learning_rate(optimizer, peak, device, capture):
+    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
+    for group in optimizer.param_groups:
+        group["peak_lr"] = peak
+        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the run folder, data checks, the machine
+
+CHECKPOINT_VERSION = 2
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "no_download")  # on --resume: from the command line
+
 
 def experiment_args(argv):
     """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that

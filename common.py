@@ -1,5 +1,5 @@
 """What the course scripts share. Part 1, what the experiments use: CIFAR-10 in memory, its augmentation on the
-device (TensorLoader), patching, metrics, seeds, the CUDA-graph warm-up undo. Part 2, below the banner, run plumbing
+device (TensorLoader), patching, metrics, seeds, the captured step (CUDA graphs). Part 2, below the banner, run plumbing
 (errors, flags, resume, run folders, atomic outputs, torchrun, charts). Models, loops and optimisers stay in each
 script."""
 import argparse
@@ -70,26 +70,6 @@ def load_cifar10(data_dir, download=True, image_size=32, log=print, resumed_from
     return data
 
 
-def _resize(x, size):
-    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
-    return x.round().clamp(0, 255).to(torch.uint8)
-
-
-def _load_torchvision_batches(batches):
-    text = lambda v: v.decode("latin1") if isinstance(v, bytes) else v  # keys and names are bytes in some files
-
-    def split(names):
-        parts = [{text(k): v for k, v in _read_batch(batches / n).items()} for n in names]
-        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
-        y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
-        return torch.from_numpy(x), torch.from_numpy(y)
-
-    train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
-    test_x, test_y = split(["test_batch"])
-    meta = {text(k): v for k, v in _read_batch(batches / "batches.meta").items()}
-    return ImageDataset(train_x, train_y, test_x, test_y, [text(c) for c in meta["label_names"]], "torchvision")
-
-
 def open_rgb(path):
     """A path or an open image as 8-bit RGB (every script's decoder): EXIF rotation applied, 16-bit scaled."""
     from PIL import Image, ImageOps
@@ -98,30 +78,6 @@ def open_rgb(path):
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
         return im.convert("RGB")
-
-
-def _decode_one(path, image_size):
-    from PIL import Image
-    im = open_rgb(path)
-    if im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def _decode_split(root, files, image_size, log):
-    """(images, labels) of one split, decoded in one thread (faster for tiny images); unreadable ones skipped."""
-    images, labels, bad = [], [], []
-    for rel, k in files:
-        try:
-            images.append(_decode_one(root / rel, image_size))
-            labels.append(k)
-        except Exception as e:
-            bad.append(f"{rel} ({type(e).__name__})")
-    if bad:
-        log(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
-    if not images:
-        raise DataError(f"no readable images under {root}")
-    return np.stack(images), np.array(labels, dtype=np.int64)
 
 
 def stratified_subset(labels, n, seed=0, name="--limit", every_class=False):
@@ -267,7 +223,7 @@ def per_class_accuracy(cm):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Seeds and CUDA-graph warm-ups
+# Seeds and the captured step (CUDA graphs)
 
 def derived_seed(*parts):
     """A 63-bit seed for one random stream, e.g. (seed, "dropout", epoch, rank): hashing keeps streams apart."""
@@ -296,6 +252,40 @@ def undo_steps(tensors, optimizers, rng=None):
         if rng:
             rng.set_rng_state(rng_state)
     return undo
+
+
+class CapturedStep:
+    """`step(*batch)` recorded once as a CUDA graph and replayed for every batch copied into its input buffers: the
+    step's hundreds of kernels launched at once instead of one Python call each. `step` must set the gradients to
+    None first (backward then writes them in the graph's own memory) and read nothing back to the host. Warm-up
+    steps run first, on a side stream as torch asks; what they change (`state`: weights, buffers, running
+    statistics; the optimizers; the generator dropout draws from) is undone, so training starts where an eager run
+    would, and an eager fallback after a failed capture starts from the weights as they were."""
+
+    def __init__(self, step, batch, state, optimizers, warmup=3):
+        self.batch = [t.clone() for t in batch]  # clone keeps the memory format (channels_last)
+        undo = undo_steps(state, optimizers, torch.cuda if self.batch[0].is_cuda else torch)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step(*self.batch)
+            torch.cuda.current_stream().wait_stream(side)
+            undo()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                step(*self.batch)
+            torch.cuda.synchronize()
+        except BaseException:
+            torch.cuda.synchronize()
+            undo()
+            raise
+
+    def __call__(self, *batch):
+        for static, new in zip(self.batch, batch):
+            static.copy_(new)
+        self.graph.replay()
 
 
 # ===== Run plumbing: nothing below changes what is trained =====
@@ -340,7 +330,7 @@ class StopRun(Exception):
 
 
 def capture_or_none(build, device):
-    """`build()` (a script's CapturedStep), timed and said in one line; None where it fails, the eager step then
+    """`build()` (a CapturedStep), timed and said in one line; None where it fails, the eager step then
     training instead: one line names the error (its cause, where torch's follow-up "during capture" error hides it)
     and the half-built graph's memory is freed. A capture that left CUDA's random generator unusable (some torch
     versions do) stops the run in one line instead, since every later draw would fail."""
@@ -354,7 +344,7 @@ def capture_or_none(build, device):
             error = error.__context__
         why = error_line(error)
         gc.collect()  # the half-built graph and its memory pool
-        if device.type == "cuda":  # (each script's CapturedStep has waited for the device and undone its warm-up)
+        if device.type == "cuda":  # (CapturedStep has waited for the device and undone its warm-up)
             torch.cuda.empty_cache()
         if not cuda_generator_works(device):
             raise StopRun(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; nothing "
@@ -789,7 +779,52 @@ def all_reduce_sum(value, world_size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# CIFAR-10 input hardening: downloads, allow-listed pickles, odd files in ImageFolder trees, the decode cache
+# CIFAR-10 reading (load_cifar10's helpers): downloads, allow-listed pickles, odd files in ImageFolder trees, decoding,
+# the decode cache
+
+def _resize(x, size):
+    x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _load_torchvision_batches(batches):
+    text = lambda v: v.decode("latin1") if isinstance(v, bytes) else v  # keys and names are bytes in some files
+
+    def split(names):
+        parts = [{text(k): v for k, v in _read_batch(batches / n).items()} for n in names]
+        x = np.concatenate([np.asarray(p["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for p in parts])
+        y = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    train_x, train_y = split([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = split(["test_batch"])
+    meta = {text(k): v for k, v in _read_batch(batches / "batches.meta").items()}
+    return ImageDataset(train_x, train_y, test_x, test_y, [text(c) for c in meta["label_names"]], "torchvision")
+
+
+def _decode_one(path, image_size):
+    from PIL import Image
+    im = open_rgb(path)
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _decode_split(root, files, image_size, log):
+    """(images, labels) of one split, decoded in one thread (faster for tiny images); unreadable ones skipped."""
+    images, labels, bad = [], [], []
+    for rel, k in files:
+        try:
+            images.append(_decode_one(root / rel, image_size))
+            labels.append(k)
+        except Exception as e:
+            bad.append(f"{rel} ({type(e).__name__})")
+    if bad:
+        log(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    if not images:
+        raise DataError(f"no readable images under {root}")
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
 
 def _download_cifar10(root, batches, download, resumed_from):
     """torchvision's download into `root`, or one line saying what is missing; a failed download leaves no folder

@@ -35,13 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
-from common import (DataError, TensorLoader, accuracy_from, confusion_matrix, derived_seed, img_to_patch,  # part 1
-                    load_cifar10, normalize, per_class_accuracy, stratified_subset, undo_steps)
+from common import (CapturedStep, DataError, TensorLoader, accuracy_from, confusion_matrix, derived_seed,  # part 1
+                    img_to_patch, load_cifar10, normalize, per_class_accuracy, stratified_subset)
 from common import fraction, non_negative, positive_float, positive_int  # argparse types: a flag's range
 
 SCRIPT = "vit_scratch"
-CHECKPOINT_VERSION = 2
-RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "compile", "no_download")  # on --resume: from the command line
 LOG_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -277,13 +275,6 @@ def make_optimizers(model, args, device, capture):
     return optimizers
 
 
-def place_learning_rates(optimizer, peak, device, capture):
-    """Each group's peak rate, and its current rate as a device tensor under capture (a float otherwise)."""
-    for group in optimizer.param_groups:
-        group["peak_lr"] = peak
-        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
-
-
 def lr_factor(step, warmup_steps, total_steps):
     """Linear warm-up to 1, then cosine to 0 at total_steps."""
     if step < warmup_steps:
@@ -308,22 +299,24 @@ def set_learning_rates(optimizers, factor):
     """Peak x factor into every group, device tensors in place (graph-safe); returns AdamW's rate, for the log."""
     for opt in optimizers:
         for group in opt.param_groups:
-            lr = group["peak_lr"] * factor
             if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(lr)
+                group["lr"].fill_(group["peak_lr"] * factor)
             else:
-                group["lr"] = lr
+                group["lr"] = group["peak_lr"] * factor
     return optimizers[0].param_groups[0]["peak_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------------
-# The step: edit train_step. The CUDA graph replays it unchanged, so nothing in it may read a value back to the
-# host (no .item(), no print, no Python branch on a tensor); the running statistics stay on the device.
+# The step: edit train_step. On one CUDA GPU common.CapturedStep records it once as a CUDA graph and replays it
+# unchanged, so nothing in it may read a value back to the host (no .item(), no print, no Python branch on a tensor);
+# the running statistics stay on the device.
 
 def train_step(model, optimizers, scaler, amp_dtype, label_smoothing, grad_clip, x, y, stats, ema=None):
     """Forward, loss, backward, clipping, update, and the running [loss sum, correct] added to `stats`; with `ema`
-    ((averaged, trained) weights, decay) the moving average follows the update. (Gradients are zeroed outside it:
-    in a graph, backward writes them in place.)"""
+    ((averaged, trained) weights, decay) the moving average follows the update. Gradients are set to None first: in a
+    graph, backward then writes them in the graph's own memory."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     with autocast(x.device, amp_dtype):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
@@ -338,48 +331,6 @@ def train_step(model, optimizers, scaler, amp_dtype, label_smoothing, grad_clip,
     if ema is not None:
         torch._foreach_lerp_(ema[0], ema[1], 1 - ema[2])  # average += (1 - decay) (weight - average)
     stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
-
-
-def eager(step, optimizers):
-    def run(x, y):
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        step(x, y)
-    return run
-
-
-class CapturedStep:
-    """`step(x, y)` recorded once as a CUDA graph (after warm-up steps whose effects are undone) and replayed for
-    every batch copied into its input buffers: ~1,000 kernels launched at once instead of one Python call each."""
-
-    def __init__(self, step, x, y, model, optimizers, stats, ema=None, warmup=3):
-        self.x, self.y = x.clone(), y.clone()
-        rng = torch.cuda if stats.is_cuda else torch  # the generator that dropout draws from
-        averaged = list(ema.state_dict().values()) if ema is not None else []
-        undo = undo_steps([*model.state_dict().values(), *averaged, stats], optimizers, rng)
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    eager(step, optimizers)(self.x, self.y)
-            torch.cuda.current_stream().wait_stream(side)
-            undo()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                step(self.x, self.y)
-            torch.cuda.synchronize()
-        except BaseException:  # the eager fallback starts from the weights as they were, not the warm-up's
-            torch.cuda.synchronize()
-            undo()
-            raise
-
-    def __call__(self, x, y):
-        self.x.copy_(x)
-        self.y.copy_(y)
-        self.graph.replay()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -504,7 +455,7 @@ def main(argv=None):
 # ===== Run plumbing: nothing below changes what is trained =====
 
 # ----------------------------------------------------------------------------------------------------
-# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; --compile
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the learning rates' place; --compile
 
 def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled, ema=None):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
@@ -514,13 +465,21 @@ def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture
                    ema=averaging)
     if capture:
         model.train()
-        captured = plumbing.capture_or_none(
-            lambda: CapturedStep(step, *next(iter(loader)), model, optimizers, stats, ema), stats.device)
+        state = [*model.state_dict().values(), *(ema.state_dict().values() if ema is not None else []), stats]
+        captured = plumbing.capture_or_none(lambda: CapturedStep(step, next(iter(loader)), state, optimizers),
+                                            stats.device)
         if captured is not None:
             return captured
         for module in compiled:  # a failed capture: back to the plain modules too
             del module.forward
-    return eager(step, optimizers)
+    return step
+
+
+def place_learning_rates(optimizer, peak, device, capture):
+    """Each group's peak rate, and its current rate as a device tensor under capture (a float otherwise)."""
+    for group in optimizer.param_groups:
+        group["peak_lr"] = peak
+        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
 
 
 def compile_blocks(model, device):
@@ -534,6 +493,10 @@ def compile_blocks(model, device):
 
 # ----------------------------------------------------------------------------------------------------
 # Flags on resume, the run folder, data checks, the machine
+
+CHECKPOINT_VERSION = 2
+RUNTIME_FLAGS = (*plumbing.RUN_FLAGS, "compile", "no_download")  # on --resume: from the command line
+
 
 def experiment_args(argv):
     """(args, checkpoint or None): the command line with its recipe filled in, or on --resume the run's

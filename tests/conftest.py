@@ -160,3 +160,55 @@ def tiny_captioner(tmp_path_factory):
 
 
 TINY_CAPTIONS = ROOT / "tests" / "data" / "captions-tiny"  # 30 Flickr8k images at 64 px, 5 captions each
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """common.CapturedStep on the CPU: torch.cuda's streams, synchronize and graphs replaced by stand-ins. A function
+    wrapped by the returned `recorded` is, inside `torch.cuda.graph`, recorded instead of run, and `replay()` runs it
+    again on the same (static) tensors, as a CUDA graph replays its kernels. What this cannot show (the kernels
+    captured, CUDA's random offsets) is tests/test_gpu.py's."""
+    from contextlib import contextmanager, nullcontext
+
+    import torch
+
+    capturing = []
+
+    class Graph:
+        def __init__(self):
+            self.calls = []
+
+        def replay(self):
+            for fn, args, kwargs in self.calls:
+                fn(*args, **kwargs)
+
+    @contextmanager
+    def graph(g):
+        capturing.append(g)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def recorded(fn):
+        def run(*args, **kwargs):
+            if capturing:
+                capturing[-1].calls.append((fn, args, kwargs))
+                return None
+            return fn(*args, **kwargs)
+        return run
+    return recorded

@@ -369,7 +369,7 @@ def test_undoing_the_capture_warm_up_leaves_the_next_step_that_of_a_fresh_run(mo
     x, y = next(clip_zeroshot.augmented_batches(data.train_x, data.train_y, 16, 0, 0))
     model, optimizer, stats, step = build()
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    undo = clip_zeroshot.undo_steps([*model.state_dict().values(), stats], [optimizer], torch)
+    undo = common.undo_steps([*model.state_dict().values(), stats], [optimizer], torch)
     for _ in range(3):
         step(x, y)
     assert stats[0] > 0 and any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 
+import common
 import vit_scratch
 from guide_vit import GuideVisionTransformer, guide_state_dict
 from vit_scratch import VisionTransformer
@@ -136,9 +137,7 @@ def test_train_step_gives_the_previous_loops_weights_on_cpu():
                               lr_shape="cosine")
     optimizers = vit_scratch.make_optimizers(ours, optimizer_args(), torch.device("cpu"), capture=False)
     scaler, stats = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2)
-    step = vit_scratch.eager(
-        partial(vit_scratch.train_step, ours, optimizers, scaler, None, 0.1, 1.0, stats=stats), optimizers
-    )
+    step = partial(vit_scratch.train_step, ours, optimizers, scaler, None, 0.1, 1.0, stats=stats)
     for i, (x, y) in enumerate(batches):
         vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, 6, 6))
         step(x, y)
@@ -169,13 +168,10 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
         model, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False
     )
     stats, x, y = torch.zeros(2), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    step = vit_scratch.eager(
-        partial(vit_scratch.train_step, model, optimizers, torch.amp.GradScaler("cpu", enabled=False), None, 0.1, 1.0,
-                stats=stats),
-        optimizers,
-    )
+    step = partial(vit_scratch.train_step, model, optimizers, torch.amp.GradScaler("cpu", enabled=False), None, 0.1,
+                   1.0, stats=stats)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    undo = vit_scratch.undo_steps([*model.state_dict().values(), stats], optimizers, torch)  # CapturedStep's call
+    undo = common.undo_steps([*model.state_dict().values(), stats], optimizers, torch)  # CapturedStep's call
     for _ in range(3):
         step(x, y)
     assert not torch.equal(model.blocks[0].mlp[0].weight, before["blocks.0.mlp.0.weight"]) and stats[0] > 0
@@ -192,11 +188,8 @@ def test_undoing_the_warm_up_restores_weights_and_a_fresh_optimizer():
     fresh_opts = vit_scratch.make_optimizers(
         fresh, optimizer_args(optimizer="muon"), torch.device("cpu"), capture=False
     )
-    fresh_step = vit_scratch.eager(
-        partial(vit_scratch.train_step, fresh, fresh_opts, torch.amp.GradScaler("cpu", enabled=False), None, 0.1, 1.0,
-                stats=torch.zeros(2)),
-        fresh_opts,
-    )
+    fresh_step = partial(vit_scratch.train_step, fresh, fresh_opts, torch.amp.GradScaler("cpu", enabled=False), None,
+                         0.1, 1.0, stats=torch.zeros(2))
     torch.manual_seed(5)
     step(x, y)
     torch.manual_seed(5)

@@ -61,8 +61,8 @@ def test_undoing_the_warm_up_restores_the_average_too():
     optimizers = vit_scratch.make_optimizers(model, args, torch.device("cpu"), capture=False)
     ema, stats = copy.deepcopy(model).requires_grad_(False), torch.zeros(2)
     averaging = (list(ema.parameters()), list(model.parameters()), 0.9)
-    step = vit_scratch.eager(partial(vit_scratch.train_step, model, optimizers, torch.amp.GradScaler(
-        "cpu", enabled=False), None, 0.1, 1.0, stats=stats, ema=averaging), optimizers)
+    step = partial(vit_scratch.train_step, model, optimizers, torch.amp.GradScaler(
+        "cpu", enabled=False), None, 0.1, 1.0, stats=stats, ema=averaging)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     undo = common.undo_steps([*model.state_dict().values(), *ema.state_dict().values(), stats], optimizers, torch)
     step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
