@@ -190,7 +190,7 @@ def run_cli(*flags, timeout=300):
     return proc
 
 
-def test_cli_train_caption_merge(tiny_captioner, tmp_path):
+def test_cli_train_caption_merge(tiny_captioner, tmp_path, capsys):
     out = tmp_path / "run"
     proc = run_cli("--model", tiny_captioner, "--data-dir", TINY_CAPTIONS, "--out-dir", out, "--device", "cpu",
                    "--epochs", "4", "--batch-size", "10", "--lr", "1e-2", "--eval-every", "10", "--save-every", "10")
@@ -211,8 +211,9 @@ def test_cli_train_caption_merge(tiny_captioner, tmp_path):
     assert sheet.count("<img ") == 5 and all(n in sheet for n in val_names)
 
     image = next((TINY_CAPTIONS / "images").iterdir())
-    proc = run_cli("--caption", image, image, "--adapter", out / "adapter", "--device", "cpu")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(str(image))]
+    # --caption in this process (in a subprocess: test_lora_trials.py)
+    lora_caption.main(["--caption", str(image), str(image), "--adapter", str(out / "adapter"), "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(image))]
     assert len(lines) == 2 and lines[0] == lines[1]  # greedy decoding is deterministic
     # --merge and captions by the merged model: test_lora_trials.py (in process, and on stderr in a subprocess)
 
