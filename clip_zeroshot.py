@@ -248,7 +248,7 @@ def make_optimizer(model, args, device, capture=False):
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda", capturable=capture)
-    place_learning_rate(optimizer, args.lr, device, capture)
+    plumbing.place_learning_rate(optimizer, args.lr, device, capture)
     return optimizer
 
 
@@ -483,7 +483,7 @@ LORA_FLAGS = ("rank", "alpha", "lora_dropout", "targets")
 PROBE_MIN_PER_CLASS = 5  # the probe's held-out 20% then holds about one image per class
 
 # ----------------------------------------------------------------------------------------------------
-# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the learning rate's place
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly
 
 def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
@@ -496,13 +496,6 @@ def make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, firs
         if captured is not None:
             return captured
     return step
-
-
-def place_learning_rate(optimizer, peak, device, capture):
-    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
-    for group in optimizer.param_groups:
-        group["peak_lr"] = peak
-        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -646,7 +639,7 @@ def restore_run(ckpt, args, model, optimizer, scaler, capture=False):
         raise DataError(f"--resume {args.resume}: its weights do not fit --model {args.model} "
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
     device = next(model.parameters()).device
-    place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
+    plumbing.place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
     for group in optimizer.param_groups:
         group["fused"], group["capturable"] = device.type == "cuda", capture
     for state in optimizer.state.values():  # fused and capturable AdamW keep the step count on the device

@@ -146,7 +146,7 @@ def make_optimizer(model, args, device, capture):
         (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda", capturable=capture)
-    place_learning_rate(optimizer, args.lr, device, capture)
+    plumbing.place_learning_rate(optimizer, args.lr, device, capture)
     return optimizer
 
 
@@ -298,8 +298,7 @@ def main(argv=None):
 # ===== Run plumbing: nothing below changes what is trained =====
 
 # ----------------------------------------------------------------------------------------------------
-# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the memory layout, the learning
-# rate's place
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the memory layout
 
 def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, capture):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
@@ -319,13 +318,6 @@ def make_step(model, optimizer, scaler, amp_dtype, args, stats, loader, layout, 
 def channels_last(device):
     """NHWC on CUDA, where cuDNN's convolutions are fastest in it; the default layout elsewhere."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def place_learning_rate(optimizer, peak, device, capture):
-    """The peak rate, and the current rate as a device tensor under capture (a float otherwise)."""
-    for group in optimizer.param_groups:
-        group["peak_lr"] = peak
-        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,7 +396,7 @@ def restore_run(ckpt, args, model, optimizer, scaler, device, capture, num_class
     """Weights, optimizer state and scaler from a checkpoint; returns its Progress."""
     plumbing.load_weights(model, ckpt, args.resume, model_config(args, num_classes))
     optimizer.load_state_dict(ckpt["optimizer"])
-    place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
+    plumbing.place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
     for group in optimizer.param_groups:
         group["fused"], group["capturable"] = device.type == "cuda", capture
     for s in optimizer.state.values():  # fused and capturable AdamW keep the step count on the device

@@ -329,42 +329,6 @@ class StopRun(Exception):
         self.code = code
 
 
-def capture_or_none(build, device):
-    """`build()` (a CapturedStep), timed and said in one line; None where it fails, the eager step then
-    training instead: one line names the error (its cause, where torch's follow-up "during capture" error hides it)
-    and the half-built graph's memory is freed. A capture that left CUDA's random generator unusable (some torch
-    versions do) stops the run in one line instead, since every later draw would fail."""
-    import gc
-    import time
-    t0 = time.perf_counter()
-    try:
-        captured = build()
-    except Exception as error:  # the fast path must not end the run
-        while error.__context__ is not None and "during capture" in str(error):
-            error = error.__context__
-        why = error_line(error)
-        gc.collect()  # the half-built graph and its memory pool
-        if device.type == "cuda":  # (CapturedStep has waited for the device and undone its warm-up)
-            torch.cuda.empty_cache()
-        if not cuda_generator_works(device):
-            raise StopRun(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; nothing "
-                          f"was lost: run the same command again with --eager") from None
-        print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
-        return None
-    captured.seconds = time.perf_counter() - t0
-    print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
-    return captured
-
-
-def cuda_generator_works(device):
-    """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
-    try:
-        torch.rand(1, device=device)
-        return True
-    except RuntimeError:
-        return False
-
-
 class RunFailed(Exception):
     """In a notebook, a run that ends early raises this instead of SystemExit: the cell shows the one line (no
     traceback: IPython calls _render_traceback_) and Run All stops there. `code` is the exit status a shell gets."""
@@ -696,6 +660,53 @@ def resuming_line(path, progress, steps_per_epoch, total_steps):
     if cut > 0 and progress.step < total_steps:
         line += f"; --max-steps stopped that epoch {cut} of {steps_per_epoch} batches short (skipped)"
     return line
+
+
+# ----------------------------------------------------------------------------------------------------
+# The captured step's set-up: the one-line fallback to eager, the learning rate the graph reads
+
+def capture_or_none(build, device):
+    """`build()` (a CapturedStep), timed and said in one line; None where it fails, the eager step then
+    training instead: one line names the error (its cause, where torch's follow-up "during capture" error hides it)
+    and the half-built graph's memory is freed. A capture that left CUDA's random generator unusable (some torch
+    versions do) stops the run in one line instead, since every later draw would fail."""
+    import gc
+    import time
+    t0 = time.perf_counter()
+    try:
+        captured = build()
+    except Exception as error:  # the fast path must not end the run
+        while error.__context__ is not None and "during capture" in str(error):
+            error = error.__context__
+        why = error_line(error)
+        gc.collect()  # the half-built graph and its memory pool
+        if device.type == "cuda":  # (CapturedStep has waited for the device and undone its warm-up)
+            torch.cuda.empty_cache()
+        if not cuda_generator_works(device):
+            raise StopRun(f"CUDA graph capture failed ({why}) and left CUDA's random generator unusable; nothing "
+                          f"was lost: run the same command again with --eager") from None
+        print(f"CUDA graph capture failed ({why}); training eagerly", flush=True)
+        return None
+    captured.seconds = time.perf_counter() - t0
+    print(f"captured the training step as a CUDA graph in {captured.seconds:.1f}s", flush=True)
+    return captured
+
+
+def place_learning_rate(optimizer, peak, device, capture):
+    """Each group's peak rate, and its current rate: under `capture` a device tensor, which the graph reads and the
+    schedule fills in place (a float otherwise)."""
+    for group in optimizer.param_groups:
+        group["peak_lr"] = peak
+        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
+
+
+def cuda_generator_works(device):
+    """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
+    try:
+        torch.rand(1, device=device)
+        return True
+    except RuntimeError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ def make_optimizers(model, args, device, capture):
         optimizers.append(Muon([p for p in model.parameters() if id(p) in muon_params], lr=args.muon_lr,
                                momentum=args.muon_momentum))
     for opt, peak in zip(optimizers, (args.lr, args.muon_lr)):
-        place_learning_rates(opt, peak, device, capture)
+        plumbing.place_learning_rate(opt, peak, device, capture)
     return optimizers
 
 
@@ -455,7 +455,7 @@ def main(argv=None):
 # ===== Run plumbing: nothing below changes what is trained =====
 
 # ----------------------------------------------------------------------------------------------------
-# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; the learning rates' place; --compile
+# How the step runs: replayed as a CUDA graph where capture applies, else eagerly; --compile
 
 def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture, compiled, ema=None):
     """The function that trains on one batch: a graph replay where capture applies (one CUDA GPU, bf16, no --eager),
@@ -473,13 +473,6 @@ def make_step(model, optimizers, scaler, amp_dtype, args, stats, loader, capture
         for module in compiled:  # a failed capture: back to the plain modules too
             del module.forward
     return step
-
-
-def place_learning_rates(optimizer, peak, device, capture):
-    """Each group's peak rate, and its current rate as a device tensor under capture (a float otherwise)."""
-    for group in optimizer.param_groups:
-        group["peak_lr"] = peak
-        group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
 
 
 def compile_blocks(model, device):
@@ -601,7 +594,7 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
         raise DataError(f"--resume {args.resume}: its optimizer state does not fit --optimizer {args.optimizer}")
     for opt, state, peak in zip(optimizers, ckpt["optimizers"], (args.lr, args.muon_lr)):
         opt.load_state_dict(state)
-        place_learning_rates(opt, peak, device, capture)  # a CPU checkpoint may resume under a CUDA graph
+        plumbing.place_learning_rate(opt, peak, device, capture)  # a CPU checkpoint may resume under a CUDA graph
         if isinstance(opt, torch.optim.AdamW):
             for group in opt.param_groups:
                 group["fused"], group["capturable"] = device.type == "cuda", capture
