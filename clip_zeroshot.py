@@ -224,6 +224,18 @@ def add_lora(classifier, args):
         raise DataError(f"--targets {' '.join(args.targets)}: {str(e).splitlines()[0]}") from None
 
 
+def classifier_to_train(args, classes, tokenizer, templates, device):
+    """What --finetune trains: CLIP's zero-shot classifier, or with --backbone an ImageNet ViT under a fresh head (its
+    epoch-0 row is chance, not zero-shot); with --finetune lora, LoRA adapters on its --targets."""
+    if args.backbone:
+        model = BackboneClassifier(load_backbone(args.backbone, device), len(classes))
+        if args.targets == VIT_LORA_TARGETS:  # the default: the names this transformers gives the projections
+            args.targets = [t for t in VIT_LORA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
+    else:
+        model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, classes, templates, device)
+    return add_lora(model, args) if args.finetune == "lora" else model
+
+
 # ----------------------------------------------------------------------------------------------------
 # Precision, optimizer and schedule: edit make_optimizer and lr_factor. Weights stay fp32 (autocast computes in
 # bf16/fp16); the schedule is a factor of the peak --lr that the loop sets before each step.
@@ -394,14 +406,7 @@ def zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, 
 def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report):
     """--finetune full|lora: the zero-shot classifier trained on CIFAR-10, evaluated and saved after every epoch."""
     torch.manual_seed(args.seed)
-    if args.backbone:  # an ImageNet ViT: a fresh head, so the epoch-0 row is chance, not zero-shot
-        model = BackboneClassifier(load_backbone(args.backbone, device), len(data.classes))
-        if args.targets == VIT_LORA_TARGETS:  # the default: the names this transformers gives the projections
-            args.targets = [t for t in VIT_LORA_TARGETS if any(n.endswith("." + t) for n, _ in model.named_modules())]
-    else:
-        model = zero_shot_classifier(load_clip_model(args.model, device), tokenizer, data.classes, templates, device)
-    if args.finetune == "lora":
-        model = add_lora(model, args)
+    model = classifier_to_train(args, data.classes, tokenizer, templates, device)
     initial = plumbing.trainable_state(model) if args.wise is not None else None  # zero-shot weights, for WiSE-FT
     preprocess, amp_dtype = TensorPreprocess(processor, device), amp_dtype_for(device)
     train_x, train_y = data.train_x[train_idx].to(device), data.train_y[train_idx].to(device)
