@@ -273,6 +273,8 @@ class CapturedStep:
                     step(*self.batch)
             torch.cuda.current_stream().wait_stream(side)
             undo()
+            for opt in optimizers:  # freed before the capture: its backward allocates them in the graph's pool
+                opt.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 step(*self.batch)
@@ -1268,6 +1270,49 @@ def check_same_data(ckpt, data, data_dir):
     if ckpt.get("data_fingerprint") not in (None, data.fingerprint):
         raise DataError(f"--data-dir {data_dir} holds other data than the run was trained on "
                         f"({ckpt['args'].get('data_dir')}); drop --data-dir to use that folder")
+
+
+def load_classifier_data(args, ckpt, image_size=32, log=print):
+    """A CIFAR-10 classifier run's data (vit_scratch, cnn_baseline): (data, train indices, test indices). A resumed
+    run reads its own folder (never a download into it) unless --data-dir names another, which must hold the same
+    data; the subsets are class-stratified, and the training set must hold one global batch."""
+    own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
+    data = load_cifar10(args.data_dir, download=not args.no_download, image_size=image_size, log=log,
+                        resumed_from=args.resume if own_folder else None)
+    if ckpt:
+        check_same_data(ckpt, data, args.data_dir)
+    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
+                                 every_class=True)
+    test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
+    if len(train_idx) < args.global_batch:
+        processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
+        raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} "
+                        f"training images")
+    return data, train_idx, test_idx
+
+
+def classifier_summary(script, args, model, progress, data, cm, device, out_dir, **extra):
+    """A CIFAR-10 classifier run's summary.json (`extra` fields after the dataset's) and its two result lines."""
+    summary = {
+        "script": script, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", **extra,
+        "train_images": args.limit_train or len(data.train_y), "test_images": int(cm.sum()),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size,
+        "global_batch": args.global_batch,
+        "test_acc": accuracy_from(cm), "best_test_acc": progress.best_acc, "train_seconds": progress.train_seconds,
+        "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "args": vars(args), "classes": data.classes,
+        "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
+    }
+    summary = write_summary(out_dir / "summary.json", summary)
+    print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
+          f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
+    shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
+    print("per class: " + ", ".join(shown), flush=True)
+    return summary
 
 
 def peak_memory_mb(device):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, torchrun, charts
 from common import (CapturedStep, DataError, TensorLoader, accuracy_from, confusion_matrix, derived_seed,  # part 1
-                    img_to_patch, load_cifar10, normalize, per_class_accuracy, stratified_subset)
+                    img_to_patch, load_cifar10, normalize)
 from common import fraction, non_negative, positive_float, positive_int  # argparse types: a flag's range
 
 SCRIPT = "vit_scratch"
@@ -380,7 +380,7 @@ def main(argv=None):
         plumbing.set_global_batch(args, world_size, resuming=ckpt is not None)
         device = plumbing.pick_device(args.device, local_rank)
         out_dir = plumbing.open_run_folder(args, ckpt, report, rank)
-        data, train_idx, test_idx = load_data(args, ckpt)
+        data, train_idx, test_idx = plumbing.load_classifier_data(args, ckpt, args.image_size)
 
         torch.manual_seed(args.seed)
         model = VisionTransformer(**model_config(args, len(data.classes)), init_std=args.init_std).to(device)
@@ -558,23 +558,6 @@ def start_run(args, report, out_dir, rank, progress, model, device, amp_dtype, c
           f"epochs, batch {args.global_batch}{processes} | out {out_dir}", flush=True)
 
 
-def load_data(args, ckpt, log=print):
-    # a resumed run reads its own folder (never a download into it), unless --data-dir names another
-    own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
-    data = load_cifar10(args.data_dir, download=not args.no_download, image_size=args.image_size, log=log,
-                        resumed_from=args.resume if own_folder else None)
-    if ckpt:
-        plumbing.check_same_data(ckpt, data, args.data_dir)
-    train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
-                                 every_class=True)
-    test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
-    if len(train_idx) < args.global_batch:
-        processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
-        raise DataError(f"--batch-size {args.batch_size}{processes} is larger than the {len(train_idx)} "
-                        f"training images")
-    return data, train_idx, test_idx
-
-
 MODEL_FLAGS = ("image_size", "patch_size", "embed_dim", "hidden_dim", "num_heads", "num_layers", "dropout")
 
 
@@ -622,25 +605,8 @@ def save_run(args, model, optimizers, scaler, progress, test_acc, out_dir, data,
 
 def write_summary(args, model, progress, data, cm, device, out_dir, ema=None):
     """summary.json, the result lines, then the pictures (of the --ema average where there is one: what was scored)."""
-    summary = {
-        "script": SCRIPT, "dataset": f"CIFAR-10 ({data.source}: {args.data_dir})", "recipe": args.recipe,
-        "train_images": args.limit_train or len(data.train_y), "test_images": int(cm.sum()),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "epochs": progress.epoch, "steps": progress.step, "world_size": args.world_size,
-        "global_batch": args.global_batch,
-        "test_acc": accuracy_from(cm), "best_test_acc": progress.best_acc, "train_seconds": progress.train_seconds,
-        "images_per_second": progress.images_seen / max(progress.train_seconds, 1e-9),
-        "peak_memory_mb": plumbing.peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "args": vars(args), "classes": data.classes,
-        "per_class_acc": dict(zip(data.classes, per_class_accuracy(cm))), "confusion_matrix": cm.tolist(),
-    }
-    summary = plumbing.write_summary(out_dir / "summary.json", summary)
-    print(f"test accuracy {summary['test_acc']:.2%} (best {progress.best_acc:.2%}) | {summary['train_seconds']:.1f}s "
-          f"training | {summary['images_per_second']:,.0f} img/s | peak {summary['peak_memory_mb']:,.0f} MB")
-    shown = [f"{c} {'-' if a is None else f'{a:.1%}'}" for c, a in summary["per_class_acc"].items()]
-    print("per class: " + ", ".join(shown), flush=True)
+    summary = plumbing.classifier_summary(SCRIPT, args, model, progress, data, cm, device, out_dir,
+                                          recipe=args.recipe)
     if not args.no_plots:  # after the results: a picture that cannot be written loses nothing printed above
         save_pictures(out_dir, ema or model, data, cm)
     return summary

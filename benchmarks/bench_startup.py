@@ -1,10 +1,10 @@
 """Where the whole `python vit_scratch.py` command spends its time: the real main(argv), its phases timed.
 
 The script is run through its own main() in this process; the functions main() calls for each phase
-(load_data, make_step, evaluate, save_run, write_summary's pictures) are wrapped with timers that wait for
-the GPU before and after, so each phase's time is its own. Imports are timed before main() starts.
-Training is the summary's train_seconds less the capture; "other" is whatever main() did outside the
-named phases (model and optimizer set-up, CUDA start, the start line, the epoch lines).
+(common's load_classifier_data, make_step, evaluate, save_run, write_summary's pictures) are wrapped
+with timers that wait for the GPU before and after, so each phase's time is its own. Imports are timed
+before main() starts. Training is the summary's train_seconds less the capture; "other" is whatever
+main() did outside the named phases (model and optimizer set-up, CUDA start, the start line, the epoch lines).
 
     python benchmarks/bench_startup.py --data-dir /tmp/cifar10 --epochs 10                  # one GPU
     python benchmarks/bench_startup.py --device cpu --epochs 1 --limit-train 2000 --limit-test 500
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 import vit_scratch  # noqa: E402
 
 T_SCRIPT = time.perf_counter()
-PHASES = {"load_data": "data (decode cache, subsets)", "make_step": "step set-up (CUDA-graph capture)",
+PHASES = {"plumbing.load_classifier_data": "data (decode cache, subsets)",
+          "make_step": "step set-up (CUDA-graph capture)",
           "evaluate": "evaluation (flip TTA)", "save_run": "checkpoints (last.pt, best.pt)",
           "save_pictures": "pictures"}
 
@@ -54,8 +55,9 @@ def timed(fn, name, spent):
 def breakdown(argv):
     """{phase: [calls, seconds]} of one main(argv) run, its summary, and the whole time since start."""
     spent = {name: [0, 0.0] for name in PHASES}
-    for name in PHASES:
-        setattr(vit_scratch, name, timed(getattr(vit_scratch, name), name, spent))
+    for name in PHASES:  # a name in vit_scratch, or in common.py through vit_scratch.plumbing
+        owner, attr = (vit_scratch.plumbing, name.split(".")[1]) if "." in name else (vit_scratch, name)
+        setattr(owner, attr, timed(getattr(owner, attr), name, spent))
     t0 = time.perf_counter()
     summary = vit_scratch.main(argv)
     sync()
