@@ -273,7 +273,7 @@ class CapturedStep:
                     step(*self.batch)
             torch.cuda.current_stream().wait_stream(side)
             undo()
-            for opt in optimizers:  # freed before the capture: its backward allocates them in the graph's pool
+            for opt in optimizers:  # the warm-up's gradients freed before the capture starts, not during it
                 opt.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -282,6 +282,8 @@ class CapturedStep:
         except BaseException:
             torch.cuda.synchronize()
             undo()
+            for opt in optimizers:  # gradients in the half-built graph's pool: let capture_or_none free it
+                opt.zero_grad(set_to_none=True)
             raise
 
     def __call__(self, *batch):

@@ -68,12 +68,11 @@ SCRIPTS = {"vit_scratch": vit_scratch, "cnn_baseline": cnn_baseline}
 
 
 def share_the_data():
-    """Decode CIFAR-10 once: both scripts look load_cifar10 up in their own module, so one cached
-    function serves every run of the sweep."""
+    """Decode CIFAR-10 once: both scripts load their data through common.load_classifier_data, which looks
+    load_cifar10 up in common, so one cached function there serves every run of the sweep."""
     cached = functools.lru_cache(maxsize=4)(common.load_cifar10)
-    for module in SCRIPTS.values():
-        module.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print, resumed_from=None: cached(
-            data_dir, download, image_size)
+    common.load_cifar10 = lambda data_dir, download=True, image_size=32, log=print, resumed_from=None: cached(
+        data_dir, download, image_size)
 
 
 def run_one(script, flags, seed, args, out_root):

@@ -209,6 +209,8 @@ def cpu_graphs(monkeypatch):
             if capturing:
                 capturing[-1].calls.append((fn, args, kwargs))
                 return None
+            run.eager_calls += 1
             return fn(*args, **kwargs)
+        run.eager_calls = 0  # calls run, not recorded: the warm-up's, then the eager ones
         return run
     return recorded

@@ -91,9 +91,21 @@ def script(request, data, tiny_clip):
 def test_the_captured_step_trains_as_the_eager_one_bit_for_bit(script, cpu_graphs, monkeypatch, capsys):
     module, run = script
     eager_step, eager_model, eager_ema, eager_stats = run(capture=False)
-    monkeypatch.setattr(module, "train_step", cpu_graphs(module.train_step))  # what make_step binds is recorded
+    recorded = cpu_graphs(module.train_step)
+    monkeypatch.setattr(module, "train_step", recorded)  # what make_step binds is recorded
+    real_make_step, rng = module.make_step, []
+
+    def make_step(*args, **kwargs):  # the generator dropout draws from: as it was before the warm-up
+        rng.append(torch.get_rng_state())
+        made = real_make_step(*args, **kwargs)
+        rng.append(torch.get_rng_state())
+        return made
+    monkeypatch.setattr(module, "make_step", make_step)
     step, model, ema, stats = run(capture=True)
     assert isinstance(step, common.CapturedStep) and len(step.graph.calls) == 1
+    assert recorded.eager_calls == 3 and torch.equal(rng[0], rng[1])  # three warm-up steps, their draws undone
+    if module is cnn_baseline:  # the graph's input buffer keeps the layout its kernels were recorded for
+        assert step.batch[0].is_contiguous(memory_format=torch.channels_last)
     assert not isinstance(eager_step, common.CapturedStep)
     assert "captured the training step as a CUDA graph" in capsys.readouterr().out
     assert_same(model, eager_model)  # three warm-up steps ran and were undone; then the same batches
@@ -123,3 +135,22 @@ def test_a_failed_capture_leaves_the_run_as_it_was_and_trains_eagerly(where, scr
     assert "CUDA graph capture failed (RuntimeError: operation not permitted" in capsys.readouterr().out
     assert_same(model, eager_model)
     assert torch.equal(stats, eager_stats)
+
+
+def test_under_capture_every_learning_rate_is_a_tensor_the_schedule_fills_in_place():
+    """A graph reads the rate from the tensor it was recorded with: set_learning_rate(s) must fill that tensor, never
+    put a float (which the replays would not see) in its place."""
+    model = vit_scratch.VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=1)
+    args = argparse.Namespace(optimizer="muon", lr=1e-3, muon_lr=0.01, muon_momentum=0.95, weight_decay=0.05)
+    cases = [(vit_scratch.make_optimizers(model, args, CPU, capture=True), vit_scratch.set_learning_rates),
+             ([cnn_baseline.make_optimizer(cnn_baseline.ResidualCNN(widths=(8, 16)), args, CPU, capture=True)],
+              lambda opts, f: cnn_baseline.set_learning_rate(opts[0], f)),
+             ([clip_zeroshot.make_optimizer(model, args, CPU, capture=True)],
+              lambda opts, f: clip_zeroshot.set_learning_rate(opts[0], f))]
+    for optimizers, set_rates in cases:
+        groups = [g for opt in optimizers for g in opt.param_groups]
+        tensors = [g["lr"] for g in groups]
+        assert all(torch.is_tensor(t) for t in tensors)
+        set_rates(optimizers, 0.25)
+        assert all(g["lr"] is t for g, t in zip(groups, tensors))
+        assert [t.item() for t in tensors] == [torch.tensor(g["peak_lr"] * 0.25).item() for g in groups]

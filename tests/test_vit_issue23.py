@@ -152,3 +152,16 @@ def test_a_string_of_flags_is_split_as_a_shell_splits_it(tmp_path):
     args, given = common.parse(vit_scratch.build_parser(), f'--epochs 3 --out-dir "{tmp_path}/a b" --seed=4')
     assert (args.epochs, args.out_dir, args.seed) == (3, f"{tmp_path}/a b", 4) and given == {"epochs", "out_dir",
                                                                                              "seed"}
+
+
+def test_the_sweep_decodes_the_data_once_for_all_its_runs(tiny_cifar, monkeypatch):
+    """benchmarks/sweep_vit.py shares one decode among its runs by caching common.load_cifar10, which both
+    scripts reach through common.load_classifier_data."""
+    import sweep_vit
+    monkeypatch.setattr(common, "load_cifar10", common.load_cifar10)  # put back after the test
+    sweep_vit.share_the_data()
+    args = argparse.Namespace(data_dir=str(tiny_cifar), no_download=True, resume=None, limit_train=None,
+                              limit_test=None, seed=0, batch_size=32, global_batch=32, world_size=1)
+    first, train_idx, _ = common.load_classifier_data(args, None)
+    second, _, _ = common.load_classifier_data(args, None)
+    assert first is second and len(train_idx) == 300
