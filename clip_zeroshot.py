@@ -467,13 +467,11 @@ def main(argv=None):
         templates = load_templates(args.prompts)
         device = plumbing.pick_device(args.device)
         args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+        config, tokenizer, processor = load_model_files(args)  # small files, checked before the data and weights
         data, train_idx, test_idx = load_data(args, ckpt)
         if args.backbone:  # no CLIP: an ImageNet ViT's processor, no text tower, no templates
-            processor = load_backbone_processor(args.backbone)
             return finetune(args, ckpt, data, train_idx, test_idx, None, processor, [], device, report)
-        config, tokenizer, processor = load_clip_parts(args.model)  # small files, before the weights
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)
-        interpolation(processor)  # a resize filter we cannot reproduce stops the run here, not after the load
         if args.adapter:
             return evaluate_adapter(args, data, test_idx, config, processor, device, report)
         if args.finetune:
@@ -833,10 +831,10 @@ def adapter_base_model(adapter_dir):
     return str(base)
 
 
-def check_adapter_fits(adapter_dir, config, num_classes):
+def check_adapter_fits(adapter_dir, config, num_classes=None):
     """Before any weights load: a LoRA adapter whose targets all exist in CLIP's image tower, with a head of
-    num_classes x projection_dim. (An adapter of lora_caption.py targets GPT-2's c_attn/c_proj and has no head:
-    peft would fail deep inside, or adapt nothing.)"""
+    num_classes x projection_dim (of some size, where num_classes is not known yet). (An adapter of lora_caption.py
+    targets GPT-2's c_attn/c_proj and has no head: peft would fail deep inside, or adapt nothing.)"""
     from safetensors import safe_open
     from transformers import CLIPModel
     saved = read_adapter_config(adapter_dir)
@@ -860,10 +858,12 @@ def check_adapter_fits(adapter_dir, config, num_classes):
             shape = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("head.weight")]
     except Exception as e:  # missing or damaged
         raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
-    if shape != [[num_classes, config.projection_dim]]:
+    rows = num_classes or (shape[0][0] if shape else "classes")  # any number of classes until they are known
+    if shape != [[rows, config.projection_dim]]:
         found = f"a {shape[0][0]} x {shape[0][1]} head" if shape else "no classification head"
-        raise DataError(f"--adapter {adapter_dir}: holds {found}, not the {num_classes} x {config.projection_dim} "
-                        f"head of a CLIP classifier for these {num_classes} classes")
+        wanted = f" for these {num_classes} classes" if num_classes else ""
+        raise DataError(f"--adapter {adapter_dir}: holds {found}, not the {rows} x {config.projection_dim} head of a "
+                        f"CLIP classifier{wanted}")
 
 
 def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
@@ -1066,6 +1066,20 @@ def load_clip(name, device):
     """(model, tokenizer, image processor) of a CLIP checkpoint."""
     _, tokenizer, processor = load_clip_parts(name)
     return load_clip_model(name, device), tokenizer, processor
+
+
+def load_model_files(args):
+    """(config, tokenizer, image processor) of --model, or (None, None, processor) of --backbone: read and checked
+    before the data and any weights load. A resize filter we cannot reproduce stops the run here, and so does an
+    --adapter whose target modules are not in CLIP's image tower (its head's size is checked once the classes are
+    known, by load_adapter)."""
+    if args.backbone:
+        return None, None, load_backbone_processor(args.backbone)
+    config, tokenizer, processor = load_clip_parts(args.model)
+    interpolation(processor)
+    if args.adapter:
+        check_adapter_fits(args.adapter, config)
+    return config, tokenizer, processor
 
 
 def load_clip_parts(name):

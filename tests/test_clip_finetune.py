@@ -143,8 +143,8 @@ def test_adapter_evaluates_a_saved_adapter_from_the_command_line_issue_21_B23(lo
 
 def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny_captioner, tiny_cifar, tmp_path,
                                                                  monkeypatch, capsys):
-    """Issue 21 B23 (b): an adapter saved by lora_caption.py targets GPT-2's modules: one line, before the weights
-    load; so is an adapter that records no base model, without --model."""
+    """Issue 21 B23 (b): an adapter saved by lora_caption.py targets GPT-2's modules: one line, before the data and
+    the weights load; so is an adapter that records no base model, without --model."""
     import lora_caption
     from transformers import VisionEncoderDecoderModel
     captioner = VisionEncoderDecoderModel.from_pretrained(str(tiny_captioner))
@@ -152,6 +152,7 @@ def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny
                                                                lora_dropout=0.0, cross_attention=False))
     common.save_adapter(lora, tmp_path / "caption", base_model=tiny_captioner)
     monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(clip_zeroshot, "load_cifar10", lambda *a, **k: pytest.fail("the data was loaded"))
     flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
     adapter = tmp_path / "caption" / "adapter"
     capsys.readouterr()  # transformers' loading bar for the captioner
