@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, charts
-from common import (CapturedStep, DataError, accuracy_from, apply_crop_flip, confusion_matrix,  # part 1
-                    crop_flip_params, derived_seed, load_cifar10, per_class_accuracy, stratified_subset)
+from common import (CapturedStep, DataError, TensorLoader, accuracy_from, confusion_matrix, derived_seed,  # part 1
+                    load_cifar10, per_class_accuracy, stratified_subset)
 from common import positive_int  # argparse type: a flag's range (the float ranges below keep this script's words)
 
 SCRIPT = "clip_zeroshot"
@@ -287,17 +287,6 @@ def lr_factor(step, warmup_steps, total_steps):
 # it unchanged, so nothing in it may read a value back to the host (no .item(), no print, no Python branch on a
 # tensor); the statistics stay on the device.
 
-def augmented_batches(images, labels, batch_size, seed, epoch):
-    """Shuffled uint8 batches, each image cropped (zero padding 4) and flipped at 32 px before preprocessing; the
-    draws depend only on (seed, epoch), so a resumed run sees the batches the uninterrupted one saw."""
-    g = torch.Generator(device=images.device).manual_seed(derived_seed(seed, "batches", epoch))
-    order = torch.randperm(len(labels), device=images.device, generator=g)
-    for i in range(len(labels) // batch_size):  # the ragged tail is dropped
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        params = crop_flip_params(batch_size, generator=g, device=images.device)
-        yield apply_crop_flip(images[idx], params), labels[idx]
-
-
 def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y, stats):
     """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device. Gradients are
     set to None first: in a graph, backward then writes them in the graph's own memory."""
@@ -409,10 +398,11 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
     model = classifier_to_train(args, data.classes, tokenizer, templates, device)
     initial = plumbing.trainable_state(model) if args.wise is not None else None  # zero-shot weights, for WiSE-FT
     preprocess, amp_dtype = TensorPreprocess(processor, device), amp_dtype_for(device)
-    train_x, train_y = data.train_x[train_idx].to(device), data.train_y[train_idx].to(device)
+    loader = TensorLoader(data.train_x[train_idx], data.train_y[train_idx], args.batch_size, device, train=True,
+                          seed=args.seed, raw=True)  # uint8 crops and flips: the model's preprocess normalises
     test_x, test_y = data.test_x[test_idx].to(device), data.test_y[test_idx].to(device)
     evaluate_test = partial(evaluate, model, preprocess, test_x, test_y, args.batch_size, amp_dtype)
-    steps_per_epoch = len(train_idx) // args.batch_size
+    steps_per_epoch = len(loader)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     capture = device.type == "cuda" and amp_dtype == torch.bfloat16 and not args.eager
     optimizer = make_optimizer(model, args, device, capture)
@@ -420,13 +410,13 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
     progress = start_run(args, ckpt, report, data, templates, model, optimizer, scaler, evaluate_test, test_y,
                          len(train_idx), steps_per_epoch, total_steps, capture)  # resumed, or the zero-shot start
     stats = torch.zeros(2, device=device)  # the epoch's [loss sum, correct], kept on the device
-    first_batch = next(augmented_batches(train_x, train_y, args.batch_size, args.seed, 0))  # the capture's shapes
-    step = make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, first_batch, capture)
+    step = make_step(model, optimizer, scaler, preprocess, amp_dtype, args, stats, next(iter(loader)), capture)
     progress.train_seconds += getattr(step, "seconds", 0.0)  # a capture counts as training time
     preds = None
     for epoch in range(progress.epoch + 1, args.epochs + 1):
         if progress.step >= total_steps:
             break
+        loader.set_epoch(epoch)
         model.train()
         torch.manual_seed(derived_seed(args.seed, "dropout", epoch))  # LoRA dropout draws: resumable
         stats.zero_()
@@ -435,7 +425,7 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
         t0 = time.perf_counter()
         with plumbing.progress_bar(min(steps_per_epoch, total_steps - progress.step), f"epoch {epoch}/{args.epochs}",
                                    args.no_progress) as bar:
-            for x, y in augmented_batches(train_x, train_y, args.batch_size, args.seed, epoch):
+            for x, y in loader:
                 lr = set_learning_rate(optimizer, lr_factor(progress.step, int(args.warmup * total_steps), total_steps))
                 step(x, y)
                 progress.step += 1
@@ -458,7 +448,7 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
     if preds is None:  # resumed a finished run: evaluate what it left
         preds, _ = evaluate_test()
     wise = wise_accuracy(model, initial, args.wise, evaluate_test, test_y, len(data.classes))  # None without --wise
-    return write_finetune_summary(args, model, device, progress, data, preds, test_y, len(train_y), templates, wise)
+    return write_finetune_summary(args, model, device, progress, data, preds, test_y, len(train_idx), templates, wise)
 
 
 def main(argv=None):

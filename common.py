@@ -144,10 +144,11 @@ def apply_erase(x, y0, x0, on, size):
 
 class TensorLoader:
     """uint8 images on the training device, shuffled and augmented there (crop, flip; `erase` > 0: random erasing of
-    a quarter-side square with that probability); draws depend only on (seed, epoch), so a resumed run sees the
+    a quarter-side square with that probability), normalised with the guide's constants, or with `raw` left uint8
+    for a model that preprocesses its own (CLIP); draws depend only on (seed, epoch), so a resumed run sees the
     same batches. Under torchrun each process takes its slice of every global batch, or a shard to evaluate."""
 
-    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1, erase=0.0):
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1, erase=0.0, raw=False):
         self.total = len(labels)
         if not train:  # a contiguous shard per process
             shard = slice(self.total * rank // world_size, self.total * (rank + 1) // world_size)
@@ -155,7 +156,7 @@ class TensorLoader:
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
-        self.rank, self.world_size, self.erase = rank, world_size, erase
+        self.rank, self.world_size, self.erase, self.raw = rank, world_size, erase, raw
         self.mean, self.std = torch.tensor(CIFAR_MEAN, device=self.device), torch.tensor(CIFAR_STD, device=self.device)
 
     def __len__(self):
@@ -181,7 +182,11 @@ class TensorLoader:
         for i in range(len(self)):
             idx = order[i * global_batch:(i + 1) * global_batch][mine]
             params = [p[mine] for p in crop_flip_params(global_batch, generator=g, device=self.device)]
-            x = normalize(apply_crop_flip(self.images[idx], params), self.mean, self.std)
+            x = apply_crop_flip(self.images[idx], params)
+            if self.raw:
+                yield x, self.labels[idx]
+                continue
+            x = normalize(x, self.mean, self.std)
             if self.erase:  # drawn for the global batch, as the crops: any process count sees the same squares
                 corners = torch.randint(0, side - side // 4 + 1, (2, global_batch, 1), device=self.device, generator=e)
                 on = torch.rand(global_batch, 1, device=self.device, generator=e) < self.erase

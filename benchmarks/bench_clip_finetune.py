@@ -4,7 +4,7 @@ peak memory, trainable parameters, size of the saved weights.
 Random weights, no download: --arch base is CLIPVisionConfig() defaults with a 512-wide projection, the
 ViT-B/32 image tower at 224 px (88M parameters), under the script's 10-class head; --arch tiny is the
 test suite's tiny tower (48 px). Both variants train with the script's own pieces (ImageClassifier,
-add_lora with rank 16, alpha 32 on q/k/v/out_proj, make_optimizer, augmented_batches, make_step: crop
+add_lora with rank 16, alpha 32 on q/k/v/out_proj, make_optimizer, TensorLoader(raw=True), make_step: crop
 and flip at 32 px, resize to the tower's resolution on the device, bf16 autocast on CUDA, AdamW,
 clipping; on one bf16 GPU the step captured as a CUDA graph, as the script runs it, --eager for the
 eager step) on random uint8 32 px images. Each variant runs in its own process, so peak memory is its
@@ -65,7 +65,9 @@ def measure(mode, args, queue):
     n = args.batch_size * (args.steps + args.warmup_steps)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
     labels = torch.randint(0, 10, (n,), generator=g).to(device)
-    batches = list(clip_zeroshot.augmented_batches(images, labels, args.batch_size, seed=0, epoch=1))
+    loader = common.TensorLoader(images, labels, args.batch_size, device, train=True, seed=0, raw=True)  # as finetune
+    loader.set_epoch(1)
+    batches = list(loader)
     stats = torch.zeros(2, device=device)
     model.train()
     step = clip_zeroshot.make_step(model, optimizer, scaler, preprocess, amp_dtype, argparse.Namespace(grad_clip=1.0),

@@ -68,7 +68,9 @@ def train_clip(capture, data, tiny_clip, mode):
     args = argparse.Namespace(lr=1e-2, weight_decay=0.01, grad_clip=1.0)
     optimizer = clip_zeroshot.make_optimizer(classifier, args, CPU)
     stats = torch.zeros(2)
-    batches = list(clip_zeroshot.augmented_batches(data.train_x[:64], data.train_y[:64], 16, 0, 1))
+    loader = common.TensorLoader(data.train_x[:64], data.train_y[:64], 16, CPU, train=True, seed=0, raw=True)
+    loader.set_epoch(1)
+    batches = list(loader)
     step = clip_zeroshot.make_step(classifier, optimizer, SCALER, clip_zeroshot.TensorPreprocess(processor, CPU), None,
                                    args, stats, batches[0], capture)
     train(step, batches, lambda i: clip_zeroshot.set_learning_rate(optimizer, 1 - i / 4))

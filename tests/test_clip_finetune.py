@@ -39,6 +39,36 @@ def data(tiny_cifar):
     return load_cifar10(tiny_cifar, download=False)
 
 
+def clip_batches(data, batch_size, epoch=0, n=None):
+    """The fine-tuning loop's uint8 batches of an epoch (seed 0), as finetune reads them."""
+    loader = common.TensorLoader(data.train_x[:n], data.train_y[:n], batch_size, CPU, train=True, seed=0, raw=True)
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_the_fine_tuning_batches_are_those_of_clips_own_generator_before_it_used_tensor_loader(data):
+    """clip_zeroshot.py had its own batch generator (below, as it was); TensorLoader(raw=True) gives the same crops,
+    flips and order bit for bit, so a run saved before resumes on the batches it would have seen. Normalised, they
+    are TensorLoader's usual batches."""
+    def previous(images, labels, batch_size, seed, epoch):
+        g = torch.Generator(device=images.device).manual_seed(common.derived_seed(seed, "batches", epoch))
+        order = torch.randperm(len(labels), device=images.device, generator=g)
+        for i in range(len(labels) // batch_size):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            params = common.crop_flip_params(batch_size, generator=g, device=images.device)
+            yield common.apply_crop_flip(images[idx], params), labels[idx]
+
+    for epoch, batch_size in ((0, 32), (1, 7), (3, 100)):
+        got = clip_batches(data, batch_size, epoch)
+        want = list(previous(data.train_x, data.train_y, batch_size, 0, epoch))
+        assert len(got) == len(want) == len(data.train_y) // batch_size
+        for (x, y), (a, b) in zip(got, want):
+            assert x.dtype == torch.uint8 and torch.equal(x, a) and torch.equal(y, b)
+        normalised = common.TensorLoader(data.train_x, data.train_y, batch_size, CPU, train=True, seed=0)
+        normalised.set_epoch(epoch)
+        assert all(torch.equal(common.normalize(x), z) for (x, _), (z, _) in zip(got, normalised))
+
+
 def zero_shot_classifier(tiny_clip, data):
     model, tokenizer, processor = clip_zeroshot.load_clip(str(tiny_clip), CPU)
     classifier = clip_zeroshot.zero_shot_classifier(model, tokenizer, data.classes, clip_zeroshot.CIFAR10_TEMPLATES,
@@ -181,7 +211,7 @@ def lora_steps(tiny_clip, data):
     optimizer = clip_zeroshot.make_optimizer(model, args, CPU)
     scaler, stats = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2)
     model.train()
-    for x, y in list(clip_zeroshot.augmented_batches(data.train_x, data.train_y, 32, 0, 1))[:3]:
+    for x, y in clip_batches(data, 32, epoch=1)[:3]:
         clip_zeroshot.train_step(model, optimizer, scaler, preprocess, None, 1.0, x, y, stats)
     return model, before, preprocess
 
@@ -367,7 +397,7 @@ def test_undoing_the_capture_warm_up_leaves_the_next_step_that_of_a_fresh_run(mo
                                  preprocess, None, 1.0, stats=stats)
         return model.train(), optimizer, stats, step
 
-    x, y = next(clip_zeroshot.augmented_batches(data.train_x, data.train_y, 16, 0, 0))
+    x, y = clip_batches(data, 16)[0]
     model, optimizer, stats, step = build()
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     undo = common.undo_steps([*model.state_dict().values(), stats], [optimizer], torch)
@@ -393,7 +423,7 @@ def test_the_fine_tuning_step_reads_nothing_back_from_the_device(tiny_clip, data
     classifier, preprocess = zero_shot_classifier(tiny_clip, data)
     optimizer = clip_zeroshot.make_optimizer(classifier, argparse.Namespace(lr=1e-3, weight_decay=0.1), CPU)
     stats = torch.zeros(2)
-    x, y = next(clip_zeroshot.augmented_batches(data.train_x, data.train_y, 8, 0, 0))
+    x, y = clip_batches(data, 8)[0]
     def trap(name):
         real = getattr(torch.Tensor, name)
 
