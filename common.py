@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -385,7 +386,7 @@ def one_line_errors(script, memory_hint="--batch-size"):
     back afterwards, and the run's own peak memory is measured (peak_memory_mb)."""
     global _run_memory
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
-                             created_out_dir=False, lock=None)
+                             created_out_dir=False, created_parents=[], lock=None)
     restore = _global_state()
     memory = _run_memory = RunMemory()
     if torch.cuda.is_initialized():  # an earlier run in this process (a notebook): this run's peak starts here
@@ -402,7 +403,7 @@ def one_line_errors(script, memory_hint="--batch-size"):
         _stop(script, str(e), 2, report)
     except KeyboardInterrupt:
         resume = report.resume and Path(report.resume).exists()
-        hint = f"\nresume with: python {script}.py --resume {report.resume}" if resume else ""
+        hint = f"\nresume with: python {script_path(script)} --resume {report.resume}" if resume else ""
         if resume and in_notebook():  # one line in the cell, and the way a cell resumes
             hint = f"; resume with {script}.main([\"--resume\", {str(report.resume)!r}])"
         _stop(script, f"interrupted; {report.saved()}{hint}", 130, report, prefix="")
@@ -420,11 +421,21 @@ def one_line_errors(script, memory_hint="--batch-size"):
         restore()
 
 
+def script_path(script):
+    """The script as the user ran it (`python ../vit_scratch.py` from elsewhere), so that a printed command works
+    pasted as it is; its bare name where it was not run as a file (a test, a notebook)."""
+    ran = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    return shlex.quote(str(ran)) if ran is not None and ran.name == f"{script}.py" else f"{script}.py"
+
+
 def _stop(script, message, code, report, prefix="error: "):
     out = report.out_dir
     if report.created_out_dir and out and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
         (out / LOCK_FILE).unlink(missing_ok=True)  # a failed run leaves no empty folder behind
         out.rmdir()
+        for parent in report.created_parents:  # nor the runs/<script>/ made for it
+            with suppress(OSError):
+                parent.rmdir()  # only while empty: another run's folder keeps it
     if in_notebook():
         raise RunFailed(f"{script}.py: {prefix}{message}", code) from None
     print(f"{'' if prefix else chr(10)}{script}.py: {prefix}{message}", file=sys.stderr, flush=True)
@@ -992,6 +1003,8 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
     work (a second run into the same folder is refused while this one lives); one holding another run's results is
     refused unless resuming or `overwrite` (which removes them)."""
     given, report.created_out_dir = path is not None, path is None or not Path(path).exists()
+    target = Path(path) if given else Path("runs") / report.script / "new"
+    report.created_parents = [p for p in target.parents if p != Path(".") and not p.exists()]  # deepest first
     try:
         path = report.out_dir = Path(path) if given else new_run_dir(report.script)
         path.mkdir(parents=True, exist_ok=True)

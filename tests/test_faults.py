@@ -127,7 +127,8 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_cifar, tmp_path
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert f"resume with: python vit_scratch.py --resume {out / 'last.pt'}" in err and "Traceback" not in err
+    # the script as it was run (its full path here), so that the line works pasted from any folder
+    assert f"resume with: python {ROOT / 'vit_scratch.py'} --resume {out / 'last.pt'}" in err and "Traceback" not in err
     assert weights(out / "last.pt")  # the last checkpoint is kept and loads
 
 

@@ -288,3 +288,26 @@ def test_a_captioner_resumes_with_its_local_model_typed_again_from_another_folde
     typed = f"{tiny_captioner.parent.name}/{tiny_captioner.name}"  # the same folder, typed from elsewhere
     summary = lora_caption.main(["--resume", str(tmp_path / "run"), "--model", typed, "--max-steps", "3"])
     assert summary["steps"] == 3
+
+
+# A fifth trial (this session's changes, tried as a new user) -----------------------------------------------------
+
+def test_a_run_that_fails_leaves_no_empty_runs_folder_behind(tmp_path, monkeypatch, capsys):
+    """The default folder runs/<script>/<time> and a nested --out-dir a/b/c: a run refused at its data leaves none of
+    the folders it made (runs/ and runs/vit_scratch/ were left, empty); a folder that was there stays."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--device", "cpu", "--data-dir", str(tmp_path / "none"), "--no-download"]
+    one_line_error(capsys, lambda: vit_scratch.main(flags))
+    one_line_error(capsys, lambda: cnn_baseline.main([*flags, "--out-dir", "a/b/c"]))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs" / "vit_scratch" / "earlier").mkdir(parents=True)
+    one_line_error(capsys, lambda: vit_scratch.main(flags))
+    assert [p.name for p in (tmp_path / "runs" / "vit_scratch").iterdir()] == ["earlier"]
+
+
+def test_the_resume_line_names_the_script_as_it_was_run(monkeypatch):
+    import common
+    monkeypatch.setattr("sys.argv", ["../course dir/vit_scratch.py", "--epochs", "3"])
+    assert common.script_path("vit_scratch") == "'../course dir/vit_scratch.py'"  # pasted from the same folder
+    monkeypatch.setattr("sys.argv", ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f", "k.json"])
+    assert common.script_path("vit_scratch") == "vit_scratch.py"
