@@ -453,10 +453,12 @@ def newest_summaries(root):
 
 def row_kind(summary):
     """What makes a run a row of its own beside its script: the fine-tuning mode (full, lora), an ImageNet ViT in
-    place of CLIP's tower (backbone), a captioner composed from two models (composed)."""
+    place of CLIP's tower (backbone), a captioner composed from two models (composed), a saved adapter evaluated
+    without training (adapter: it must not take the place of the run that trained it)."""
     args = summary.get("args") if isinstance(summary.get("args"), dict) else {}
     kinds = [summary["finetune"]] if summary.get("finetune") else []
     kinds += ["backbone"] * bool(args.get("backbone")) + ["composed"] * bool(summary.get("composed_from"))
+    kinds += ["adapter"] * bool(summary.get("adapter"))
     return ", ".join(kinds)
 
 

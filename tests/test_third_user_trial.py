@@ -73,7 +73,7 @@ def test_show_attention_given_a_run_folder_draws_into_it(tiny_cifar, tmp_path, m
     assert not (runs / "attention.png").exists()
 
 
-# --compare: a --backbone run is a row of its own, not CLIP's LoRA row ----------------------------------------------
+# --compare: a --backbone run (and an --adapter evaluation) is a row of its own, not CLIP's LoRA row -------------
 
 def test_compare_gives_a_backbone_run_a_row_of_its_own(tmp_path, capsys):
     def summary(name, mtime, **fields):
@@ -85,9 +85,11 @@ def test_compare_gives_a_backbone_run_a_row_of_its_own(tmp_path, capsys):
     summary("clip-lora", 1_000, args={"backbone": None})
     summary("vit-lora", 2_000, args={"backbone": "google/vit-base-patch16-224-in21k"})  # newer
     summary("old-summary", 500)  # written before summaries held their args: CLIP's tower, as before
+    summary("adapter-eval", 3_000, args={"backbone": None}, adapter="clip-lora/adapter", epochs=0)  # newest
     rows = cnn_baseline.main(["--compare", str(tmp_path)]).splitlines()[2:]
-    assert [row.split(" | ")[0] for row in rows] == ["| clip_zeroshot (lora)", "| clip_zeroshot (lora, backbone)"]
-    assert rows[0].endswith(f"{tmp_path / 'clip-lora'} |") and rows[1].endswith(f"{tmp_path / 'vit-lora'} |")
+    assert [row.split(" | ")[0] for row in rows] == ["| clip_zeroshot (lora)", "| clip_zeroshot (lora, adapter)",
+                                                     "| clip_zeroshot (lora, backbone)"]
+    assert rows[0].endswith(f"{tmp_path / 'clip-lora'} |") and rows[2].endswith(f"{tmp_path / 'vit-lora'} |")
 
 
 # CLIP's local --model (and --prompts file) saved as absolute paths: a resume and --adapter work from any folder -----
