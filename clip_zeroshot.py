@@ -828,8 +828,9 @@ def check_adapter_fits(adapter_dir, config, num_classes=None):
     from safetensors import safe_open
     from transformers import CLIPModel
     saved = read_adapter_config(adapter_dir)
-    with torch.device("meta"):  # module names without memory or weights
-        names = ["tower." + n for n, _ in CLIPModel(config).vision_model.named_modules() if n]
+    with torch.device("meta"):  # module names and shapes without memory or weights
+        modules = {"tower." + n: m for n, m in CLIPModel(config).vision_model.named_modules() if n}
+    names = list(modules)
     targets = saved.get("target_modules") or []
     if isinstance(targets, str):  # peft: a regular expression over full module names
         missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
@@ -846,8 +847,18 @@ def check_adapter_fits(adapter_dir, config, num_classes=None):
     try:
         with safe_open(str(weights), "pt") as f:
             shape = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith("head.weight")]
+            lora = {k: f.get_slice(k).get_shape() for k in f.keys() if ".lora_" in k}
     except Exception as e:  # missing or damaged
         raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
+    for key, size in lora.items():  # lora_A (r, in_features), lora_B (out_features, r) of the layer it adapts
+        found = re.search(r"tower\.(.+)\.lora_([AB])\.", key)
+        layer = modules.get("tower." + found[1]) if found else None
+        if not isinstance(layer, nn.Linear):
+            continue
+        saved, width = (size[1], layer.in_features) if found[2] == "A" else (size[0], layer.out_features)
+        if saved != width:
+            raise DataError(f"--adapter {adapter_dir}: trained on a CLIP whose {found[1]} is {saved} wide, and this "
+                            f"one's is {width}; pass --model, the CLIP it was trained on")
     rows = num_classes or (shape[0][0] if shape else "classes")  # any number of classes until they are known
     if shape != [[rows, config.projection_dim]]:
         found = f"a {shape[0][0]} x {shape[0][1]} head" if shape else "no classification head"
@@ -872,17 +883,18 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
     model = load_clip_model(model_name, device)
     base = ImageClassifier(model.vision_model, model.visual_projection,
                            torch.zeros(num_classes, config.projection_dim, device=device))
-    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+    except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
+        raise DataError(f"--adapter {adapter_dir}: does not fit {model_name} "
+                        f"({str(e).strip().splitlines()[-1].strip()})") from None
 
 
 def evaluate_adapter(args, data, test_idx, config, processor, device, report):
     """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
     report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
-    try:  # load_adapter checks the adapter against CLIP's tower and the classes before any weights load
-        model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
-    except (RuntimeError, ValueError, KeyError) as e:  # what check_adapter_fits cannot see
-        raise DataError(f"--adapter {args.adapter}: does not fit --model {args.model} "
-                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+    # load_adapter checks the adapter against CLIP's tower and the classes before any weights load
+    model = load_adapter(args.model, Path(args.adapter).expanduser(), len(data.classes), device)
     plumbing.write_json(Path(args.out_dir) / "config.json", run_config(args, [], data.classes))
     print(f"{SCRIPT}: adapter {args.adapter} on {args.model} | {device} | {len(test_idx):,} test images | "
           f"out {args.out_dir}")

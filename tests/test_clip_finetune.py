@@ -200,6 +200,31 @@ def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny
     assert f"--adapter {tmp_path / 'none'}: no such folder" in err
 
 
+def test_an_adapter_for_a_wider_tower_is_one_line_before_the_data_or_weights_load(lora_run, tiny_clip, tiny_cifar,
+                                                                                  tmp_path, monkeypatch, capsys):
+    """A fifth trial: the run's adapter on a CLIP of the same shape names but a wider tower was a many-line
+    RuntimeError from load_adapter (the command line said it after the data and the weights had loaded)."""
+    import shutil
+
+    from transformers import CLIPConfig, CLIPModel
+    wide = tmp_path / "wide-clip"
+    shutil.copytree(tiny_clip, wide)
+    config = CLIPConfig.from_pretrained(wide)
+    config.vision_config.hidden_size, config.vision_config.intermediate_size = 64, 128
+    CLIPModel(config).save_pretrained(wide)
+    capsys.readouterr()  # transformers' bar for the save
+    out, _ = lora_run
+    layer = r"encoder\.layers\.0\.self_attn\.k_proj"  # the first LoRA weight in the file
+    with pytest.raises(common.DataError, match=rf"trained on a CLIP whose {layer} is 32 wide, and this one's is 64"):
+        clip_zeroshot.load_adapter(wide, out, 10)
+    monkeypatch.setattr(clip_zeroshot, "load_cifar10", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(out / "adapter"), "--model", str(wide),
+                                                             "--data-dir", str(tiny_cifar), "--device", "cpu",
+                                                             "--out-dir", str(tmp_path / "eval")]))
+    assert "pass --model, the CLIP it was trained on" in err and not (tmp_path / "eval").exists()
+
+
 @pytest.fixture(scope="module")
 def lora_steps(tiny_clip, data):
     """A LoRA classifier before and after three training steps, on real images."""

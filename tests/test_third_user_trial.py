@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 # captions longer than the decoder's positions: one line before any work, not an IndexError from its embedding -----
 
 def test_caption_lengths_beyond_the_decoders_positions_are_one_line(tiny_captioner, tmp_path, capsys):
-    model, _, _ = lora_caption.load_captioner(str(tiny_captioner), CPU)
+    model = lora_caption.load_trained(tiny_captioner).model  # (the API: transformers' bars left as they were)
     positions = model.config.decoder.n_positions
     lora_caption.check_positions(model, {"--max-length": positions, "--max-new-tokens": positions})  # the limit fits
     with pytest.raises(lora_caption.DataError, match=f"--max-length {positions + 1} is longer than the decoder's "
@@ -156,7 +156,10 @@ def test_load_adapter_takes_paths_a_run_folder_and_refuses_what_does_not_fit_in_
 def test_caption_images_takes_floats_batches_and_arrays_and_refuses_the_rest_in_one_line(tiny_captioner, tmp_path):
     import numpy as np
     from PIL import Image
+    from transformers.utils import logging as hf_logging
+    bars = hf_logging.is_progress_bar_enabled()
     captioner = lora_caption.load_trained(tiny_captioner, device="auto")
+    assert hf_logging.is_progress_bar_enabled() == bars  # a notebook's transformers bars as they were (they went off)
     image = sorted((TINY_CAPTIONS / "images").iterdir())[0]
     x = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1)  # uint8 [3, H, W]
     expected = lora_caption.caption_images(captioner, x, max_new_tokens=5)
