@@ -86,7 +86,8 @@ def main(argv=None):
         flags += ["--limit-train", str(args.limit_train)] if args.limit_train else []
         flags += ["--limit-test", str(args.limit_test)] if args.limit_test else []
         rows, summary, whole = breakdown(flags)
-    shown = [f for f in flags if not f.startswith(str(Path(out)))]
+    at = flags.index("--out-dir")
+    shown = flags[:at] + flags[at + 2:]  # the temporary folder is gone: the flags that shaped the run
     print(f"\nvit_scratch.py {shlex.join(shown)} | test acc {summary['test_acc']:.2%} | {summary['device_name']}")
     print("| phase | calls | seconds | share |")
     print("|---|---:|---:|---:|")
