@@ -463,7 +463,7 @@ def main(argv=None):
             return finetune(args, ckpt, data, train_idx, test_idx, None, processor, [], device, report)
         check_template_lengths(templates, data.classes, tokenizer, config, args.prompts)
         if args.adapter:
-            return evaluate_adapter(args, data, test_idx, config, processor, device, report)
+            return evaluate_adapter(args, data, test_idx, processor, device, report)
         if args.finetune:
             return finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
         return zero_shot(args, data, train_idx, test_idx, tokenizer, processor, templates, device, report)
@@ -851,13 +851,13 @@ def check_adapter_fits(adapter_dir, config, num_classes=None):
     except Exception as e:  # missing or damaged
         raise DataError(f"--adapter {adapter_dir}: {weights.name} unreadable ({type(e).__name__})") from None
     for key, size in lora.items():  # lora_A (r, in_features), lora_B (out_features, r) of the layer it adapts
-        found = re.search(r"tower\.(.+)\.lora_([AB])\.", key)
-        layer = modules.get("tower." + found[1]) if found else None
+        match = re.search(r"tower\.(.+)\.lora_([AB])\.", key)
+        layer = modules.get("tower." + match[1]) if match else None
         if not isinstance(layer, nn.Linear):
             continue
-        saved, width = (size[1], layer.in_features) if found[2] == "A" else (size[0], layer.out_features)
+        saved, width = (size[1], layer.in_features) if match[2] == "A" else (size[0], layer.out_features)
         if saved != width:
-            raise DataError(f"--adapter {adapter_dir}: trained on a CLIP whose {found[1]} is {saved} wide, and this "
+            raise DataError(f"--adapter {adapter_dir}: trained on a CLIP whose {match[1]} is {saved} wide, and this "
                             f"one's is {width}; pass --model, the CLIP it was trained on")
     rows = num_classes or (shape[0][0] if shape else "classes")  # any number of classes until they are known
     if shape != [[rows, config.projection_dim]]:
@@ -890,7 +890,7 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
 
 
-def evaluate_adapter(args, data, test_idx, config, processor, device, report):
+def evaluate_adapter(args, data, test_idx, processor, device, report):
     """The zero-shot-head classifier with the adapter (as load_adapter builds it) on the test images."""
     report.saved = lambda: "nothing to resume: evaluating an adapter keeps no state; run it again"
     # load_adapter checks the adapter against CLIP's tower and the classes before any weights load
