@@ -633,10 +633,7 @@ def restore_run(ckpt, args, model, optimizer, scaler, capture=False):
                         f"({str(e).strip().splitlines()[-1].strip()})") from None
     device = next(model.parameters()).device
     plumbing.place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
-    for group in optimizer.param_groups:
-        group["fused"], group["capturable"] = device.type == "cuda", capture
-    for state in optimizer.state.values():  # fused and capturable AdamW keep the step count on the device
-        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
+    plumbing.place_adamw_state(optimizer, device, capture)
     scaler.load_state_dict(ckpt["scaler"])
     plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return Progress(**ckpt["state"])

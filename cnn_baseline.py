@@ -379,10 +379,7 @@ def restore_run(ckpt, args, model, optimizer, scaler, device, capture, num_class
     plumbing.load_weights(model, ckpt, args.resume, model_config(args, num_classes))
     optimizer.load_state_dict(ckpt["optimizer"])
     plumbing.place_learning_rate(optimizer, args.lr, device, capture)  # a CPU checkpoint may resume under a CUDA graph
-    for group in optimizer.param_groups:
-        group["fused"], group["capturable"] = device.type == "cuda", capture
-    for s in optimizer.state.values():  # fused and capturable AdamW keep the step count on the device
-        s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
+    plumbing.place_adamw_state(optimizer, device, capture)
     scaler.load_state_dict(ckpt["scaler"])
     plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return plumbing.Progress(**ckpt["state"])

@@ -720,6 +720,15 @@ def place_learning_rate(optimizer, peak, device, capture):
         group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
 
 
+def place_adamw_state(optimizer, device, capture):
+    """A loaded AdamW set up for this machine: the flags a checkpoint holds are the saving machine's (fused on CUDA;
+    capturable under a CUDA graph), and fused and capturable AdamW keep their step counts on the device."""
+    for group in optimizer.param_groups:
+        group["fused"], group["capturable"] = device.type == "cuda", capture
+    for state in optimizer.state.values():
+        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
+
+
 def cuda_generator_works(device):
     """After a failed capture some torch versions leave the CUDA generator capturing: every draw then fails."""
     try:

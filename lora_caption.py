@@ -873,10 +873,7 @@ def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
         raise DataError(f"--resume {args.resume}: its adapter weights do not match this model and --targets/--rank "
                         f"(e.g. {(unexpected or sorted(ckpt['trainable']))[0]})")
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:  # the saved flags are the saving machine's; a capture sets its own
-        group["fused"], group["capturable"] = device.type == "cuda", False
-    for state in optimizer.state.values():  # fused AdamW counts steps on the device
-        state["step"] = state["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
+    plumbing.place_adamw_state(optimizer, device, capture=False)  # a capture sets its own (CapturedStep)
     schedule.load_state_dict(ckpt["schedule"])
     scaler.load_state_dict(ckpt["scaler"])
     # rows logged after the last save are logged again by the resumed run

@@ -579,10 +579,7 @@ def restore_run(ckpt, args, model, optimizers, scaler, device, capture, num_clas
         opt.load_state_dict(state)
         plumbing.place_learning_rate(opt, peak, device, capture)  # a CPU checkpoint may resume under a CUDA graph
         if isinstance(opt, torch.optim.AdamW):
-            for group in opt.param_groups:
-                group["fused"], group["capturable"] = device.type == "cuda", capture
-            for s in opt.state.values():  # fused and capturable AdamW keep the step count on the device
-                s["step"] = s["step"].to(device if device.type == "cuda" else "cpu", torch.float32)
+            plumbing.place_adamw_state(opt, device, capture)
     scaler.load_state_dict(ckpt["scaler"])
     plumbing.trim_metrics(Path(args.out_dir) / "metrics.jsonl", lambda row: row["epoch"] <= ckpt["state"]["epoch"])
     return plumbing.Progress(**ckpt["state"])
