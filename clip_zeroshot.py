@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import common as plumbing  # part 2 of common.py: errors, flags, resume, run folders, charts
 from common import (CapturedStep, DataError, TensorLoader, accuracy_from, confusion_matrix, derived_seed,  # part 1
-                    load_cifar10, per_class_accuracy, stratified_subset)
+                    per_class_accuracy, stratified_subset)
 from common import positive_int  # argparse type: a flag's range (the float ranges below keep this script's words)
 
 SCRIPT = "clip_zeroshot"
@@ -575,10 +575,7 @@ def sync(device):
 
 def load_data(args, ckpt):
     """CIFAR-10 and the class-stratified subsets this run reads, checked against what the mode needs."""
-    own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]  # never download into it
-    data = load_cifar10(args.data_dir, download=not args.no_download, resumed_from=args.resume if own_folder else None)
-    if ckpt:
-        plumbing.check_same_data(ckpt, data, args.data_dir)
+    data = plumbing.load_run_cifar10(args, ckpt)
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")
     train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
                                   every_class=not args.linear_probe) if args.linear_probe or args.finetune else None

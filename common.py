@@ -1301,15 +1301,21 @@ def check_same_data(ckpt, data, data_dir):
                         f"({ckpt['args'].get('data_dir')}); drop --data-dir to use that folder")
 
 
-def load_classifier_data(args, ckpt, image_size=32, log=print):
-    """A CIFAR-10 classifier run's data (vit_scratch, cnn_baseline): (data, train indices, test indices). A resumed
-    run reads its own folder (never a download into it) unless --data-dir names another, which must hold the same
-    data; the subsets are class-stratified, and the training set must hold one global batch."""
+def load_run_cifar10(args, ckpt, image_size=32, log=print):
+    """CIFAR-10 for a run: a resumed run reads its own folder (never a download into it) unless --data-dir names
+    another, which must hold the same data."""
     own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
     data = load_cifar10(args.data_dir, download=not args.no_download, image_size=image_size, log=log,
                         resumed_from=args.resume if own_folder else None)
     if ckpt:
         check_same_data(ckpt, data, args.data_dir)
+    return data
+
+
+def load_classifier_data(args, ckpt, image_size=32, log=print):
+    """A CIFAR-10 classifier run's data (vit_scratch, cnn_baseline): (data, train indices, test indices), as
+    load_run_cifar10 reads it; the subsets are class-stratified, and the training set must hold one global batch."""
+    data = load_run_cifar10(args, ckpt, image_size, log)
     train_idx = stratified_subset(data.train_y, args.limit_train, seed=args.seed, name="--limit-train",
                                  every_class=True)
     test_idx = stratified_subset(data.test_y, args.limit_test, seed=args.seed, name="--limit-test")

@@ -182,7 +182,7 @@ def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny
                                                                lora_dropout=0.0, cross_attention=False))
     common.save_adapter(lora, tmp_path / "caption", base_model=tiny_captioner)
     monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
-    monkeypatch.setattr(clip_zeroshot, "load_cifar10", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(common, "load_cifar10", lambda *a, **k: pytest.fail("the data was loaded"))
     flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir", str(tmp_path / "eval")]
     adapter = tmp_path / "caption" / "adapter"
     capsys.readouterr()  # transformers' loading bar for the captioner
@@ -217,7 +217,7 @@ def test_an_adapter_for_a_wider_tower_is_one_line_before_the_data_or_weights_loa
     layer = r"encoder\.layers\.0\.self_attn\.k_proj"  # the first LoRA weight in the file
     with pytest.raises(common.DataError, match=rf"trained on a CLIP whose {layer} is 32 wide, and this one's is 64"):
         clip_zeroshot.load_adapter(wide, out, 10)
-    monkeypatch.setattr(clip_zeroshot, "load_cifar10", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(common, "load_cifar10", lambda *a, **k: pytest.fail("the data was loaded"))
     monkeypatch.setattr(clip_zeroshot, "load_clip_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(out / "adapter"), "--model", str(wide),
                                                              "--data-dir", str(tiny_cifar), "--device", "cpu",
