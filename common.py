@@ -387,7 +387,7 @@ def one_line_errors(script, memory_hint="--batch-size"):
     global _run_memory
     report = SimpleNamespace(script=script, saved=lambda: "nothing was saved", resume=None, out_dir=None,
                              created_out_dir=False, created_parents=[], lock=None)
-    restore = _global_state()
+    restore = save_process_state()
     memory = _run_memory = RunMemory()
     if torch.cuda.is_initialized():  # an earlier run in this process (a notebook): this run's peak starts here
         for index in range(torch.cuda.device_count()):
@@ -442,10 +442,10 @@ def _stop(script, message, code, report, prefix="error: "):
     raise SystemExit(code)
 
 
-def _global_state():
-    """A function that puts back what a run changes in the process: torch's random generators (CPU, CUDA's: as
-    they were, or seeded as they would have been if the run started CUDA; MPS's), cudnn.benchmark, the progress
-    bars of transformers and huggingface_hub."""
+def save_process_state():
+    """A function that puts back what a run (or a Python API call such as lora_caption.load_trained) changes in the
+    process: torch's random generators (CPU, CUDA's: as they were, or seeded as they would have been if the run
+    started CUDA; MPS's), cudnn.benchmark, the progress bars of transformers and huggingface_hub."""
     cpu, seed, benchmark = torch.get_rng_state(), torch.initial_seed(), torch.backends.cudnn.benchmark
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None

@@ -1708,15 +1708,13 @@ def load_trained(run_or_adapter_or_model, device="cpu", model=None):
     full), an adapter folder (on
     the base model it records, or on `model`), or a merged model (a --merge folder, or any VisionEncoderDecoderModel
     folder or hub id). `device`: "cpu", "cuda", "mps", "auto", "cuda:1" or a torch.device. Loads as --caption does:
-    an adapter of another model is refused with the same one-line DataError. transformers' progress bars, which the
-    loading silences, are as they were afterwards (a notebook keeps its own)."""
-    from transformers.utils import logging as hf_logging
-    bars_on = hf_logging.is_progress_bar_enabled()
+    an adapter of another model is refused with the same one-line DataError. What the loading changes in the process
+    (transformers' progress bars, which it silences; random generators) is put back, as after main()."""
+    restore = plumbing.save_process_state()
     try:
         return _load_trained(run_or_adapter_or_model, device, model)
     finally:
-        if bars_on:
-            hf_logging.enable_progress_bar()
+        restore()
 
 
 def _load_trained(run_or_adapter_or_model, device, model):
