@@ -50,7 +50,7 @@ LOG_EVERY = 20  # steps between reads of the running loss (each read waits for t
 
 # ----------------------------------------------------------------------------------------------------
 # Config: templates, mode defaults, flags. Add a flag in build_parser (its range in type=), a rule between two flags
-# in check_args. A mode's default (MODE_DEFAULTS) fills a flag left untyped; a typed flag wins.
+# in check_args (below the banner). A mode's default (MODE_DEFAULTS) fills a flag left untyped; a typed flag wins.
 
 SINGLE_TEMPLATE = ["a photo of a {}."]
 # The 18 CIFAR-10 templates OpenAI published with CLIP (prompt engineering notebook / data/prompts.md).
@@ -81,10 +81,8 @@ def build_parser():
                         "templates (default: single; ensemble with --finetune)")
     a("--limit-test", type=positive_int, default=None, help="classify a class-stratified subset of N test images")
     a("--linear-probe", action="store_true", help="also fit logistic regression on frozen features of the training set")
-    a("--limit-train", type=positive_int, default=None,
-      help="linear probe and fine-tuning: use a class-stratified subset of N training images")
-    a("--batch-size", type=positive_int,
-      help="images per encoder batch; with --finetune, per training step (default 500 / 128)")
+    a("--limit-train", type=positive_int, help="linear probe and fine-tuning: a class-stratified subset of N images")
+    a("--batch-size", type=positive_int, help="images per encoder batch; with --finetune, per step (default 500 / 128)")
     # fine-tuning
     a("--finetune", choices=["full", "lora"], help="train the image tower: all its weights, or LoRA adapters")
     a("--epochs", type=positive_int, default=2, help="fine-tuning: passes over the training set")
@@ -99,22 +97,14 @@ def build_parser():
     a("--alpha", type=finite_positive, default=32, help="--finetune lora: LoRA alpha (updates scaled by alpha / r)")
     a("--lora-dropout", type=fraction, default=0.05, help="--finetune lora: dropout on the LoRA branch input")
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
-    a("--backbone", metavar="VIT",
-      help="--finetune an ImageNet ViT (a ViTModel checkpoint: hub id or folder, e.g. "
-           "google/vit-base-patch16-224-in21k) instead of CLIP's tower: a linear head on its CLS output, trained "
-           "from a random start")
+    a("--backbone", metavar="VIT", help="--finetune an ImageNet ViT (a ViTModel: hub id or folder, e.g. "
+      "google/vit-base-patch16-224-in21k) instead of CLIP's tower, under a linear head trained from a random start")
     a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
                         "model is the one the folder records unless --model is given")
     a("--seed", type=generator_seed, default=0, help="seeds subsets, the probe's split, shuffling, augmentation, LoRA")
     plumbing.add_run_flags(p, SCRIPT, "confusion.png, curves.png", resume="a fine-tuning run's folder or last.pt",
                            eager_when="--finetune on CUDA")
     return p
-
-
-def check_args(args):
-    """The rules that involve two flags (each flag's own range is checked by its type=; see also check_no_effect)."""
-    if args.finetune and args.linear_probe:
-        raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,7 +138,7 @@ def text_classifier(model, tokenizer, classes, templates, device):
     weights = []
     for name in classes:
         tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt").to(device)
-        with autocast(device):
+        with autocast(device, amp_dtype_for(device)):
             emb = pooled(model.get_text_features(**tokens)).float()
         weights.append(ensemble(emb))
     return torch.stack(weights)
@@ -166,7 +156,7 @@ def encode_images(model, preprocess, images, batch_size, device, desc="encoding"
     with plumbing.progress_bar(-(-len(images) // batch_size), desc, no_progress) as bar:
         for i in range(0, len(images), batch_size):
             pixels = preprocess(images[i:i + batch_size].to(device, non_blocking=True))
-            with autocast(device):
+            with autocast(device, amp_dtype_for(device)):
                 feats.append(F.normalize(pooled(model.get_image_features(pixel_values=pixels)).float(), dim=-1))
             bar.update(1)
     return torch.cat(feats)
@@ -185,9 +175,8 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.tower, self.projection = tower, projection
         self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], device=head_weight.device)
-        with torch.no_grad():
-            self.head.weight.copy_(head_weight)
-            self.head.bias.zero_()
+        self.head.weight = nn.Parameter(head_weight.clone())  # the zero-shot classifier
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
         features = self.projection(self.tower(pixel_values=pixels).pooler_output)  # (B, D)
@@ -248,30 +237,20 @@ def amp_dtype_for(device):
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
-def autocast(device):
-    dtype = amp_dtype_for(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+def autocast(device, dtype):
+    # No cast cache: inside a CUDA graph cached casts would be stale; each weight is cast once a step anyway.
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
 
 
 def make_optimizer(model, args, device, capture=False):
     """AdamW on what trains, without weight decay on biases, norms and the class embedding (1-D). Under `capture`
-    the learning rate is a device tensor (set_learning_rate fills it before every replay), AdamW capturable."""
+    the learning rate is a device tensor that the loop fills in place before every replay, AdamW capturable."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda", capturable=capture)
     plumbing.place_learning_rate(optimizer, args.lr, device, capture)
     return optimizer
-
-
-def set_learning_rate(optimizer, factor):
-    """Peak x factor into every group, a device tensor in place (graph-safe); returns the rate, for the log."""
-    for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(group["peak_lr"] * factor)
-        else:
-            group["lr"] = group["peak_lr"] * factor
-    return optimizer.param_groups[0]["peak_lr"] * factor
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -291,8 +270,7 @@ def train_step(model, optimizer, scaler, preprocess, amp_dtype, grad_clip, x, y,
     """Forward, loss, backward, clipping, update; adds [loss sum, correct] to `stats` on the device. Gradients are
     set to None first: in a graph, backward then writes them in the graph's own memory."""
     optimizer.zero_grad(set_to_none=True)
-    # No cast cache: inside a CUDA graph cached casts would be stale; each weight is cast once a step anyway.
-    with torch.autocast(x.device.type, dtype=amp_dtype, cache_enabled=False) if amp_dtype else nullcontext():
+    with autocast(x.device, amp_dtype):
         logits = model(preprocess(x))
     loss = F.cross_entropy(logits.float(), y)
     scaler.scale(loss).backward()
@@ -314,7 +292,7 @@ def evaluate(model, preprocess, images, labels, batch_size, amp_dtype):
     model.eval()
     preds, loss_sum = [], torch.zeros((), device=labels.device)
     for i in range(0, len(labels), batch_size):
-        with torch.autocast(labels.device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        with autocast(labels.device, amp_dtype):
             logits = model(preprocess(images[i:i + batch_size])).float()
         loss_sum += F.cross_entropy(logits, labels[i:i + batch_size], reduction="sum")
         preds.append(logits.argmax(1))
@@ -426,7 +404,8 @@ def finetune(args, ckpt, data, train_idx, test_idx, tokenizer, processor, templa
         with plumbing.progress_bar(min(steps_per_epoch, total_steps - progress.step), f"epoch {epoch}/{args.epochs}",
                                    args.no_progress) as bar:
             for x, y in loader:
-                lr = set_learning_rate(optimizer, lr_factor(progress.step, int(args.warmup * total_steps), total_steps))
+                factor = lr_factor(progress.step, int(args.warmup * total_steps), total_steps)
+                lr = plumbing.set_learning_rates([optimizer], factor)
                 step(x, y)
                 progress.step += 1
                 seen += len(y)
@@ -541,6 +520,12 @@ def experiment_args(argv):
     check_args(args)
     check_no_effect(args, given)
     return args, ckpt
+
+
+def check_args(args):
+    """The rules that involve two flags (each flag's own range is checked by its type=; see also check_no_effect)."""
+    if args.finetune and args.linear_probe:
+        raise DataError("--linear-probe fits a classifier on frozen features; run it without --finetune")
 
 
 def check_no_effect(args, given):

@@ -42,7 +42,8 @@ LOG_EVERY = 20  # steps between reads of the running loss (each read waits for t
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
+# Config: the flags. Add a flag in build_parser (its range in type=), a rule between two flags in check_args (below
+# the banner).
 
 def build_parser():
     p = plumbing.make_parser(__doc__, SCRIPT)
@@ -70,14 +71,6 @@ def build_parser():
     plumbing.add_run_flags(p, SCRIPT, "curves.png, confusion.png")
     a("--compare", metavar="DIR", help="print a table of each script's newest summary.json under DIR (or of one), exit")
     return p
-
-
-def check_args(args):
-    """The rules that involve two flags (each flag's own range is checked by its type=)."""
-    if len(args.widths) < 2:
-        raise DataError(f"--widths needs a stem width and at least one stage width; got {args.widths}")
-    if len(args.widths) - 1 > 5:
-        raise DataError(f"--widths gives {len(args.widths) - 1} stages, but 32-pixel images can only be halved 5 times")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,14 +115,13 @@ class ResidualCNN(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Precision, optimizer and schedule. The learning rate is a device tensor under a CUDA graph: set it with
-# set_learning_rate (in place), never by assigning a float.
+# plumbing.set_learning_rates (in place), never by assigning a float.
 
 def amp_dtype_for(device):
-    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
+    """bf16 autocast where the GPU has it natively (compute capability >= 8.0; a T4, 7.5, creates bf16 tensors but
+    emulates their math, slowly), else fp16 with a GradScaler; fp32 on CPU and MPS."""
     if device.type != "cuda":
         return None
-    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
-    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
@@ -155,16 +147,6 @@ def lr_factor(step, warmup_steps, total_steps):
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def set_learning_rate(optimizer, factor):
-    """Peak x factor into every group, a device tensor in place (graph-safe); returns the rate, for the log."""
-    for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(group["peak_lr"] * factor)
-        else:
-            group["lr"] = group["peak_lr"] * factor
-    return optimizer.param_groups[0]["peak_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,8 +245,8 @@ def main(argv=None):
             with plumbing.progress_bar(steps_per_epoch, f"epoch {epoch}/{args.epochs}",
                                        args.no_progress or rank != 0) as bar:
                 for x, y in train_loader:
-                    lr = set_learning_rate(optimizer, lr_factor(progress.step, int(args.warmup * total_steps),
-                                                                total_steps))
+                    factor = lr_factor(progress.step, int(args.warmup * total_steps), total_steps)
+                    lr = plumbing.set_learning_rates([optimizer], factor)
                     step(x.contiguous(memory_format=layout), y)
                     progress.step += 1
                     seen += len(y)
@@ -344,6 +326,14 @@ def experiment_args(argv):
     args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
                                  parser=parser)
     return args, ckpt
+
+
+def check_args(args):
+    """The rules that involve two flags (each flag's own range is checked by its type=)."""
+    if len(args.widths) < 2:
+        raise DataError(f"--widths needs a stem width and at least one stage width; got {args.widths}")
+    if len(args.widths) - 1 > 5:
+        raise DataError(f"--widths gives {len(args.widths) - 1} stages, but 32-pixel images can only be halved 5 times")
 
 
 def check_sync_bn(args, world_size, device, resuming):

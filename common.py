@@ -683,7 +683,7 @@ def resuming_line(path, progress, steps_per_epoch, total_steps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The captured step's set-up: the one-line fallback to eager, the learning rate the graph reads
+# The captured step's set-up: the one-line fallback to eager, the learning rates the graph reads
 
 def capture_or_none(build, device):
     """`build()` (a CapturedStep), timed and said in one line; None where it fails, the eager step then
@@ -718,6 +718,19 @@ def place_learning_rate(optimizer, peak, device, capture):
     for group in optimizer.param_groups:
         group["peak_lr"] = peak
         group["lr"] = torch.tensor(peak, dtype=torch.float32, device=device) if capture else float(peak)
+
+
+def set_learning_rates(optimizers, factor):
+    """Peak x factor into every group of `optimizers` (a list): a device tensor is filled in place, since the graph
+    reads that very tensor (assigning a float would leave the graph on the old rate). Returns the first group's
+    rate, for the log."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(group["peak_lr"] * factor)
+            else:
+                group["lr"] = group["peak_lr"] * factor
+    return optimizers[0].param_groups[0]["peak_lr"] * factor
 
 
 def place_adamw_state(optimizer, device, capture):

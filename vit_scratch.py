@@ -44,8 +44,8 @@ LOG_EVERY = 20  # steps between reads of the running loss (each read waits for t
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: the recipes and the flags. Add a flag in build_parser (its range in type=); a rule between two flags
-# goes in check_args. A recipe value is the default of its flag; a flag typed on the command line wins.
+# Config: the recipes and the flags. Add a flag in build_parser (its range in type=), a rule between two flags in
+# check_args (below the banner). A recipe value is its flag's default; a flag typed on the command line wins.
 
 # "fast" was chosen on one H100 by benchmarks/sweep_vit.py (BENCHMARKS.md); "guide" is the study guide's own.
 RECIPES = {
@@ -98,18 +98,6 @@ def build_parser():
     plumbing.add_run_flags(p, SCRIPT, "attention.png, curves.png, confusion.png")
     a("--show-attention", metavar="CHECKPOINT", help="only draw attention.png for a checkpoint (default: beside it)")
     return p
-
-
-def check_args(args):
-    """The rules that involve two flags (each flag's own range is checked by its type=)."""
-    if args.image_size % args.patch_size:
-        raise DataError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
-    if args.tta_shift and args.tta_shift > args.image_size // 4:
-        raise DataError(f"--tta-shift {args.tta_shift} is more than a quarter of --image-size {args.image_size}")
-    if args.embed_dim % args.num_heads:
-        raise DataError(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
-    if args.schedule == "epoch" and args.warmup:
-        raise DataError("--warmup applies to --schedule step; the per-epoch cosine starts at the peak")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,14 +187,13 @@ def hidden_matrices(model):
 
 # ----------------------------------------------------------------------------------------------------
 # Device, precision, optimizers and schedule. Learning rates are device tensors under a CUDA graph: set them with
-# set_learning_rates (in place), never by assigning a float.
+# plumbing.set_learning_rates (in place), never by assigning a float.
 
 def amp_dtype_for(device):
-    """bf16 autocast where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU and MPS."""
+    """bf16 autocast where the GPU has it natively (compute capability >= 8.0; a T4, 7.5, creates bf16 tensors but
+    emulates their math, slowly), else fp16 with a GradScaler; fp32 on CPU and MPS."""
     if device.type != "cuda":
         return None
-    # bf16 only where the hardware has it (compute capability >= 8.0): a T4 (7.5) creates bf16 tensors
-    # but emulates their math, slowly; fp16 with a GradScaler is its native path.
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
@@ -293,17 +280,6 @@ def schedule_factor(args, step, steps_per_epoch, total_steps):
         return lr_factor(step, warmup_steps, total_steps)
     left = 1 - min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # 1 -> 0 after the warm-up
     return left if args.lr_shape == "linear" else min(1.0, left / 0.2)
-
-
-def set_learning_rates(optimizers, factor):
-    """Peak x factor into every group, device tensors in place (graph-safe); returns AdamW's rate, for the log."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(group["peak_lr"] * factor)
-            else:
-                group["lr"] = group["peak_lr"] * factor
-    return optimizers[0].param_groups[0]["peak_lr"] * factor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,8 +396,8 @@ def main(argv=None):
             with plumbing.progress_bar(steps_per_epoch, f"epoch {epoch}/{args.epochs}",
                                        args.no_progress or rank != 0) as bar:
                 for x, y in train_loader:
-                    lr = set_learning_rates(optimizers, schedule_factor(args, progress.step, steps_per_epoch,
-                                                                        total_steps))
+                    factor = schedule_factor(args, progress.step, steps_per_epoch, total_steps)
+                    lr = plumbing.set_learning_rates(optimizers, factor)
                     step(x, y)
                     progress.step += 1
                     seen += len(y)
@@ -522,6 +498,18 @@ def experiment_args(argv):
         if getattr(args, name) is None and name != "muon_lr":
             setattr(args, name, value)
     return args, ckpt
+
+
+def check_args(args):
+    """The rules that involve two flags (each flag's own range is checked by its type=)."""
+    if args.image_size % args.patch_size:
+        raise DataError(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
+    if args.tta_shift and args.tta_shift > args.image_size // 4:
+        raise DataError(f"--tta-shift {args.tta_shift} is more than a quarter of --image-size {args.image_size}")
+    if args.embed_dim % args.num_heads:
+        raise DataError(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
+    if args.schedule == "epoch" and args.warmup:
+        raise DataError("--warmup applies to --schedule step; the per-epoch cosine starts at the peak")
 
 
 def check_no_effect(cli, given):

@@ -51,7 +51,7 @@ def plain(model, processor, images, batch_size, device):
     t0 = time.perf_counter()
     for i in range(0, len(pil), batch_size):
         pixels = torch.cat([processor(images=im, return_tensors="pt")["pixel_values"] for im in pil[i:i + batch_size]])
-        with clip_zeroshot.autocast(device):
+        with clip_zeroshot.autocast(device, clip_zeroshot.amp_dtype_for(device)):
             clip_zeroshot.pooled(model.get_image_features(pixel_values=pixels.to(device)))
     sync(device)
     return len(pil) / (time.perf_counter() - t0)

@@ -40,7 +40,7 @@ def train_vit(capture, data):
     stats = torch.zeros(2)
     loader = common.TensorLoader(data.train_x[:96], data.train_y[:96], 32, CPU, train=True, seed=0)
     step = vit_scratch.make_step(model, optimizers, SCALER, None, args, stats, loader, capture, [], ema)
-    train(step, list(loader), lambda i: vit_scratch.set_learning_rates(optimizers, 1 - i / 4))
+    train(step, list(loader), lambda i: common.set_learning_rates(optimizers, 1 - i / 4))
     return step, model, ema, stats
 
 
@@ -53,7 +53,7 @@ def train_cnn(capture, data):
     loader = common.TensorLoader(data.train_x[:96], data.train_y[:96], 32, CPU, train=True, seed=0)
     step = cnn_baseline.make_step(model, optimizer, SCALER, None, args, stats, loader, torch.channels_last, capture)
     batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in loader]
-    train(step, batches, lambda i: cnn_baseline.set_learning_rate(optimizer, 1 - i / 4))
+    train(step, batches, lambda i: common.set_learning_rates([optimizer], 1 - i / 4))
     return step, model, None, stats
 
 
@@ -73,7 +73,7 @@ def train_clip(capture, data, tiny_clip, mode):
     batches = list(loader)
     step = clip_zeroshot.make_step(classifier, optimizer, SCALER, clip_zeroshot.TensorPreprocess(processor, CPU), None,
                                    args, stats, batches[0], capture)
-    train(step, batches, lambda i: clip_zeroshot.set_learning_rate(optimizer, 1 - i / 4))
+    train(step, batches, lambda i: common.set_learning_rates([optimizer], 1 - i / 4))
     return step, classifier, None, stats
 
 
@@ -140,19 +140,17 @@ def test_a_failed_capture_leaves_the_run_as_it_was_and_trains_eagerly(where, scr
 
 
 def test_under_capture_every_learning_rate_is_a_tensor_the_schedule_fills_in_place():
-    """A graph reads the rate from the tensor it was recorded with: set_learning_rate(s) must fill that tensor, never
+    """A graph reads the rate from the tensor it was recorded with: set_learning_rates must fill that tensor, never
     put a float (which the replays would not see) in its place."""
     model = vit_scratch.VisionTransformer(embed_dim=32, hidden_dim=64, num_heads=4, num_layers=1)
     args = argparse.Namespace(optimizer="muon", lr=1e-3, muon_lr=0.01, muon_momentum=0.95, weight_decay=0.05)
-    cases = [(vit_scratch.make_optimizers(model, args, CPU, capture=True), vit_scratch.set_learning_rates),
-             ([cnn_baseline.make_optimizer(cnn_baseline.ResidualCNN(widths=(8, 16)), args, CPU, capture=True)],
-              lambda opts, f: cnn_baseline.set_learning_rate(opts[0], f)),
-             ([clip_zeroshot.make_optimizer(model, args, CPU, capture=True)],
-              lambda opts, f: clip_zeroshot.set_learning_rate(opts[0], f))]
-    for optimizers, set_rates in cases:
+    cases = [vit_scratch.make_optimizers(model, args, CPU, capture=True),
+             [cnn_baseline.make_optimizer(cnn_baseline.ResidualCNN(widths=(8, 16)), args, CPU, capture=True)],
+             [clip_zeroshot.make_optimizer(model, args, CPU, capture=True)]]
+    for optimizers in cases:
         groups = [g for opt in optimizers for g in opt.param_groups]
         tensors = [g["lr"] for g in groups]
         assert all(torch.is_tensor(t) for t in tensors)
-        set_rates(optimizers, 0.25)
+        common.set_learning_rates(optimizers, 0.25)
         assert all(g["lr"] is t for g, t in zip(groups, tensors))
         assert [t.item() for t in tensors] == [torch.tensor(g["peak_lr"] * 0.25).item() for g in groups]

@@ -10,6 +10,7 @@ import torch
 
 import clip_zeroshot
 import cnn_baseline
+import common
 import lora_caption
 import vit_scratch
 from conftest import TINY_CAPTIONS, build_tiny_captioner
@@ -40,7 +41,7 @@ def vit_run(capture, data, ema_decay=0.0):
     step = vit_scratch.make_step(model, optimizers, scaler, torch.bfloat16, args, stats, data, capture, [], ema)
     assert isinstance(step, vit_scratch.CapturedStep) == capture
     for i, (x, y) in enumerate(data):
-        vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, len(data), len(data)))
+        common.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, len(data), len(data)))
         step(x, y)
     torch.cuda.synchronize()
     weights = {k: v.float().cpu() for k, v in model.state_dict().items()}
@@ -70,7 +71,7 @@ def cnn_run(capture, data):
     step = cnn_baseline.make_step(model, optimizer, scaler, torch.bfloat16, args, stats, data, layout, capture)
     assert isinstance(step, cnn_baseline.CapturedStep) == capture
     for i, (x, y) in enumerate(data):
-        cnn_baseline.set_learning_rate(optimizer, cnn_baseline.lr_factor(i, 1, len(data)))
+        common.set_learning_rates([optimizer], cnn_baseline.lr_factor(i, 1, len(data)))
         step(x.contiguous(memory_format=layout), y)
     torch.cuda.synchronize()
     return {k: v.float().cpu() for k, v in model.state_dict().items()}, stats.cpu()
@@ -101,7 +102,7 @@ def clip_run(capture, data, tiny_clip, mode):
                                    capture)
     assert isinstance(step, clip_zeroshot.CapturedStep) == capture
     for i, (x, y) in enumerate(data):
-        clip_zeroshot.set_learning_rate(optimizer, clip_zeroshot.lr_factor(i, 1, len(data)))
+        common.set_learning_rates([optimizer], clip_zeroshot.lr_factor(i, 1, len(data)))
         step(x, y)
     torch.cuda.synchronize()
     return {k: v.float().cpu() for k, v in classifier.state_dict().items()}, stats.cpu()

@@ -116,7 +116,7 @@ def test_device_tensor_learning_rate_follows_lr_factor_exactly():
     tensors = [g["lr"] for opt in optimizers for g in opt.param_groups]
     assert all(torch.is_tensor(t) for t in tensors) and len(tensors) == 3
     for step in range(0, 120, 7):
-        vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, step, 40, 120))
+        common.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, step, 40, 120))
         factor = vit_scratch.lr_factor(step, 12, 120)
         assert [float(g["lr"]) for opt in optimizers for g in opt.param_groups] == [
             torch.tensor(peak * factor, dtype=torch.float32).item() for peak in (1e-3, 1e-3, 0.01)]
@@ -139,7 +139,7 @@ def test_train_step_gives_the_previous_loops_weights_on_cpu():
     scaler, stats = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(2)
     step = partial(vit_scratch.train_step, ours, optimizers, scaler, None, 0.1, 1.0, stats=stats)
     for i, (x, y) in enumerate(batches):
-        vit_scratch.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, 6, 6))
+        common.set_learning_rates(optimizers, vit_scratch.schedule_factor(args, i, 6, 6))
         step(x, y)
 
     decay = [p for n, p in reference.named_parameters() if p.ndim >= 2 and n not in ("cls_token", "pos_embedding")]
