@@ -516,7 +516,7 @@ def experiment_args(argv):
                                      parser=parser)  # a flag newer than the checkpoint (--adapter): its default
         if args.epochs < ckpt["state"]["epoch"]:
             raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
-    check_model_path(args.model)
+    check_model_path(args.model, model_named(args))
     check_args(args)
     check_no_effect(args, given)
     return args, ckpt
@@ -998,15 +998,24 @@ def loading(name, option="--model", kind="CLIP"):
             logging.enable_progress_bar()
 
 
-def check_model_path(name, option="--model"):
+def check_model_path(name, named=None):
     """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no
-    backslash) must be a folder: transformers would try it as a hub id and talk about repo ids."""
+    backslash) must be a folder: transformers would try it as a hub id and talk about repo ids. `named`: how the
+    error names it (default "--model NAME")."""
     name = str(name)  # a pathlib.Path from the Python API too
     path = Path(name).expanduser()
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
     if looks_like_path and not path.is_dir():
-        raise DataError(f"{option} {name}: {'not a folder' if path.exists() else 'no such folder'} (a local model is "
-                        f"a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
+        raise DataError(f"{named or '--model ' + name}: {'not a folder' if path.exists() else 'no such folder'} (a "
+                        f"local model is a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
+
+
+def model_named(args):
+    """How errors name the CLIP a run loads: "--model NAME", or, where --model was left to an --adapter's record,
+    that record (the user never typed the name)."""
+    if args.adapter and str(args.model) == read_adapter_config(args.adapter).get("base_model_name_or_path"):
+        return f"the base model {args.model} that --adapter {args.adapter} records (--model overrides it)"
+    return f"--model {args.model}"
 
 
 def load_clip_model(name, device):
@@ -1024,7 +1033,7 @@ def pooled(out):
 def load_backbone_processor(name):
     """--backbone's image processor, after its config says it is a ViT: read before the weights."""
     from transformers import AutoConfig, AutoImageProcessor
-    check_model_path(name, "--backbone")
+    check_model_path(name, f"--backbone {name}")
     with loading(name, "--backbone", "ViT"):
         config = AutoConfig.from_pretrained(name)
         if config.model_type != "vit":
@@ -1056,24 +1065,25 @@ def load_model_files(args):
     known, by load_adapter)."""
     if args.backbone:
         return None, None, load_backbone_processor(args.backbone)
-    config, tokenizer, processor = load_clip_parts(args.model)
+    config, tokenizer, processor = load_clip_parts(args.model, model_named(args))
     interpolation(processor)
     if args.adapter:
         check_adapter_fits(args.adapter, config)
     return config, tokenizer, processor
 
 
-def load_clip_parts(name):
+def load_clip_parts(name, named=None):
     """Config, tokenizer and image processor: small files, read before the weights, so that a model that is not
-    CLIP, or a template too long for its text tower, stops the run before the weights load."""
+    CLIP, or a template too long for its text tower, stops the run before the weights load. `named`: how errors
+    name it (default "--model NAME")."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    check_model_path(name)
+    check_model_path(name, named)
     with loading(name):
         config = AutoConfig.from_pretrained(name)
         if config.model_type != "clip":
             kind = ", ".join(config.architectures or []) or f"{config.model_type} model"
-            raise DataError(f"--model {name} holds a {kind}, not a CLIPModel: pass a CLIP checkpoint with its "
-                            f"tokenizer and image processor (e.g. openai/clip-vit-base-patch32)")
+            raise DataError(f"{named or '--model ' + str(name)} holds a {kind}, not a CLIPModel: pass --model, a CLIP "
+                            f"checkpoint with its tokenizer and image processor (e.g. openai/clip-vit-base-patch32)")
         return config, AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
 
 

@@ -191,7 +191,15 @@ def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny
     assert f"--adapter {adapter}: does not fit CLIP's image tower (its target modules " in err
     assert "c_attn" in err and "match nothing there" in err
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(adapter), *flags]))
-    assert "holds a VisionEncoderDecoderModel, not a CLIPModel" in err  # the base it records
+    assert f"the base model {tiny_captioner} that --adapter {adapter} records (--model overrides it) holds a " \
+        f"VisionEncoderDecoderModel, not a CLIPModel: pass --model" in err  # never typed: not called "--model"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path":
+                                                                        str(tmp_path / "gone")}))
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "moved"), *flags]))
+    assert err.startswith(f"clip_zeroshot.py: error: the base model {tmp_path / 'gone'} that --adapter "
+                          f"{tmp_path / 'moved'} records (--model overrides it): no such folder"), err
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": null}')
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "old"), *flags]))
