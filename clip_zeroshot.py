@@ -516,9 +516,9 @@ def experiment_args(argv):
                                      parser=parser)  # a flag newer than the checkpoint (--adapter): its default
         if args.epochs < ckpt["state"]["epoch"]:
             raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
-    check_model_path(args.model, model_named(args))
     check_args(args)
     check_no_effect(args, given)
+    check_model_path(args.model, model_named(args))
     return args, ckpt
 
 
