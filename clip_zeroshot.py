@@ -99,8 +99,8 @@ def build_parser():
     a("--targets", nargs="+", default=LORA_TARGETS, help="--finetune lora: module names in the image tower to adapt")
     a("--backbone", metavar="VIT", help="--finetune an ImageNet ViT (a ViTModel: hub id or folder, e.g. "
       "google/vit-base-patch16-224-in21k) instead of CLIP's tower, under a linear head trained from a random start")
-    a("--adapter", help="evaluate the adapter/ folder of a --finetune lora run on the test set, no training; its base "
-                        "model is the one the folder records unless --model is given")
+    a("--adapter", help="evaluate the adapter/ of a --finetune lora run (or the run's folder) on the test set, no "
+                        "training; its base model is the one the folder records unless --model is given")
     a("--seed", type=generator_seed, default=0, help="seeds subsets, the probe's split, shuffling, augmentation, LoRA")
     plumbing.add_run_flags(p, SCRIPT, "confusion.png, curves.png", resume="a fine-tuning run's folder or last.pt",
                            eager_when="--finetune on CUDA")
@@ -497,6 +497,7 @@ def experiment_args(argv):
         for name, value in MODE_DEFAULTS[cli.finetune].items():
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
+        cli.adapter = cli.adapter and str(adapter_folder(cli.adapter))  # a run's folder: its adapter/
         adapter_run = adapter_run_config(cli.adapter) if cli.adapter else {}
         recorded = adapter_run.get("data_dir")
         if recorded and "data_dir" not in given and Path(recorded).is_dir():  # the data its run trained on
@@ -760,6 +761,12 @@ def write_finetune_summary(args, model, device, progress, data, preds, test_y, t
 # ----------------------------------------------------------------------------------------------------
 # --adapter DIR: a saved LoRA classifier evaluated on the test set, no training
 
+def adapter_folder(path):
+    """An adapter/ folder as given, or the adapter/ inside a --finetune lora run's folder."""
+    path = Path(path).expanduser()
+    return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+
+
 def read_adapter_config(adapter_dir):
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
@@ -854,9 +861,7 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
         logits = model(TensorPreprocess(processor, "cpu")(uint8_images))  # (B, 3, H, W) -> (B, 10)"""
     from peft import PeftModel
     device = plumbing.api_device(device)
-    adapter_dir = Path(adapter_dir).expanduser()
-    if (adapter_dir / "adapter" / "adapter_config.json").is_file():  # a run's folder: its adapter/
-        adapter_dir = adapter_dir / "adapter"
+    adapter_dir = adapter_folder(adapter_dir)
     config, _, _ = load_clip_parts(model_name)
     check_adapter_fits(adapter_dir, config, num_classes)  # another model's adapter, another head: one line
     model = load_clip_model(model_name, device)

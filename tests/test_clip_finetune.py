@@ -169,6 +169,10 @@ def test_adapter_evaluates_a_saved_adapter_from_the_command_line_issue_21_B23(lo
     assert written["args"] == json.loads((tmp_path / "eval" / "config.json").read_text())
     assert f"adapter test accuracy {trained['test_acc']:.2%}" in capsys.readouterr().out
     assert not (tmp_path / "eval" / "last.pt").exists()  # nothing trained, nothing to resume
+    # the run's folder stands for its adapter/, as in load_adapter (the command line refused it)
+    again = clip_zeroshot.main(["--adapter", str(out), "--data-dir", str(tiny_cifar), "--device", "cpu", "--out-dir",
+                                str(tmp_path / "again"), "--no-progress", "--no-plots"])
+    assert again["confusion_matrix"] == trained["confusion_matrix"] and again["adapter"] == str(out / "adapter")
 
 
 def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny_captioner, tiny_cifar, tmp_path,
