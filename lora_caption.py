@@ -66,7 +66,11 @@ CACHE_SHARE = 0.5  # the encoder cache stays on the GPU if it needs at most this
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: the flags. Add a flag in build_parser (its range in type=); a rule between two flags goes in check_args.
+# Config: the flags. Add a flag in build_parser (its range in type=), a rule between two flags in check_args (below
+# the banner).
+
+PEAK_LR = {"lora": 3e-4, "full": 5e-5}  # --lr left out, by --finetune (full: the course's rate)
+
 
 def build_parser():
     p = plumbing.make_parser(__doc__, SCRIPT)
@@ -115,22 +119,6 @@ def build_parser():
     a("--seed", type=int, default=0, help="seeds the split, shuffling, LoRA initialisation and dropout (default: 0)")
     plumbing.add_run_flags(p, SCRIPT, "curves.png, captions.html", resume="a run folder or its training_state.pt")
     return p
-
-
-def check_args(args):
-    """The rules that involve two flags (each flag's own range is checked by its type=)."""
-    if not (args.caption or args.merge or args.resume) and not args.data_dir:
-        raise plumbing.DataError("training needs --data-dir (images + captions.csv, train.txt or Flickr8k.token.txt)")
-    if bool(args.encoder) != bool(args.decoder) or (args.encoder and args.model):
-        raise DataError("--encoder and --decoder compose a captioner together, in place of --model: give both")
-    if args.encoder and args.cross_attention:
-        raise DataError("--cross-attention has no effect with --encoder: a composed captioner's new cross-attention "
-                        "trains in full")
-    args.lr = args.lr or (3e-4 if args.finetune == "lora" else 5e-5)  # full: the course's rate
-    if args.host_cache and args.no_encoder_cache:
-        raise DataError("--host-cache places the encoder cache, which --no-encoder-cache turns off: drop one")
-    if args.max_length < 2:
-        raise DataError("--max-length 1 keeps only the end-of-caption token: nothing to learn; pass at least 2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -636,6 +624,21 @@ def check_mode_flags(parser, given, cli):
             raise DataError("--freeze-encoder goes with --finetune full (with LoRA the encoder is frozen already)")
 
 
+def check_args(args):
+    """The rules that involve two flags (each flag's own range is checked by its type=)."""
+    if not (args.caption or args.merge or args.resume) and not args.data_dir:
+        raise plumbing.DataError("training needs --data-dir (images + captions.csv, train.txt or Flickr8k.token.txt)")
+    if bool(args.encoder) != bool(args.decoder) or (args.encoder and args.model):
+        raise DataError("--encoder and --decoder compose a captioner together, in place of --model: give both")
+    if args.encoder and args.cross_attention:
+        raise DataError("--cross-attention has no effect with --encoder: a composed captioner's new cross-attention "
+                        "trains in full")
+    if args.host_cache and args.no_encoder_cache:
+        raise DataError("--host-cache places the encoder cache, which --no-encoder-cache turns off: drop one")
+    if args.max_length < 2:
+        raise DataError("--max-length 1 keeps only the end-of-caption token: nothing to learn; pass at least 2")
+
+
 def experiment_args(argv):
     """(args, checkpoint or None): the command line, or on --resume the run's own flags (a flag that differs is
     refused; more --epochs or --max-steps extend the run)."""
@@ -648,6 +651,7 @@ def experiment_args(argv):
             setattr(cli, name, str(Path(value).expanduser().resolve()))
     if not cli.resume:
         cli.data_dir = cli.data_dir and str(Path(cli.data_dir).expanduser().resolve())
+        cli.lr = cli.lr or PEAK_LR[cli.finetune]
         check_args(cli)
         return cli, None
     ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
