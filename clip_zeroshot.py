@@ -175,7 +175,7 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.tower, self.projection = tower, projection
         self.head = nn.Linear(head_weight.shape[1], head_weight.shape[0], device=head_weight.device)
-        self.head.weight = nn.Parameter(head_weight.clone())  # the zero-shot classifier
+        self.head.weight = nn.Parameter(head_weight.to(torch.float32, memory_format=torch.contiguous_format, copy=True))
         nn.init.zeros_(self.head.bias)
 
     def forward(self, pixels):  # (B, 3, H, W) -> (B, K)
@@ -507,8 +507,6 @@ def experiment_args(argv):
             check_adapter_run(cli.adapter, adapter_run)
         if cli.backbone and "targets" not in given:  # a ViTModel names its attention projections otherwise
             cli.targets = VIT_LORA_TARGETS
-        if cli.adapter and "model" not in given:
-            cli.model = adapter_base_model(cli.adapter)
     else:
         ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
         if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -519,6 +517,8 @@ def experiment_args(argv):
             raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
     check_args(args)
     check_no_effect(args, given)
+    if args.adapter and "model" not in given:  # the base model the adapter records
+        args.model = adapter_base_model(args.adapter)
     check_model_path(args.model, model_named(args))
     return args, ckpt
 
@@ -770,12 +770,15 @@ def adapter_folder(path):
 def read_adapter_config(adapter_dir):
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
-        raise DataError(f"--adapter {adapter_dir}: no such folder")
+        raise DataError(f"--adapter {adapter_dir}: {'not a folder' if folder.exists() else 'no such folder'}")
     try:
-        return json.loads((folder / "adapter_config.json").read_text())
+        config = json.loads((folder / "adapter_config.json").read_text())
     except (OSError, ValueError):
-        raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass the adapter/ folder of a "
-                        f"--finetune lora run") from None
+        config = None
+    if not isinstance(config, dict):
+        raise DataError(f"--adapter {adapter_dir}: no readable adapter_config.json; pass a --finetune lora run's "
+                        f"folder or its adapter/")
+    return config
 
 
 def check_adapter_run(adapter_dir, adapter_run):

@@ -95,7 +95,7 @@ def build_parser():
     a("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     a("--batch-size", type=positive_int, default=32, help="(image, caption) pairs per forward pass and process")
     a("--grad-accum", type=positive_int, default=1, help="forward passes per step (effective batch = batch x this)")
-    a("--lr", type=positive, help="peak AdamW learning rate (default: 3e-4 with LoRA, 5e-5 with --finetune full)")
+    a("--lr", type=positive, help=f"peak AdamW learning rate (default, by --finetune: {PEAK_LR})")
     # common.HelpFormatter hides a default equal to False, which 0 and 0.0 are: those defaults are written out
     a("--weight-decay", type=non_negative, default=0.0, help="AdamW decoupled weight decay (default: 0.0)")
     a("--warmup", type=fraction, default=0.1, help="linear warm-up as a fraction of all steps, cosine to 0 after")

@@ -87,6 +87,14 @@ def test_prompt_ensembling_math_on_hand_made_embeddings():
     assert all(t.count("{}") == 1 for t in clip_zeroshot.CIFAR10_TEMPLATES)
 
 
+def test_the_head_starts_as_the_zero_shot_weights_in_fp32_whatever_it_is_given():
+    """The head is trained (and saved with safetensors, which refuses a strided tensor): an fp32, contiguous copy."""
+    given = torch.randn(5, 10).to(torch.bfloat16).T  # (K=10, D=5), bf16, not contiguous
+    head = clip_zeroshot.ImageClassifier(torch.nn.Identity(), torch.nn.Identity(), given).head
+    assert head.weight.dtype == torch.float32 and head.weight.is_contiguous() and head.bias.tolist() == [0.0] * 10
+    assert torch.equal(head.weight, given.float()) and head.weight.data_ptr() != given.data_ptr()
+
+
 def test_linear_probe_recovers_labels_on_separable_features():
     g = torch.Generator().manual_seed(0)
     centers = F.normalize(torch.randn(4, 16, generator=g), dim=1) * 3

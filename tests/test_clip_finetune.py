@@ -210,6 +210,15 @@ def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny
     assert "does not record the base model; pass --model" in err
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "none"), *flags]))
     assert f"--adapter {tmp_path / 'none'}: no such folder" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "none"), "--epochs", "2",
+                                                             *flags]))
+    assert "--epochs has no effect with --adapter" in err  # the flag's mistake first, also without --model
+    (tmp_path / "old" / "adapter_config.json").write_text("[]")  # JSON, but no adapter's config
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "old"), *flags]))
+    assert "no readable adapter_config.json" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(tmp_path / "old" / "adapter_config.json"),
+                                                             *flags]))
+    assert "adapter_config.json: not a folder" in err
 
 
 def test_an_adapter_for_a_wider_tower_is_one_line_before_the_data_or_weights_load(lora_run, tiny_clip, tiny_cifar,
