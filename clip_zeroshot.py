@@ -512,9 +512,7 @@ def experiment_args(argv):
         if ckpt.get("version") != CHECKPOINT_VERSION:
             raise DataError(f"--resume {cli.resume}: written by another version of {SCRIPT}.py and cannot be resumed")
         args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
-                                     parser=parser)  # a flag newer than the checkpoint (--adapter): its default
-        if args.epochs < ckpt["state"]["epoch"]:
-            raise DataError(f"--epochs {args.epochs}: the run has already done {ckpt['state']['epoch']} epochs")
+                                     parser=parser, state=ckpt["state"])  # a flag newer than the run: its default
     check_args(args)
     check_no_effect(args, given)
     if args.adapter and "model" not in given:  # the base model the adapter records

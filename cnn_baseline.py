@@ -324,7 +324,7 @@ def experiment_args(argv):
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed")
     args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
-                                 parser=parser)
+                                 parser=parser, state=ckpt["state"])
     return args, ckpt
 
 

@@ -617,10 +617,11 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
+def resumed_args(saved, cli, given, runtime, extendable=(), parser=None, state=None):
     """The flags a checkpoint saved, with the `runtime` ones from the command line. Other typed flags must
     equal the saved ones (DataError naming both as a user types them), except `extendable` ones (--epochs,
-    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened."""
+    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened. With the
+    checkpoint's `state` (its epoch and step), an extension that would train nothing is refused too."""
     cli.resume = str(checkpoint_arg(cli.resume))  # a run folder stands for its checkpoint
     args = argparse.Namespace(**saved)
     for action in parser._actions if parser else []:  # a flag added after the checkpoint was written: its default
@@ -645,7 +646,24 @@ def resumed_args(saved, cli, given, runtime, extendable=(), parser=None):
     args.resume, args.out_dir = cli.resume, str(Path(cli.resume).parent)
     if "data_dir" in given:
         args.data_dir = cli.data_dir  # the script checks that it holds the run's data
+    if state is not None:
+        check_extension(args, saved, state)
     return args
+
+
+def check_extension(args, saved, state):
+    """More --epochs, or more --max-steps, trains nothing while the other limit still holds the run where it
+    stopped (the run would only be evaluated again): one line naming the flag to raise as well."""
+    raised = [name for name in ("epochs", "max_steps") if getattr(args, name) != saved.get(name)]
+    if not raised:
+        return  # a plain resume: a finished run is evaluated as it left off
+    asked = f"{flag(raised[0])} {getattr(args, raised[0])}"
+    if args.max_steps is not None and state["step"] >= args.max_steps:
+        raise DataError(f"{asked} trains nothing: --max-steps {args.max_steps} still stops the run where it is (step "
+                        f"{state['step']}); raise --max-steps as well")
+    if state["epoch"] >= args.epochs:
+        raise DataError(f"{asked} trains nothing: the run has done all its --epochs {args.epochs} (a batch that "
+                        f"--max-steps left out of the last one is not trained on resume); raise --epochs as well")
 
 
 def as_typed(parser, name, value):

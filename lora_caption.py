@@ -656,7 +656,7 @@ def experiment_args(argv):
         return cli, None
     ckpt = plumbing.load_checkpoint(cli.resume, SCRIPT)
     args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
-                                 parser=parser)
+                                 parser=parser, state=ckpt["state"])
     if "data_dir" in given:
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     check_args(args)

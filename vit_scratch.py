@@ -493,7 +493,7 @@ def experiment_args(argv):
         raise DataError(f"--resume {cli.resume}: written by an earlier version of {SCRIPT}.py and cannot be resumed "
                         f"(its weights still load with --show-attention)")
     args = plumbing.resumed_args(ckpt["args"], cli, given, RUNTIME_FLAGS, extendable=("epochs", "max_steps"),
-                                 parser=parser)
+                                 parser=parser, state=ckpt["state"])
     for name, value in RECIPES[args.recipe].items():  # a flag newer than the checkpoint: its recipe value
         if getattr(args, name) is None and name != "muon_lr":
             setattr(args, name, value)

@@ -410,6 +410,8 @@ def test_resume_says_when_max_steps_cut_an_epoch_short(tiny_clip, tiny_cifar, tm
     out = capsys.readouterr().out
     assert "after epoch 1 (step 4); --max-steps stopped that epoch 2 of 6 batches short (skipped)" in out, out
     assert summary["steps"] == 8
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--resume", str(tmp_path), "--max-steps", "12"]))
+    assert "--max-steps 12 trains nothing: the run has done all its --epochs 2" in err
 
 
 def test_config_is_rewritten_on_resume_and_equals_the_summarys_args_issue_21_B13(tiny_clip, tiny_cifar, tmp_path):

@@ -48,6 +48,8 @@ def test_issue21_B2_resume_refuses_other_caption_data_and_takes_a_copy_of_the_sa
     shutil.copytree(TINY_CAPTIONS, same)
     summary = lora_caption.main([*resume, "--data-dir", str(same)])
     assert summary["steps"] == 3 and summary["dataset"] == f"captions ({same})"
+    err = one_line_error(capsys, lambda: lora_caption.main(["--resume", str(state), "--epochs", "4"]))
+    assert "--epochs 4 trains nothing: --max-steps 3 still stops the run where it is (step 3)" in err  # not a no-op
 
 
 # B6: --model pointing at a folder of another kind of model ------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import cnn_baseline
 import common
 import vit_scratch
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 
 TINY = {  # flags for a model small enough to train in seconds on a CPU
     vit_scratch: ["--embed-dim", "32", "--hidden-dim", "64", "--num-heads", "4", "--num-layers", "2", "--batch-size",
@@ -131,3 +131,10 @@ def test_resume_says_when_max_steps_cut_an_epoch_short(script, tiny_cifar, tmp_p
     out = capsys.readouterr().out
     assert "after epoch 1 (step 3); --max-steps stopped that epoch 1 of 4 batches short (skipped)" in out, out
     assert summary["steps"] == 6 and summary["epochs"] == 2
+    # an extension that the other limit holds back would only evaluate again: refused, naming the flag to raise
+    resume = ["--resume", str(tmp_path), "--data-dir", str(tiny_cifar)]
+    err = one_line_error(capsys, lambda: script.main([*resume, "--max-steps", "9"]))
+    assert "--max-steps 9 trains nothing: the run has done all its --epochs 2" in err and "raise --epochs" in err
+    err = one_line_error(capsys, lambda: script.main([*resume, "--epochs", "3"]))
+    assert "--epochs 3 trains nothing: --max-steps 6 still stops the run where it is (step 6)" in err
+    assert script.main([*resume, "--epochs", "3", "--max-steps", "9"])["steps"] == 9
