@@ -435,7 +435,7 @@ def main(argv=None):
         args, ckpt = experiment_args(argv)  # every flag checked; the mode's defaults, or a resumed run's own flags
         templates = load_templates(args.prompts)
         device = plumbing.pick_device(args.device)
-        args.out_dir = str(plumbing.prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+        plumbing.open_run_folder(args, ckpt, report, rank=0)  # locked; the inputs it reads left intact
         config, tokenizer, processor = load_model_files(args)  # small files, checked before the data and weights
         data, train_idx, test_idx = load_data(args, ckpt)
         if args.backbone:  # no CLIP: an ImageNet ViT's processor, no text tower, no templates

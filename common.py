@@ -1016,6 +1016,9 @@ def _load_imagefolder_cached(root, image_size, log):
 
 # What makes a folder another run's: a config.json alone is a run that stopped before any result, and is reused.
 RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training_state.pt", "adapter")
+# everything a run writes into its folder: what --overwrite removes, so that no file of the replaced run stays
+OUTPUT_FILES = (*RESULT_FILES, "config.json", "curves.png", "confusion.png", "attention.png", "captions.html")
+INPUT_FLAGS = ("data_dir", "model", "adapter", "backbone", "prompts", "encoder", "decoder")  # what a run reads
 CHECKPOINT_FILES = ("last.pt", "training_state.pt")  # what --resume takes, by script
 LOCK_FILE = ".lock"  # held (flock) by the one process that writes into a run folder
 
@@ -1034,14 +1037,43 @@ def new_run_dir(script):
 def open_run_folder(args, ckpt, report, rank):
     """The run's folder, locked and proven writable before any work (rank 0 only; the others write nothing)."""
     if rank == 0:
-        args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None))
+        args.out_dir = str(prepare_out_dir(args.out_dir, report, args.overwrite, resuming=ckpt is not None,
+                                           inputs=run_inputs(args)))
     return Path(args.out_dir or ".")
 
 
-def prepare_out_dir(path, report, overwrite=False, resuming=False):
+def run_inputs(args):
+    """(flag, resolved path) of each local file or folder the run reads (a hub id or a keyword is no path)."""
+    found = []
+    for name in INPUT_FLAGS:
+        value = getattr(args, name, None)
+        if value and Path(value).expanduser().exists():
+            found.append((flag(name), Path(value).expanduser().resolve()))
+    return found
+
+
+def check_inputs_kept(folder, inputs, overwrite):
+    """A run must not write its results into a folder it reads (an --adapter's own), nor --overwrite remove what it
+    reads (the --adapter or --model inside the run folder it replaces): that input would be lost."""
+    folder = Path(folder).expanduser().resolve()
+    removed = [folder / name for name in OUTPUT_FILES + ("model", "base")] if overwrite else []
+    for option, source in inputs:
+        if source == folder:
+            raise DataError(f"--out-dir {folder} is the {option} folder this run reads: its results would be mixed "
+                            f"into it; pick another --out-dir")
+        lost = next((r for r in removed if r == source or r in source.parents), None)
+        if lost:
+            raise DataError(f"--out-dir {folder} --overwrite would delete {lost.name}, which holds the {option} this "
+                            f"run reads ({source}); pick another --out-dir")
+
+
+def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
     """The run's output folder (new under runs/ for None), proven writable and locked for this process before any
     work (a second run into the same folder is refused while this one lives); one holding another run's results is
-    refused unless resuming or `overwrite` (which removes them)."""
+    refused unless resuming or `overwrite` (which removes every file a run writes there). `inputs`: (flag, path) of
+    what the run reads, which the folder must leave intact."""
+    if path is not None:
+        check_inputs_kept(path, inputs, overwrite and not resuming)
     given, report.created_out_dir = path is not None, path is None or not Path(path).exists()
     target = Path(path) if given else Path("runs") / report.script / "new"
     report.created_parents = [p for p in target.parents if p != Path(".") and not p.exists()]  # deepest first
@@ -1064,7 +1096,8 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False):
         resume = next((f" (resume it with --resume {path / n})" for n in CHECKPOINT_FILES if n in previous), "")
         raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
                         f"pick a new folder, or add --overwrite to replace them")
-    for name in previous:  # --overwrite
+    replaced = [name for name in (*OUTPUT_FILES, *names) if (path / name).exists()] if previous else []
+    for name in dict.fromkeys(replaced):  # --overwrite: the replaced run's files, none left to mix with ours
         shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
     for stale in path.glob(".*.tmp"):  # left by a run killed while writing; the real files are intact
         stale.unlink(missing_ok=True)

@@ -175,6 +175,23 @@ def test_adapter_evaluates_a_saved_adapter_from_the_command_line_issue_21_B23(lo
     assert again["confusion_matrix"] == trained["confusion_matrix"] and again["adapter"] == str(out / "adapter")
 
 
+def test_an_out_dir_never_removes_or_mixes_into_the_adapter_it_evaluates(lora_run, tiny_cifar, tmp_path, capsys):
+    """A sixth trial: `--adapter RUN --out-dir RUN --overwrite` deleted the run (adapter/, checkpoints) before the
+    adapter was read; `--out-dir RUN/adapter` wrote the results into the adapter's folder."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(lora_run[0], run_dir)
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    flags = ["--data-dir", str(tiny_cifar), "--device", "cpu", "--no-plots"]
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(run_dir), "--out-dir", str(run_dir),
+                                                             "--overwrite", *flags]))
+    assert f"--out-dir {run_dir} --overwrite would delete adapter, which holds the --adapter this run reads" in err
+    err = one_line_error(capsys, lambda: clip_zeroshot.main(["--adapter", str(run_dir), "--out-dir",
+                                                             str(run_dir / "adapter"), *flags]))
+    assert f"--out-dir {run_dir / 'adapter'} is the --adapter folder this run reads" in err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing removed, nothing added
+
+
 def test_adapter_refuses_one_that_does_not_fit_clip_issue_21_B23(tiny_clip, tiny_captioner, tiny_cifar, tmp_path,
                                                                  monkeypatch, capsys):
     """Issue 21 B23 (b): an adapter saved by lora_caption.py targets GPT-2's modules: one line, before the data and

@@ -53,8 +53,11 @@ def test_out_dir_holding_another_run_is_refused_unless_overwrite(script, tiny_ci
     err = one_line_error(capsys, lambda: train(script, tiny_cifar, tmp_path, "--epochs", "1"))
     assert f"--out-dir {tmp_path} holds another run's results" in err and f"--resume {tmp_path / 'last.pt'}" in err
     assert "--overwrite" in err and len(common.read_jsonl(tmp_path / "metrics.jsonl")) == 2  # untouched
+    (tmp_path / "captions.html").write_text("another script's output")  # as a captioner run leaves it
+    (tmp_path / "notes.txt").write_text("the user's own")
     train(script, tiny_cifar, tmp_path, "--epochs", "1", "--overwrite")
     assert [r["epoch"] for r in common.read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+    assert not (tmp_path / "captions.html").exists() and (tmp_path / "notes.txt").exists()  # no stale run file
     assert torch.load(tmp_path / "last.pt", weights_only=True)["state"]["epoch"] == 1
 
 
