@@ -902,6 +902,15 @@ def _download_cifar10(root, batches, download, resumed_from):
     behind, and a resumed run never downloads into its old place."""
     missing = (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree (train/<class>/*, "
                f"test/<class>/*) or at torchvision's folder holding cifar-10-batches-py (downloaded when online)")
+    splits = [name for name in ("train", "test") if (root / name).is_dir()]
+    if splits:  # half an ImageFolder tree: said as such, and nothing downloaded beside it
+        raise DataError(f"--data-dir {root}: has {splits[0]}/ but no {'test' if splits == ['train'] else 'train'}/; "
+                        f"an ImageFolder tree needs both (train/<class>/*, test/<class>/*)")
+    classes = [d.name for d in _visible(root) if d.is_dir() and any(
+        f.suffix.lower() in IMAGE_SUFFIXES for f in itertools.islice(Path(d).iterdir(), 100))] if root.is_dir() else []
+    if classes:  # one split of a tree, given one level too deep: a download would land among its classes
+        raise DataError(f"--data-dir {root}: holds class folders of images ({', '.join(classes[:3])}, ...), not "
+                        f"train/ and test/; pass the folder that holds train/ and test/")
     if resumed_from:
         raise DataError(f"--resume {resumed_from}: the run's data folder {root} no longer holds CIFAR-10 (moved or "
                         f"deleted?); pass --data-dir with the folder that holds it now")
@@ -955,6 +964,8 @@ def _list_imagefolder(root, image_size, log):
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/<image>)")
     test_classes = [e.name for e in _visible(root / "test") if e.is_dir()]
+    if not test_classes:
+        raise DataError(f"{root / 'test'} has no class folders (expected test/<class>/<image>)")
     if test_classes != classes:
         missing = sorted(set(classes) ^ set(test_classes))
         raise DataError(f"train/ and test/ of {root} have different class folders: {missing}")
@@ -1369,8 +1380,8 @@ def load_run_cifar10(args, ckpt, image_size=32, log=print):
     """CIFAR-10 for a run: a resumed run reads its own folder (never a download into it) unless --data-dir names
     another, which must hold the same data."""
     own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
-    data = load_cifar10(args.data_dir, download=not args.no_download, image_size=image_size, log=log,
-                        resumed_from=args.resume if own_folder else None)
+    data = load_cifar10(args.data_dir, download=not args.no_download and ckpt is None, image_size=image_size,
+                        log=log, resumed_from=args.resume if own_folder else None)
     if ckpt:
         check_same_data(ckpt, data, args.data_dir)
     return data

@@ -88,6 +88,32 @@ def test_resume_finds_its_data_from_anywhere_and_refuses_other_data(script, tiny
         ),
     )
     assert f"--data-dir {other} holds other data than the run was trained on" in err
+    import torchvision.datasets  # a resumed run never downloads, into its own folder or another (a sixth trial)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("a download was tried"))
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(capsys, lambda: script.main(["--resume", str(tmp_path / "run"), "--epochs", "4", "--data-dir",
+                                                      str(tmp_path / "empty")]))
+    assert f"no CIFAR-10 found in {tmp_path / 'empty'}" in err
+
+
+@SCRIPTS
+def test_half_a_tree_or_one_split_is_named_and_nothing_downloads(script, tiny_cifar, tmp_path, monkeypatch, capsys):
+    """A sixth trial: train/ without test/, or a split's folder as --data-dir, fell through to a CIFAR-10 download
+    into the student's folder (offline: "no CIFAR-10 found", never naming what is missing)."""
+    import torchvision.datasets
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("a download was tried"))
+    half = tmp_path / "half"
+    shutil.copytree(tiny_cifar / "train", half / "train")
+    cases = [(half, f"--data-dir {half}: has train/ but no test/"),
+             (half / "train", f"--data-dir {half / 'train'}: holds class folders of images (airplane, automobile, "
+                              f"bird, ...), not train/ and test/")]
+    for folder, message in cases:
+        err = one_line_error(capsys, lambda folder=folder: train(script, tiny_cifar, tmp_path / "run", "--data-dir",
+                                                                 str(folder)))
+        assert message in err, err
+    (half / "test").mkdir()
+    err = one_line_error(capsys, lambda: train(script, tiny_cifar, tmp_path / "run", "--data-dir", str(half)))
+    assert f"{half / 'test'} has no class folders" in err, err
 
 
 @SCRIPTS
