@@ -23,6 +23,17 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.fixture(autouse=True)
+def process_state_put_back():
+    """What a test changes process-wide by calling a script's internals (transformers' progress bars, which a load
+    switches off and only main() puts back; random generators) is put back after it, so that no test depends on
+    the order the suite runs in."""
+    import common
+    restore = common.save_process_state()
+    yield
+    restore()
+
+
 @pytest.fixture
 def terminal_sigint():
     """Ctrl-C raises KeyboardInterrupt in this process for the test's duration, as in a terminal; the disposition
