@@ -111,7 +111,7 @@ def build_parser():
     # modes
     a("--caption", nargs="+", metavar="IMAGE", help="caption these images with --adapter (or a merged --model)")
     a("--merge", action="store_true", help="merge --adapter into its base and save a standalone model to --out-dir")
-    a("--adapter", help="an adapter folder written by a training run (for --caption / --merge)")
+    a("--adapter", help="the adapter/ folder of a training run, or the run's folder (for --caption / --merge)")
     # machine and speed (none of these changes the results)
     a("--no-encoder-cache", action="store_true",
       help="run the frozen encoder at every step instead of caching its output once per image (saves that memory)")
@@ -1601,6 +1601,8 @@ def load_with_adapter(args, device):
     """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
     made for another model is refused: peft would load it with none of its weights in place."""
     from peft import PeftConfig, PeftModel
+    if (Path(args.adapter) / "adapter" / "adapter_config.json").is_file():  # a run's folder: its adapter/
+        args.adapter = str(Path(args.adapter) / "adapter")
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         full = full_run_model(args.adapter) or full_run_model(Path(args.adapter).parent)
         if full:
