@@ -313,7 +313,7 @@ def experiment_args(argv):
     differs is refused, more --epochs or --max-steps extend the run)."""
     parser = build_parser()
     cli, given = plumbing.parse(parser, argv)
-    unused = sorted(given - {"compare"}) if cli.compare else []
+    unused = sorted(given - {"compare", "no_progress"}) if cli.compare else []  # bars off: harmless anywhere
     if unused:  # --compare only reads summaries: a training flag beside it would do nothing
         raise DataError(f"{plumbing.flag(unused[0])} has no effect with --compare (it only prints the table); drop it")
     if not cli.resume:

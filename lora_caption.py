@@ -595,8 +595,8 @@ class Progress:
 
 
 # The flags each mode reads; any other flag typed with --caption or --merge would be silently ignored.
-MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device"},
-              "--merge": {"merge", "adapter", "model", "out_dir", "device"}}
+MODE_FLAGS = {"--caption": {"caption", "adapter", "model", "num_beams", "max_new_tokens", "device", "no_progress"},
+              "--merge": {"merge", "adapter", "model", "out_dir", "device", "no_progress"}}  # bars off: harmless
 NOT_TRAINING_FLAGS = {"caption", "merge", "adapter"}
 LORA_FLAGS = {"rank", "alpha", "lora_dropout", "targets", "cross_attention"}
 

@@ -473,7 +473,7 @@ def experiment_args(argv):
     parser = build_parser()
     cli, given = plumbing.parse(parser, argv)
     if cli.show_attention:
-        unused = sorted(given - {"show_attention", "data_dir", "no_download", "device", "out_dir"})
+        unused = sorted(given - {"show_attention", "data_dir", "no_download", "device", "out_dir", "no_progress"})
         if unused:
             raise DataError(f"{plumbing.flag(unused[0])} has no effect with --show-attention (it only draws); drop it")
         cli.data_dir = cli.data_dir if "data_dir" in given else None  # None: the checkpoint's own

@@ -61,7 +61,7 @@ def test_compare_prints_the_newest_run_of_each_script(tmp_path, capsys):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "summary.json").write_text("{not json")
     _fake_summary(tmp_path / "lora_caption" / "a", "lora_caption", None, 1_700)  # captioning: no accuracy
-    printed = cnn_baseline.main(["--compare", str(tmp_path)])
+    printed = cnn_baseline.main(["--compare", str(tmp_path), "--no-progress"])  # harmless in any mode
     assert capsys.readouterr().out.strip() == printed
     table = printed.splitlines()
     header = "| model | data | params | trainable | epochs | test score | train s | img/s | peak MB | device |"

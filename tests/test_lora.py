@@ -215,7 +215,8 @@ def test_cli_train_caption_merge(tiny_captioner, tmp_path, capsys):
     lora_caption.main(["--caption", str(image), str(image), "--adapter", str(out / "adapter"), "--device", "cpu"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(image))]
     assert len(lines) == 2 and lines[0] == lines[1]  # greedy decoding is deterministic
-    lora_caption.main(["--caption", str(image), "--adapter", str(out), "--device", "cpu"])  # the run's folder too
+    lora_caption.main(["--caption", str(image), "--adapter", str(out), "--device", "cpu",  # the run's folder too
+                       "--no-progress"])  # harmless in any mode (it was refused)
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(image))] == lines[:1]
     # --merge and captions by the merged model: test_lora_trials.py (in process, and on stderr in a subprocess)
 

@@ -123,7 +123,8 @@ def test_vit_run_draws_its_pictures_and_show_attention_redraws(tiny_cifar, tmp_p
     )
     assert Image.open(tmp_path / "shown" / "attention.png").size == attention_png_size(3)
     assert not (out / "attention.png").exists()
-    vit_scratch.main(["--show-attention", str(out / "best.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu"])
+    vit_scratch.main(["--show-attention", str(out / "best.pt"), "--data-dir", str(tiny_cifar), "--device", "cpu",
+                      "--no-progress"])  # harmless in any mode (it was refused)
     assert (out / "attention.png").exists()  # beside the checkpoint by default
 
 
