@@ -1005,15 +1005,9 @@ def loading(name, option="--model", kind="CLIP"):
 
 
 def check_model_path(name, named=None):
-    """A --model that can only be a path (a hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no
-    backslash) must be a folder: transformers would try it as a hub id and talk about repo ids. `named`: how the
-    error names it (default "--model NAME")."""
-    name = str(name)  # a pathlib.Path from the Python API too
-    path = Path(name).expanduser()
-    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
-    if looks_like_path and not path.is_dir():
-        raise DataError(f"{named or '--model ' + name}: {'not a folder' if path.exists() else 'no such folder'} (a "
-                        f"local model is a save_pretrained folder; a hub id looks like openai/clip-vit-base-patch32)")
+    """A --model that can only be a local path must be a folder (common.check_model_folder). `named`: how the error
+    names it (default "--model NAME")."""
+    plumbing.check_model_folder(name, named or f"--model {name}", "openai/clip-vit-base-patch32")
 
 
 def model_named(args):

@@ -1376,6 +1376,18 @@ def check_same_data(ckpt, data, data_dir):
                         f"({ckpt['args'].get('data_dir')}); drop --data-dir to use that folder")
 
 
+def check_model_folder(name, named, hub_example):
+    """A model name that can only be a local path must be a folder: transformers would try it as a hub id and talk
+    about repo ids. A hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no backslash, and no
+    folder here called "owner" (models/clip-tiny, a typo of a local folder, is no hub id)."""
+    name = str(name)  # a pathlib.Path from the Python API too
+    path = Path(name).expanduser()
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
+    if (local or path.parent != Path(".") and path.parent.is_dir()) and not path.is_dir():
+        raise DataError(f"{named}: {'not a folder' if path.exists() else 'no such folder'} (a local model is a "
+                        f"save_pretrained folder; a hub id looks like {hub_example})")
+
+
 def load_run_cifar10(args, ckpt, image_size=32, log=print):
     """CIFAR-10 for a run: a resumed run reads its own folder (never a download into it) unless --data-dir names
     another, which must hold the same data."""

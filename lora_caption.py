@@ -1166,10 +1166,7 @@ def load_captioner(name, device, label=None):
     """(model, tokenizer, image processor); `label` names the model in messages (default: --model NAME)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
     quiet_transformers()
-    path = Path(str(name)).expanduser()  # a hub id is "owner/name": a path-like name must be a folder
-    if (str(name).startswith(("/", ".", "~")) or str(name).count("/") > 1 or path.exists()) and not path.is_dir():
-        raise DataError(f"{label or f'--model {name}'}: {'not a folder' if path.exists() else 'no such folder'} (a "
-                        f"local model is a save_pretrained folder; a hub id looks like {DEFAULT_MODEL})")
+    plumbing.check_model_folder(name, label or f"--model {name}", DEFAULT_MODEL)  # a path-like name: a folder
     try:
         check_is_captioner(AutoConfig.from_pretrained(name), label or f"--model {name}")
         model = VisionEncoderDecoderModel.from_pretrained(name, **plumbing.NO_HUB_KERNELS)
@@ -1615,7 +1612,8 @@ def load_with_adapter(args, device):
         recorded = str(beside) if (beside / "config.json").is_file() else recorded
     check_recorded_base(args.adapter, recorded)
     base = args.model or recorded or DEFAULT_MODEL
-    label = f"--model {base}" if args.model else f"the base model {base} (recorded in --adapter {args.adapter})"
+    recorded_as = f"the base model {base} that --adapter {args.adapter} records (--model overrides it)"
+    label = f"--model {base}" if args.model else recorded_as
     model, tokenizer, processor = load_captioner(base, device, label)
     try:
         with no_peft_deprecation_warning(), warnings.catch_warnings():

@@ -282,9 +282,14 @@ def test_top5_and_probe_accuracies_are_exact_fractions_issue_21_C3(loaded, tiny_
     assert all(v == round(v * 20) / 20 for v in probe["val_acc_by_weight_decay"].values())  # 20 held out of 100
 
 
-@pytest.mark.parametrize("model", ["/no/such/folder", "./no-such-clip", "~/no-such-clip-folder", "a/b/c"])
-def test_a_model_path_that_does_not_exist_is_no_such_folder_issue_21_B21(model, tiny_cifar, tmp_path, capsys):
-    """Issue 21 B21: a missing folder showed the Hub's "Repo id must be in the form ..." text."""
+@pytest.mark.parametrize("model", ["/no/such/folder", "./no-such-clip", "~/no-such-clip-folder", "a/b/c",
+                                   "models/no-such-clip"])
+def test_a_model_path_that_does_not_exist_is_no_such_folder_issue_21_B21(model, tiny_cifar, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Issue 21 B21: a missing folder showed the Hub's "Repo id must be in the form ..." text. models/no-such-clip,
+    beside a models/ folder, is a typo of a local path, not a hub id (a sixth trial: it read as a hub failure)."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
     err = one_line_error(capsys, lambda: clip_zeroshot.main(["--model", model, "--data-dir", str(tiny_cifar),
                                                              "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
     assert f"--model {model}: no such folder" in err and "Repo id" not in err

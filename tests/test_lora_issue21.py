@@ -300,11 +300,15 @@ def test_a_merge_into_a_folder_in_use_is_refused_and_a_full_disk_leaves_it_empty
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / ".lock").exists()
 
 
-def test_a_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsys):
+def test_a_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsys, monkeypatch):
     for argv in (["--data-dir", str(TINY_CAPTIONS), "--out-dir", str(tmp_path / "run")], ["--caption", str(IMAGES[0])]):
         err = one_line_error(capsys, lambda argv=argv: lora_caption.main(["--model", str(tmp_path / "none"),
                                                                          "--device", "cpu", *argv]))
         assert f"--model {tmp_path / 'none'}: no such folder" in err and "Repo id" not in err
+    monkeypatch.chdir(tmp_path)  # models/nope beside a models/ folder: a typo of a local path, not a hub id
+    (tmp_path / "models").mkdir()
+    err = one_line_error(capsys, lambda: lora_caption.main(["--model", "models/nope", "--caption", str(IMAGES[0])]))
+    assert "--model models/nope: no such folder" in err
 
 
 def test_resume_after_the_caption_folder_moved_says_so(tiny_captioner, tmp_path, capsys):
