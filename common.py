@@ -620,8 +620,9 @@ def flag(name):
 def resumed_args(saved, cli, given, runtime, extendable=(), parser=None, state=None):
     """The flags a checkpoint saved, with the `runtime` ones from the command line. Other typed flags must
     equal the saved ones (DataError naming both as a user types them), except `extendable` ones (--epochs,
-    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened. With the
-    checkpoint's `state` (its epoch and step), an extension that would train nothing is refused too."""
+    --max-steps), which may grow but not shrink: a resumed run can be extended, never shortened. A model folder the
+    run read (MOVABLE_FLAGS) may be given at a new place once the old one is gone. With the checkpoint's `state`
+    (its epoch and step), an extension that would train nothing is refused too."""
     cli.resume = str(checkpoint_arg(cli.resume))  # a run folder stands for its checkpoint
     args = argparse.Namespace(**saved)
     for action in parser._actions if parser else []:  # a flag added after the checkpoint was written: its default
@@ -632,6 +633,10 @@ def resumed_args(saved, cli, given, runtime, extendable=(), parser=None, state=N
     for name in sorted(given - set(runtime) - {"resume", "out_dir", "data_dir"}):
         new, old = getattr(cli, name), getattr(args, name)  # a flag newer than the checkpoint: its default
         if new == old:
+            continue
+        if name in MOVABLE_FLAGS and old and Path(new).expanduser().is_dir() and not Path(old).expanduser().exists():
+            print(f"{flag(name)} {new}: in place of the run's {old}, which is gone (moved?)", flush=True)
+            setattr(args, name, new)  # the same model at its new place; a model of other shapes fails to load
             continue
         if name not in extendable:
             raise DataError(f"{as_typed(parser, name, new)} differs from the checkpoint's {as_typed(parser, name, old)}"
@@ -1030,6 +1035,7 @@ RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "training
 # everything a run writes into its folder: what --overwrite removes, so that no file of the replaced run stays
 OUTPUT_FILES = (*RESULT_FILES, "config.json", "curves.png", "confusion.png", "attention.png", "captions.html")
 INPUT_FLAGS = ("data_dir", "model", "adapter", "backbone", "prompts", "encoder", "decoder")  # what a run reads
+MOVABLE_FLAGS = ("model", "backbone", "encoder", "decoder")  # local model folders a resume may find at a new place
 CHECKPOINT_FILES = ("last.pt", "training_state.pt")  # what --resume takes, by script
 LOCK_FILE = ".lock"  # held (flock) by the one process that writes into a run folder
 

@@ -175,6 +175,23 @@ def test_adapter_evaluates_a_saved_adapter_from_the_command_line_issue_21_B23(lo
     assert again["confusion_matrix"] == trained["confusion_matrix"] and again["adapter"] == str(out / "adapter")
 
 
+def test_a_run_resumes_on_its_model_folder_moved_elsewhere(tiny_clip, tiny_cifar, tmp_path, capsys):
+    """A sixth trial: once the local --model folder had moved, --resume said "no such folder" and refused the new
+    place ("differs from the checkpoint's --model"): the run could not be resumed at all."""
+    import shutil
+    shutil.copytree(tiny_clip, tmp_path / "clip-a")
+    run(tmp_path / "clip-a", tiny_cifar, tmp_path / "run", "--finetune", "lora", "--rank", "2", "--batch-size", "50",
+        "--limit-train", "100", "--limit-test", "20", "--epochs", "2", "--max-steps", "2", "--no-plots")
+    shutil.copytree(tiny_clip, tmp_path / "clip-b")
+    resume = ["--resume", str(tmp_path / "run"), "--max-steps", "3", "--no-progress"]
+    err = one_line_error(capsys, lambda: clip_zeroshot.main([*resume, "--model", str(tmp_path / "clip-b")]))
+    assert "differs from the checkpoint's --model" in err  # the run's own folder is still there: it stays the one
+    shutil.move(tmp_path / "clip-a", tmp_path / "moved")
+    summary = clip_zeroshot.main([*resume, "--model", str(tmp_path / "moved")])
+    assert f"--model {tmp_path / 'moved'}: in place of the run's {tmp_path / 'clip-a'}" in capsys.readouterr().out
+    assert summary["steps"] == 3 and summary["args"]["model"] == str(tmp_path / "moved")
+
+
 def test_an_out_dir_never_removes_or_mixes_into_the_adapter_it_evaluates(lora_run, tiny_cifar, tmp_path, capsys):
     """A sixth trial: `--adapter RUN --out-dir RUN --overwrite` deleted the run (adapter/, checkpoints) before the
     adapter was read; `--out-dir RUN/adapter` wrote the results into the adapter's folder."""
