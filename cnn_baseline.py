@@ -441,9 +441,11 @@ def newest_summaries(root):
 def row_kind(summary):
     """What makes a run a row of its own beside its script: the fine-tuning mode (full, lora), an ImageNet ViT in
     place of CLIP's tower (backbone), a captioner composed from two models (composed), a saved adapter evaluated
-    without training (adapter: it must not take the place of the run that trained it)."""
+    without training (adapter: it must not take the place of the run that trained it), CLIP's linear probe (its
+    row shows the probe's accuracy, not the zero-shot one its run also measured)."""
     args = summary.get("args") if isinstance(summary.get("args"), dict) else {}
     kinds = [summary["finetune"]] if summary.get("finetune") else []
+    kinds += ["linear probe"] * isinstance(summary.get("linear_probe"), dict)
     kinds += ["backbone"] * bool(args.get("backbone")) + ["composed"] * bool(summary.get("composed_from"))
     kinds += ["adapter"] * bool(summary.get("adapter"))
     return ", ".join(kinds)
@@ -457,6 +459,8 @@ def comparison_table(summaries):
         return format(value, spec) if ok else "-"
 
     def score(s):
+        if isinstance(s.get("linear_probe"), dict):
+            return f"acc {cell(s['linear_probe'].get('test_acc'), '.2%')}"
         if s.get("test_acc") is not None:
             return f"acc {cell(s['test_acc'], '.2%')}"
         if s.get("bleu4") is not None:

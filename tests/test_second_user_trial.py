@@ -263,6 +263,13 @@ def test_compare_shows_the_data_a_captioner_row_and_no_impossible_numbers(tmp_pa
                        f"40 pairs | 900 | cpu | {tmp_path / 'cap'} |")
     assert rows[3] == (f"| vit_scratch | CIFAR-10 (imagefolder: /data/a) | 3.20M | - | 10 | acc 79.00% | - | - | "
                        f"1,234 | cpu | {tmp_path / 'vit'} |")
+    clip = {"script": "clip_zeroshot", "params": 151_277_313, "test_acc": 0.1, "device_name": "cpu", "dataset": "d"}
+    for name, summary in {"zs": clip, "probe": {**clip, "linear_probe": {"test_acc": 0.3}}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    table = cnn_baseline.main(["--compare", str(tmp_path)])  # a sixth trial: the probe's run showed its zero-shot
+    assert "| clip_zeroshot (linear probe) | d | 151.28M | - | - | acc 30.00% |" in table
+    assert "| clip_zeroshot | d | 151.28M | - | - | acc 10.00% |" in table  # the zero-shot run keeps its row
     one = cnn_baseline.main(["--compare", str(tmp_path / "vit" / "summary.json")]).splitlines()
     assert len(one) == 3 and one[2] == rows[3]  # a summary.json itself is taken too
     err = one_line_error(capsys, lambda: cnn_baseline.main(["--compare", str(tmp_path / "nothing")]))
