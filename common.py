@@ -642,8 +642,11 @@ def resumed_args(saved, cli, given, runtime, extendable=(), parser=None, state=N
             raise DataError(f"{as_typed(parser, name, new)} differs from the checkpoint's {as_typed(parser, name, old)}"
                             f": a resumed run keeps its settings; drop {flag(name)}, or start a new run to change it")
         if (math.inf if new is None else new) < (math.inf if old is None else old):
-            raise DataError(f"{as_typed(parser, name, new)} is below the run's {as_typed(parser, name, old)}: a "
-                            f"resumed run can be extended, not shortened; start a new run for a shorter one")
+            below = f"would cut the run short (it was started without {flag(name)}: it runs all its --epochs)"
+            if old is not None:
+                below = f"is below the run's {as_typed(parser, name, old)}"
+            raise DataError(f"{as_typed(parser, name, new)} {below}: a resumed run can be extended, not shortened; "
+                            f"start a new run for a shorter one")
         setattr(args, name, new)
     if "out_dir" in given and Path(cli.out_dir).resolve() != Path(cli.resume).parent.resolve():
         raise DataError(f"--out-dir {cli.out_dir}: a resumed run continues in its own folder "
@@ -1101,7 +1104,10 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
     except OSError as e:
         where = f"--out-dir {path}" if given else f"the default output folder {path or Path('runs') / report.script}"
         hint = "pass another --out-dir" if given else "pass --out-dir"
-        raise DataError(f"{where}: cannot write there ({e.strerror or e}); {hint}") from None
+        tried = Path(path or Path("runs") / report.script)
+        blocker = next((p for p in (tried, *tried.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{'it' if blocker == tried else blocker} is a file, not a folder" if blocker else e.strerror or e
+        raise DataError(f"{where}: cannot write there ({why}); {hint}") from None
     hold_lock(lock, path, report)
     names = RESULT_FILES + (("model", "base") if report.script == "lora_caption" else ())  # its model folders
     previous = [name for name in names if (path / name).exists()] if not resuming else []

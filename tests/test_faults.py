@@ -336,6 +336,7 @@ def test_out_dir_that_is_a_file_or_under_a_file(script, tiny_cifar, tmp_path, ca
             script.main(["--data-dir", str(tiny_cifar), "--out-dir", str(out), "--device", "cpu"])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"--out-dir {out}: cannot write there" in err and err.count("\n") == 1
+        assert ("(it is a file, not a folder)" if out.name == "file" else f"({tmp_path / 'file'} is a file") in err
 
 
 def test_out_dir_that_is_not_writable(tiny_cifar, tmp_path, capsys):
