@@ -996,9 +996,9 @@ def loading(name, option="--model", kind="CLIP"):
     try:
         yield
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load {kind} model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
-                        f"offline, pass {option} PATH to a local copy (a save_pretrained folder), or unset "
-                        f"HF_HUB_OFFLINE with internet access") from None
+        raise DataError(f"cannot load {kind} model {name!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]})"
+                        f"{plumbing.no_folder_here(name)}; offline, pass {option} PATH to a local copy (a "
+                        f"save_pretrained folder), or unset HF_HUB_OFFLINE with internet access") from None
     finally:
         if was_enabled:
             logging.enable_progress_bar()

@@ -459,8 +459,8 @@ def comparison_table(summaries):
         return format(value, spec) if ok else "-"
 
     def score(s):
-        if isinstance(s.get("linear_probe"), dict):
-            return f"acc {cell(s['linear_probe'].get('test_acc'), '.2%')}"
+        if isinstance(s.get("linear_probe"), dict):  # the zero-shot accuracy its run measured too
+            return f"acc {cell(s['linear_probe'].get('test_acc'), '.2%')} (zero-shot {cell(s.get('test_acc'), '.2%')})"
         if s.get("test_acc") is not None:
             return f"acc {cell(s['test_acc'], '.2%')}"
         if s.get("bleu4") is not None:

@@ -634,15 +634,17 @@ def resumed_args(saved, cli, given, runtime, extendable=(), parser=None, state=N
         new, old = getattr(cli, name), getattr(args, name)  # a flag newer than the checkpoint: its default
         if new == old:
             continue
-        if name in MOVABLE_FLAGS and old and Path(new).expanduser().is_dir() and not Path(old).expanduser().exists():
-            print(f"{flag(name)} {new}: in place of the run's {old}, which is gone (moved?)", flush=True)
+        moved = name in MOVABLE_FLAGS and old and Path(old).is_absolute() and not Path(old).exists()  # a local folder
+        if moved and Path(new).expanduser().is_dir():  # (recorded resolved) that is gone
+            if os.environ.get("RANK", "0") == "0":  # under torchrun: said once
+                print(f"{flag(name)} {new}: in place of the run's {old}, which is gone (moved?)", flush=True)
             setattr(args, name, new)  # the same model at its new place; a model of other shapes fails to load
             continue
         if name not in extendable:
             raise DataError(f"{as_typed(parser, name, new)} differs from the checkpoint's {as_typed(parser, name, old)}"
                             f": a resumed run keeps its settings; drop {flag(name)}, or start a new run to change it")
         if (math.inf if new is None else new) < (math.inf if old is None else old):
-            below = f"would cut the run short (it was started without {flag(name)}: it runs all its --epochs)"
+            below = f"would cap a run started without {flag(name)} (it runs all its --epochs)"
             if old is not None:
                 below = f"is below the run's {as_typed(parser, name, old)}"
             raise DataError(f"{as_typed(parser, name, new)} {below}: a resumed run can be extended, not shortened; "
@@ -669,7 +671,7 @@ def check_extension(args, saved, state):
     if args.max_steps is not None and state["step"] >= args.max_steps:
         raise DataError(f"{asked} trains nothing: --max-steps {args.max_steps} still stops the run where it is (step "
                         f"{state['step']}); raise --max-steps as well")
-    if state["epoch"] >= args.epochs:
+    if "batch" not in state and state["epoch"] >= args.epochs:  # per-epoch checkpoints (the captioner's: its own)
         raise DataError(f"{asked} trains nothing: the run has done all its --epochs {args.epochs} (a batch that "
                         f"--max-steps left out of the last one is not trained on resume); raise --epochs as well")
 
@@ -905,17 +907,27 @@ def _decode_split(root, files, image_size, log):
     return np.stack(images), np.array(labels, dtype=np.int64)
 
 
+def _class_folders(root):
+    """The names of root's entries if it looks like one split of an ImageFolder tree: two or more entries, every one
+    a folder with images in it (a shared ./data holding other datasets beside is no such split)."""
+    with suppress(OSError):  # an unreadable folder: no split, the caller says what it finds
+        entries = _visible(root) if root.is_dir() else []
+        images = [e for e in entries if e.is_dir() and any(
+            f.suffix.lower() in IMAGE_SUFFIXES for f in itertools.islice(Path(e).iterdir(), 100))]
+        return [e.name for e in images] if len(entries) >= 2 and len(images) == len(entries) else []
+    return []
+
+
 def _download_cifar10(root, batches, download, resumed_from):
     """torchvision's download into `root`, or one line saying what is missing; a failed download leaves no folder
-    behind, and a resumed run never downloads into its old place."""
+    behind, and a resumed run never downloads (load_run_cifar10)."""
     missing = (f"no CIFAR-10 found in {root}: pass --data-dir pointing at an ImageFolder tree (train/<class>/*, "
                f"test/<class>/*) or at torchvision's folder holding cifar-10-batches-py (downloaded when online)")
     splits = [name for name in ("train", "test") if (root / name).is_dir()]
     if splits:  # half an ImageFolder tree: said as such, and nothing downloaded beside it
         raise DataError(f"--data-dir {root}: has {splits[0]}/ but no {'test' if splits == ['train'] else 'train'}/; "
                         f"an ImageFolder tree needs both (train/<class>/*, test/<class>/*)")
-    classes = [d.name for d in _visible(root) if d.is_dir() and any(
-        f.suffix.lower() in IMAGE_SUFFIXES for f in itertools.islice(Path(d).iterdir(), 100))] if root.is_dir() else []
+    classes = _class_folders(root)
     if classes:  # one split of a tree, given one level too deep: a download would land among its classes
         raise DataError(f"--data-dir {root}: holds class folders of images ({', '.join(classes[:3])}, ...), not "
                         f"train/ and test/; pass the folder that holds train/ and test/")
@@ -1075,8 +1087,9 @@ def run_inputs(args):
 def check_inputs_kept(folder, inputs, overwrite):
     """A run must not write its results into a folder it reads (an --adapter's own), nor --overwrite remove what it
     reads (the --adapter or --model inside the run folder it replaces): that input would be lost."""
-    folder = Path(folder).expanduser().resolve()
-    removed = [folder / name for name in OUTPUT_FILES + ("model", "base")] if overwrite else []
+    folder = Path(folder).resolve()  # as the run will write it (no ~ expansion: prepare_out_dir does none)
+    holds_run = any((folder / name).exists() for name in RESULT_FILES)  # else --overwrite removes nothing
+    removed = [(folder / name).resolve() for name in replaced_files(folder)] if overwrite and holds_run else []
     for option, source in inputs:
         if source == folder:
             raise DataError(f"--out-dir {folder} is the {option} folder this run reads: its results would be mixed "
@@ -1085,6 +1098,14 @@ def check_inputs_kept(folder, inputs, overwrite):
         if lost:
             raise DataError(f"--out-dir {folder} --overwrite would delete {lost.name}, which holds the {option} this "
                             f"run reads ({source}); pick another --out-dir")
+
+
+def replaced_files(folder):
+    """What --overwrite removes from a folder that holds a run: every file a run writes there (a captioner run's
+    model/ and base/ too), none of the user's own."""
+    lora = (folder / "training_state.pt").exists() or run_owner(folder) == "lora_caption"  # not a user's model/
+    names = OUTPUT_FILES + (("model", "base") if lora else ())
+    return [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
 
 
 def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
@@ -1110,7 +1131,7 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
         raise DataError(f"{where}: cannot write there ({why}); {hint}") from None
     hold_lock(lock, path, report)
     names = RESULT_FILES + (("model", "base") if report.script == "lora_caption" else ())  # its model folders
-    previous = [name for name in names if (path / name).exists()] if not resuming else []
+    previous = [name for name in names if (path / name).exists() or (path / name).is_symlink()] if not resuming else []
     if previous and not overwrite:
         owner = run_owner(path)
         if owner not in (None, report.script):
@@ -1119,9 +1140,12 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
         resume = next((f" (resume it with --resume {path / n})" for n in CHECKPOINT_FILES if n in previous), "")
         raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
                         f"pick a new folder, or add --overwrite to replace them")
-    replaced = [name for name in (*OUTPUT_FILES, *names) if (path / name).exists()] if previous else []
-    for name in dict.fromkeys(replaced):  # --overwrite: the replaced run's files, none left to mix with ours
-        shutil.rmtree(path / name) if (path / name).is_dir() else (path / name).unlink()
+    # --overwrite: every file of the replaced run goes, so that none is left to mix with this run's
+    for name in dict.fromkeys([*previous, *replaced_files(path)]) if previous else []:
+        if (path / name).is_symlink() or not (path / name).is_dir():
+            (path / name).unlink()
+        else:
+            shutil.rmtree(path / name)
     for stale in path.glob(".*.tmp"):  # left by a run killed while writing; the real files are intact
         stale.unlink(missing_ok=True)
     return path
@@ -1390,19 +1414,25 @@ def check_same_data(ckpt, data, data_dir):
 
 def check_model_folder(name, named, hub_example):
     """A model name that can only be a local path must be a folder: transformers would try it as a hub id and talk
-    about repo ids. A hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no backslash, and no
-    folder here called "owner" (models/clip-tiny, a typo of a local folder, is no hub id)."""
+    about repo ids. A hub id is "owner/name": no leading '/', '.' or '~', one '/' at most, no backslash."""
     name = str(name)  # a pathlib.Path from the Python API too
     path = Path(name).expanduser()
     local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or path.exists()
-    if (local or path.parent != Path(".") and path.parent.is_dir()) and not path.is_dir():
+    if local and not path.is_dir():
         raise DataError(f"{named}: {'not a folder' if path.exists() else 'no such folder'} (a local model is a "
                         f"save_pretrained folder; a hub id looks like {hub_example})")
 
 
+def no_folder_here(name):
+    """For a hub-load failure of a name that may be a mistyped local path (models/clip-tny beside a models/ folder:
+    it reads as a hub id): what to add to the message."""
+    parent = Path(str(name)).expanduser().parent
+    return f"; there is no folder {name} here either" if parent != Path(".") and parent.is_dir() else ""
+
+
 def load_run_cifar10(args, ckpt, image_size=32, log=print):
-    """CIFAR-10 for a run: a resumed run reads its own folder (never a download into it) unless --data-dir names
-    another, which must hold the same data."""
+    """CIFAR-10 for a run: a resumed run reads its own folder unless --data-dir names another, which must hold the
+    same data; it never downloads."""
     own_folder = ckpt is not None and args.data_dir == ckpt["args"]["data_dir"]
     data = load_cifar10(args.data_dir, download=not args.no_download and ckpt is None, image_size=image_size,
                         log=log, resumed_from=args.resume if own_folder else None)

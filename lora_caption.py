@@ -490,7 +490,7 @@ def main(argv=None):
         progress = Progress(baseline=baseline)
         if ckpt:
             progress = restore_training(ckpt, args, model, optimizer, schedule, scaler, device)
-            print(f"resuming {args.resume} at step {progress.step} of {total_steps}")
+            print(resuming_line(args, ckpt, progress.step, total_steps))
         config = write_config(args, out_dir, rank)
         t0 = time.perf_counter()
         inputs, notes = fast_path(args, model, data, pixels, amp_dtype)
@@ -604,7 +604,7 @@ LORA_FLAGS = {"rank", "alpha", "lora_dropout", "targets", "cross_attention"}
 def check_mode_flags(parser, given, cli):
     """What --caption and --merge need, then: a typed flag the chosen mode does not read is refused."""
     if (cli.merge and not cli.adapter) or (cli.caption and not (cli.adapter or cli.model)):
-        raise DataError("--caption and --merge need --adapter DIR (the adapter/ folder of a training run); "
+        raise DataError("--caption and --merge need --adapter DIR (a training run's folder or its adapter/); "
                         "--caption also takes a merged model as --model DIR")
     if cli.merge and not cli.out_dir:
         raise DataError("--merge needs --out-dir for the merged model")
@@ -868,6 +868,17 @@ def save_training_state(args, model, tokenizer, processor, optimizer, schedule, 
     # frozen weights cast to bf16 are saved as fp32 again, so that the folder loads as any fp32 captioner
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     plumbing.save_folder(out_dir / "model", [(model, state), tokenizer, processor])
+
+
+def resuming_line(args, ckpt, step, total_steps):
+    """The resume's first line; raised --epochs or --max-steps that still end the run where it stopped (it would only
+    be evaluated again) are refused in one line instead."""
+    raised = [name for name in ("epochs", "max_steps") if getattr(args, name) != ckpt["args"].get(name)]
+    if raised and step >= total_steps:
+        limit = "--max-steps" if args.max_steps is not None and args.max_steps <= step else "--epochs"
+        raise DataError(f"{plumbing.flag(raised[0])} {getattr(args, raised[0])} trains nothing: {limit} still ends "
+                        f"the run at step {total_steps}, where it stopped; raise {limit} as well")
+    return f"resuming {args.resume} at step {step} of {total_steps}"
 
 
 def restore_training(ckpt, args, model, optimizer, schedule, scaler, device):
@@ -1173,7 +1184,8 @@ def load_captioner(name, device, label=None):
         tokenizer = AutoTokenizer.from_pretrained(name)
         processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]}); offline, pass "
+        raise DataError(f"cannot load the captioner {name!r} ({str(e).strip().splitlines()[0]})"
+                        f"{plumbing.no_folder_here(name)}; offline, pass "
                         f"--model PATH to a local copy (a save_pretrained folder with tokenizer and image processor)"
                         ) from None
     return use_decoder_tokens(model, tokenizer).to(device), tokenizer, processor

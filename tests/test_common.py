@@ -184,3 +184,46 @@ def test_error_line_is_one_line_even_for_errors_without_a_message():
     assert common.error_line(RuntimeError("  \n")) == "RuntimeError"
     assert common.error_line(RuntimeError("CUDA error\nat line 3")) == "RuntimeError: CUDA error"
     assert common.error_line(ValueError("x" * 300), 100) == "ValueError: " + "x" * 100
+
+
+def test_a_shared_data_folder_with_other_datasets_is_no_split_of_a_tree(tmp_path):
+    """A review: any image sub-folder made a shared ./data refuse CIFAR-10's download ("holds class folders")."""
+    (tmp_path / "mycaps" / "images").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "mycaps" / "a.jpg")
+    (tmp_path / "notes.txt").write_text("not a class")
+    with pytest.raises(DataError, match="no CIFAR-10 found in") as refused:
+        common.load_cifar10(tmp_path, download=False)
+    assert "class folders" not in str(refused.value)
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cats" / "b.png")  # now every entry is a folder of images: a split
+    with pytest.raises(DataError, match="holds class folders of images \\(cats, mycaps, ...\\)"):
+        common.load_cifar10(tmp_path, download=False)
+
+
+def test_only_a_local_model_folder_that_is_gone_may_be_given_anew_on_resume(tmp_path):
+    """A review: a hub id (never a local path) counted as "gone", so any local folder replaced it on resume."""
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model")
+    (tmp_path / "new").mkdir()
+    cli = argparse.Namespace(model=str(tmp_path / "new"), resume=str(tmp_path / "last.pt"), out_dir=None)
+    torch.save({}, tmp_path / "last.pt")
+    for recorded in ("openai/clip-vit-base-patch32", str(tmp_path / "old-but-here")):
+        (tmp_path / "old-but-here").mkdir(exist_ok=True)
+        with pytest.raises(DataError, match="differs from the checkpoint's --model"):
+            common.resumed_args({"model": recorded}, cli, {"model"}, (), parser=parser)
+    args = common.resumed_args({"model": str(tmp_path / "gone")}, cli, {"model"}, (), parser=parser)
+    assert args.model == str(tmp_path / "new")
+
+
+def test_overwrite_spares_a_users_model_folder_beside_a_run_and_refuses_to_delete_an_input(tmp_path):
+    """A review: every run's --overwrite counted a user's model/ as removed (only a captioner run's is)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "summary.json").write_text('{"script": "clip_zeroshot"}')
+    inputs = [("--model", (tmp_path / "model").resolve())]
+    common.check_inputs_kept(tmp_path, inputs, overwrite=True)  # a clip run beside the user's model: kept
+    assert common.replaced_files(tmp_path) == ["summary.json"]
+    (tmp_path / "training_state.pt").write_text("")  # a captioner run: its model/ goes with it
+    with pytest.raises(DataError, match="--overwrite would delete model, which holds the --model this run reads"):
+        common.check_inputs_kept(tmp_path, inputs, overwrite=True)

@@ -52,6 +52,16 @@ def test_issue21_B2_resume_refuses_other_caption_data_and_takes_a_copy_of_the_sa
     assert "--epochs 4 trains nothing: --max-steps 3 still stops the run where it is (step 3)" in err  # not a no-op
 
 
+def test_more_max_steps_on_a_run_that_did_all_its_epochs_is_one_line(tiny_captioner, tmp_path, capsys):
+    """The captioner resumes mid-epoch, so its epoch count cannot tell a finished run before the data is read: a
+    review found --max-steps raised on a run that ended with its --epochs accepted, and nothing trained."""
+    train(tiny_captioner, tmp_path / "run", "--no-baseline", "--epochs", "1", "--batch-size", "50", "--max-steps",
+          "100")  # 100 pairs, 50 a step: --epochs ends it at step 2
+    err = one_line_error(capsys, lambda: lora_caption.main(["--resume", str(tmp_path / "run"), "--max-steps", "200"]))
+    assert "--max-steps 200 trains nothing: --epochs still ends the run at step 2, where it stopped; raise --epochs" \
+        in err
+
+
 # B6: --model pointing at a folder of another kind of model ------------------------------------------------------
 
 def test_issue21_B6_a_clip_folder_as_model_is_one_line_naming_both_kinds(tiny_clip, tmp_path, capsys):
@@ -305,10 +315,10 @@ def test_a_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsys, mo
         err = one_line_error(capsys, lambda argv=argv: lora_caption.main(["--model", str(tmp_path / "none"),
                                                                          "--device", "cpu", *argv]))
         assert f"--model {tmp_path / 'none'}: no such folder" in err and "Repo id" not in err
-    monkeypatch.chdir(tmp_path)  # models/nope beside a models/ folder: a typo of a local path, not a hub id
+    monkeypatch.chdir(tmp_path)  # models/nope beside a models/ folder: likely a typo of a local path
     (tmp_path / "models").mkdir()
     err = one_line_error(capsys, lambda: lora_caption.main(["--model", "models/nope", "--caption", str(IMAGES[0])]))
-    assert "--model models/nope: no such folder" in err
+    assert "cannot load the captioner 'models/nope'" in err and "there is no folder models/nope here either" in err
 
 
 def test_resume_after_the_caption_folder_moved_says_so(tiny_captioner, tmp_path, capsys):

@@ -268,7 +268,7 @@ def test_compare_shows_the_data_a_captioner_row_and_no_impossible_numbers(tmp_pa
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     table = cnn_baseline.main(["--compare", str(tmp_path)])  # a sixth trial: the probe's run showed its zero-shot
-    assert "| clip_zeroshot (linear probe) | d | 151.28M | - | - | acc 30.00% |" in table
+    assert "| clip_zeroshot (linear probe) | d | 151.28M | - | - | acc 30.00% (zero-shot 10.00%) |" in table
     assert "| clip_zeroshot | d | 151.28M | - | - | acc 10.00% |" in table  # the zero-shot run keeps its row
     one = cnn_baseline.main(["--compare", str(tmp_path / "vit" / "summary.json")]).splitlines()
     assert len(one) == 3 and one[2] == rows[3]  # a summary.json itself is taken too

@@ -127,8 +127,8 @@ def test_resume_extends_epochs_and_refuses_changed_flags(script, tiny_cifar, tmp
     err = one_line_error(capsys, lambda: script.main(["--resume", last, "--epochs", "1", "--device", "cpu"]))
     assert "--epochs 1 is below the run's --epochs 2: a resumed run can be extended, not shortened" in err  # B12
     err = one_line_error(capsys, lambda: script.main(["--resume", last, "--max-steps", "3"]))
-    assert "--max-steps 3 would cut the run short (it was started without --max-steps: it runs all its --epochs)" \
-        in err  # it read "is below the run's (no --max-steps)" (a sixth trial)
+    assert "--max-steps 3 would cap a run started without --max-steps (it runs all its --epochs)" in err  # it read
+    # "is below the run's (no --max-steps)" (a sixth trial)
     summary = script.main(
         ["--resume", last, "--epochs", "4", "--device", "cpu", "--no-plots"]
     )  # a finished run, extended
