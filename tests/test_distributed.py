@@ -25,6 +25,13 @@ def single(script, *flags, **kw):
                           env=ENV, timeout=300, **kw)
 
 
+def started(script, *flags):
+    """A one-process reference run, started beside the torchrun run it is compared with (to save the suite's time);
+    .communicate() waits for it."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *map(str, flags)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
 def torchrun(script, *flags):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
             *map(str, flags)]
@@ -70,9 +77,8 @@ def load(path, key):
 
 
 def test_vit_two_processes_equal_one_at_the_same_global_batch(tiny_cifar, tmp_path):
-    one = single("vit_scratch.py", "--data-dir", tiny_cifar, *VIT, "--epochs", "2", "--batch-size", "32", "--out-dir",
-                 tmp_path / "one")
-    assert one.returncode == 0, one.stderr
+    one = started("vit_scratch.py", "--data-dir", tiny_cifar, *VIT, "--epochs", "2", "--batch-size", "32", "--out-dir",
+                  tmp_path / "one")
     two = subprocess.run(
         torchrun("vit_scratch.py", "--data-dir", tiny_cifar, *VIT, "--epochs", "2", "--batch-size", "16", "--out-dir",
                  tmp_path / "two"),
@@ -82,6 +88,8 @@ def test_vit_two_processes_equal_one_at_the_same_global_batch(tiny_cifar, tmp_pa
         timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    one_err = one.communicate(timeout=300)[1]
+    assert one.returncode == 0, one_err
     assert two.stdout.count("epoch   2/2") == 1  # rank 0 alone prints
     assert "batch 32 (2 processes x 16)" in two.stdout
     assert_close_states(load(tmp_path / "one" / "last.pt", "model"), load(tmp_path / "two" / "last.pt", "model"))
@@ -95,8 +103,7 @@ def test_vit_two_processes_equal_one_at_the_same_global_batch(tiny_cifar, tmp_pa
 
 def test_a_two_process_checkpoint_resumes_on_one_process(tiny_cifar, tmp_path):
     flags = ["--data-dir", tiny_cifar, *VIT, "--epochs", "8"]
-    one = single("vit_scratch.py", *flags, "--batch-size", "32", "--out-dir", tmp_path / "one")
-    assert one.returncode == 0, one.stderr
+    one = started("vit_scratch.py", *flags, "--batch-size", "32", "--out-dir", tmp_path / "one")
     victim = subprocess.Popen(torchrun("vit_scratch.py", *flags, "--batch-size", "16", "--out-dir", tmp_path / "two"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
@@ -114,6 +121,8 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tiny_cifar, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {tmp_path / 'two' / 'last.pt'} after epoch {epoch}" in resumed.stdout
     assert "batch 32 |" in resumed.stdout  # the global batch is kept: 1 process x 32
+    one_err = one.communicate(timeout=300)[1]
+    assert one.returncode == 0, one_err
     assert_close_states(load(tmp_path / "one" / "last.pt", "model"), load(tmp_path / "two" / "last.pt", "model"))
 
 
