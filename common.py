@@ -1084,12 +1084,12 @@ def run_inputs(args):
     return found
 
 
-def check_inputs_kept(folder, inputs, overwrite):
+def check_inputs_kept(folder, inputs, removed=()):
     """A run must not write its results into a folder it reads (an --adapter's own), nor --overwrite remove what it
-    reads (the --adapter or --model inside the run folder it replaces): that input would be lost."""
+    reads (the --adapter or --model inside the run folder it replaces): that input would be lost. `removed`: the
+    names --overwrite is about to remove from the folder."""
     folder = Path(folder).resolve()  # as the run will write it (no ~ expansion: prepare_out_dir does none)
-    holds_run = any((folder / name).exists() for name in RESULT_FILES)  # else --overwrite removes nothing
-    removed = [(folder / name).resolve() for name in replaced_files(folder)] if overwrite and holds_run else []
+    removed = [(folder / name).resolve() for name in removed]
     for option, source in inputs:
         if source == folder:
             raise DataError(f"--out-dir {folder} is the {option} folder this run reads: its results would be mixed "
@@ -1114,7 +1114,7 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
     refused unless resuming or `overwrite` (which removes every file a run writes there). `inputs`: (flag, path) of
     what the run reads, which the folder must leave intact."""
     if path is not None:
-        check_inputs_kept(path, inputs, overwrite and not resuming)
+        check_inputs_kept(path, inputs)  # before anything is written into it
     given, report.created_out_dir = path is not None, path is None or not Path(path).exists()
     target = Path(path) if given else Path("runs") / report.script / "new"
     report.created_parents = [p for p in target.parents if p != Path(".") and not p.exists()]  # deepest first
@@ -1141,7 +1141,9 @@ def prepare_out_dir(path, report, overwrite=False, resuming=False, inputs=()):
         raise DataError(f"--out-dir {path} holds another run's results ({', '.join(previous)}){resume}; "
                         f"pick a new folder, or add --overwrite to replace them")
     # --overwrite: every file of the replaced run goes, so that none is left to mix with this run's
-    for name in dict.fromkeys([*previous, *replaced_files(path)]) if previous else []:
+    replaced = list(dict.fromkeys([*previous, *replaced_files(path)])) if previous else []
+    check_inputs_kept(path, inputs, replaced)
+    for name in replaced:
         if (path / name).is_symlink() or not (path / name).is_dir():
             (path / name).unlink()
         else:
@@ -1375,6 +1377,12 @@ def load_checkpoint(path, script, option="--resume"):
         found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataError(f"{option} {path}: written by {found!r}, not by {script}.py")
     return ckpt
+
+
+def adapter_folder(path):
+    """An --adapter value as the adapter folder: a LoRA run's folder stands for the adapter/ it holds."""
+    path = Path(path).expanduser()
+    return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
 
 
 def checkpoint_arg(value, option="--resume"):

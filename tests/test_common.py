@@ -222,8 +222,9 @@ def test_overwrite_spares_a_users_model_folder_beside_a_run_and_refuses_to_delet
     (tmp_path / "model").mkdir()
     (tmp_path / "summary.json").write_text('{"script": "clip_zeroshot"}')
     inputs = [("--model", (tmp_path / "model").resolve())]
-    common.check_inputs_kept(tmp_path, inputs, overwrite=True)  # a clip run beside the user's model: kept
+    # a clip run beside the user's model: kept
+    common.check_inputs_kept(tmp_path, inputs, common.replaced_files(tmp_path))
     assert common.replaced_files(tmp_path) == ["summary.json"]
     (tmp_path / "training_state.pt").write_text("")  # a captioner run: its model/ goes with it
     with pytest.raises(DataError, match="--overwrite would delete model, which holds the --model this run reads"):
-        common.check_inputs_kept(tmp_path, inputs, overwrite=True)
+        common.check_inputs_kept(tmp_path, inputs, common.replaced_files(tmp_path))
