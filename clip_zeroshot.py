@@ -497,7 +497,7 @@ def experiment_args(argv):
         for name, value in MODE_DEFAULTS[cli.finetune].items():
             if getattr(cli, name) is None:
                 setattr(cli, name, value)
-        cli.adapter = cli.adapter and str(adapter_folder(cli.adapter))  # a run's folder: its adapter/
+        cli.adapter = cli.adapter and str(plumbing.adapter_folder(cli.adapter))  # a run's folder: its adapter/
         adapter_run = adapter_run_config(cli.adapter) if cli.adapter else {}
         recorded = adapter_run.get("data_dir")
         if recorded and "data_dir" not in given and Path(recorded).is_dir():  # the data its run trained on
@@ -759,12 +759,6 @@ def write_finetune_summary(args, model, device, progress, data, preds, test_y, t
 # ----------------------------------------------------------------------------------------------------
 # --adapter DIR: a saved LoRA classifier evaluated on the test set, no training
 
-def adapter_folder(path):
-    """An adapter/ folder as given, or the adapter/ inside a --finetune lora run's folder."""
-    path = Path(path).expanduser()
-    return path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
-
-
 def read_adapter_config(adapter_dir):
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
@@ -862,7 +856,7 @@ def load_adapter(model_name, adapter_dir, num_classes, device="cpu"):
         logits = model(TensorPreprocess(processor, "cpu")(uint8_images))  # (B, 3, H, W) -> (B, 10)"""
     from peft import PeftModel
     device = plumbing.api_device(device)
-    adapter_dir = adapter_folder(adapter_dir)
+    adapter_dir = plumbing.adapter_folder(adapter_dir)
     config, _, _ = load_clip_parts(model_name)
     check_adapter_fits(adapter_dir, config, num_classes)  # another model's adapter, another head: one line
     model = load_clip_model(model_name, device)

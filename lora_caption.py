@@ -1610,8 +1610,7 @@ def load_with_adapter(args, device):
     """The base captioner (--model, else the one the adapter records) with --adapter loaded on it. An adapter
     made for another model is refused: peft would load it with none of its weights in place."""
     from peft import PeftConfig, PeftModel
-    if (Path(args.adapter) / "adapter" / "adapter_config.json").is_file():  # a run's folder: its adapter/
-        args.adapter = str(Path(args.adapter) / "adapter")
+    args.adapter = str(plumbing.adapter_folder(args.adapter))  # a run's folder: its adapter/
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         full = full_run_model(args.adapter) or full_run_model(Path(args.adapter).parent)
         if full:
@@ -1739,8 +1738,8 @@ def _load_trained(run_or_adapter_or_model, device, model):
     full = full_run_model(path) if model is None else None
     if full:  # a --finetune full run: its whole captioner
         path = run_or_adapter_or_model = full
-    adapter = next((p for p in (path / "adapter", path) if (p / "adapter_config.json").is_file()), None)
-    if adapter is not None:
+    adapter = plumbing.adapter_folder(path)
+    if (adapter / "adapter_config.json").is_file():
         loaded = load_with_adapter(SimpleNamespace(adapter=str(adapter), model=model and str(model)), device)
     elif model is not None:
         raise DataError(f"load_trained({str(run_or_adapter_or_model)!r}, model=...): model= is the base of an adapter, "
